@@ -1,0 +1,131 @@
+"""Pass: turn each targeted linear into its LoRA-FA form.
+
+For every adapter, the linear node whose weight is ``get_attr(f"{path}.weight")`` —
+``aten.linear(x, W, b)`` for `nn.Linear`, ``aten.addmm(b, x, W)`` for GPT-2's `Conv1D` —
+gets the low-rank branch of the paper's eq. (1)::
+
+    y = x W^T + scaling * (x A^T) B^T          xa = x A^T  (b·s·r values)
+
+with ``A = {path}.lora_A.weight`` (shape ``(r, in)``, frozen, random init from
+``config.seed``) and ``B = {path}.lora_B.weight`` (shape ``(out, r)``, zeros, trained).
+The ops and their order are PEFT's ``lora.Linear.forward`` (``lora_B(lora_A(dropout(x)))
+* scaling`` added to the base output), so both give the same numbers.
+
+Because ``A`` does not require grad, autograd needs only ``xa`` (not ``x``) to compute
+``grad_B = scaling * grad_y^T xa``; `annotate_saved_tensors` pins that choice for
+`torch.compile`'s partitioner.
+
+Writes ``node.meta["lorafa"] = {"adapter": path, "role": ROLE}`` on every node it creates,
+ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"xa"``, ``"xab"``, ``"scale"``,
+``"out"``; new nodes inherit ``nn_module_stack``/``stack_trace`` and get ``meta["val"]``.
+Reads ``node.meta["val"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..config import LoraFAConfig
+from ..targets import Adapter
+from ._graph import META_KEY, get_attr, new_node, set_fake_val
+
+aten = torch.ops.aten
+
+#: Linear ops and the index of their input and weight operands.
+LINEAR_OPS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2)}
+
+
+def linear_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Linear op nodes by the module path of their weight (one module may be called twice)."""
+    found: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEAR_OPS:
+            weight = node.args[LINEAR_OPS[node.target][1]]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
+                found.setdefault(weight.target.removesuffix(".weight"), []).append(node)
+    return found
+
+
+class RewriteLoraFA(PassBase):
+    """Adds the LoRA-FA branch to the linears of `adapters` (each must be in `linear_nodes`)."""
+
+    def __init__(self, adapters: Sequence[Adapter], config: LoraFAConfig) -> None:
+        super().__init__()
+        self.adapters = {a.path: a for a in adapters}
+        self.config = config
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        linears = linear_nodes(gm)
+        for path, adapter in self.adapters.items():
+            weight = gm.get_parameter(f"{path}.weight")
+            _add_adapter_params(gm, adapter, weight, self.config, generator)
+            for node in linears[path]:
+                self._rewrite(gm, node, adapter)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(self.adapters))
+
+    def _rewrite(self, gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> None:
+        graph, path = gm.graph, adapter.path
+        x = node.args[LINEAR_OPS[node.target][0]]
+
+        def emit(role: str, op: str, target, args: tuple, fake=None) -> fx.Node:
+            n = new_node(graph, node, op, target, args)
+            n.meta[META_KEY] = {"adapter": path, "role": role}
+            if fake is not None:
+                set_fake_val(n, fake, gm)
+            return n
+
+        with graph.inserting_before(node.next):
+            lora_A = get_attr(gm, node, f"{path}.lora_A.weight")
+            lora_B = get_attr(gm, node, f"{path}.lora_B.weight")
+            lora_A.meta[META_KEY] = {"adapter": path, "role": "lora_A"}
+            lora_B.meta[META_KEY] = {"adapter": path, "role": "lora_B"}
+            if self.config.lora_dropout:
+                x = emit("dropout", "call_module", f"{path}.lora_dropout", (x,))
+                x.meta["val"] = x.args[0].meta.get("val")
+            xa = emit("xa", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
+            xab = emit("xab", "call_function", aten.linear.default, (xa, lora_B), aten.linear.default)
+            scaled = emit("scale", "call_function", aten.mul.Tensor, (xab, adapter.scaling), aten.mul.Tensor)
+            out = emit("out", "call_function", aten.add.Tensor, (node, scaled), aten.add.Tensor)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+def _add_adapter_params(
+    gm: fx.GraphModule, adapter: Adapter, weight: torch.Tensor, config: LoraFAConfig, generator: torch.Generator
+) -> None:
+    # Quantised base weights (bitsandbytes) compute in a float dtype of their own.
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    lora_A = nn.Linear(adapter.in_features, adapter.r, bias=False, device="meta", dtype=dtype)
+    lora_B = nn.Linear(adapter.r, adapter.out_features, bias=False, device="meta", dtype=dtype)
+    lora_A.to_empty(device=weight.device)
+    lora_B.to_empty(device=weight.device)
+    _init_lora_A(lora_A.weight, config.init_lora_A, adapter.r, generator)
+    nn.init.zeros_(lora_B.weight)
+    lora_A.weight.requires_grad_(False)
+    gm.add_submodule(f"{adapter.path}.lora_A", lora_A)
+    gm.add_submodule(f"{adapter.path}.lora_B", lora_B)
+    if config.lora_dropout:
+        gm.add_submodule(f"{adapter.path}.lora_dropout", nn.Dropout(config.lora_dropout))
+
+
+@torch.no_grad()
+def _init_lora_A(w: torch.Tensor, how: str, r: int, generator: torch.Generator) -> None:
+    # Drawn on the CPU generator then copied, so the same seed gives the same A on any device.
+    cpu = torch.empty(w.shape, dtype=torch.float32)
+    if how == "kaiming_uniform":
+        nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
+    elif how == "gaussian":
+        nn.init.normal_(cpu, std=1 / r, generator=generator)
+    elif how == "orthogonal":
+        nn.init.orthogonal_(cpu, generator=generator)
+    else:
+        cpu.fill_(1.0)
+    w.copy_(cpu)

@@ -1,0 +1,144 @@
+"""Pass: give captured attention the eager model's memory footprint.
+
+Under export, transformers takes code paths it avoids in eager mode: it materialises the
+causal mask even when no token is padded, and it expands grouped k/v heads to the query
+heads (``repeat_kv``) before SDPA. Both are saved for backward: the expanded k/v
+(``n_rep`` x the k/v bytes) and, per layer, a float copy of the mask (b·s² values).
+
+This pass replaces each ``aten.scaled_dot_product_attention`` node with a call to an
+`_Attention` submodule that
+
+* takes k/v before ``repeat_kv`` and runs SDPA with ``enable_gqa=True`` (same math);
+* drops the mask at run time when it is all-true, or exactly causal over a square score
+  matrix, and uses ``is_causal=True`` instead, as eager transformers does. The check runs
+  once per mask tensor (`_elide_mask` nodes are shared by all layers) and only eagerly:
+  under `torch.compile` the mask is kept, like compiled transformers keeps it;
+* applies SDPA's ``dropout_p`` only in train mode.
+
+Reads ``node.meta["nn_module_stack"]`` and ``["val"]``; the new nodes inherit them.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ._graph import add_submodule, new_node, owner
+
+aten = torch.ops.aten
+
+
+class _Attention(torch.nn.Module):
+    """``F.scaled_dot_product_attention`` with its dropout following ``self.training``."""
+
+    def __init__(self, dropout_p: float, scale: float | None, enable_gqa: bool) -> None:
+        super().__init__()
+        self.dropout_p, self.scale, self.enable_gqa = dropout_p, scale, enable_gqa
+
+    def forward(self, q, k, v, attn_mask=None, is_causal: bool = False):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
+        )
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, scale={self.scale}, enable_gqa={self.enable_gqa}"
+
+
+def _elide_mask(mask: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """(None, causal) when `mask` adds nothing over ``is_causal``; else (mask, is_causal)."""
+    if is_causal or torch.compiler.is_compiling() or is_fake(mask):
+        return mask, is_causal
+    if mask.dtype == torch.bool:
+        if bool(mask.all()):
+            return None, False
+        q_len, kv_len = mask.shape[-2:]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril_()
+        if q_len == kv_len and torch.equal(mask, causal.expand_as(mask)):
+            return None, True
+    elif not bool(mask.any()):  # additive float mask of zeros
+        return None, False
+    return mask, is_causal
+
+
+class SimplifyAttention(PassBase):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        elided: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+        nodes = list(graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default))
+        for node in nodes:
+            q, k, v, mask, dropout_p, is_causal = _sdpa_args(node)
+            kk, vv = _repeat_kv_source(k), _repeat_kv_source(v)
+            gqa = node.kwargs.get("enable_gqa", False)
+            if kk is not None and vv is not None and kk[1] == vv[1]:
+                k, v, gqa = kk[0], vv[0], True
+            if isinstance(mask, fx.Node):
+                if (mask, is_causal) not in elided:
+                    with graph.inserting_after(mask):
+                        pair = new_node(graph, mask, "call_function", _elide_mask, (mask, is_causal))
+                    with graph.inserting_after(pair):
+                        elided[mask, is_causal] = (
+                            new_node(graph, mask, "call_function", operator.getitem, (pair, 0)),
+                            new_node(graph, mask, "call_function", operator.getitem, (pair, 1)),
+                        )
+                    elided[mask, is_causal][0].meta["val"] = mask.meta.get("val")
+                mask, is_causal = elided[mask, is_causal]
+            path, _ = owner(node)
+            target = add_submodule(gm, path, "sdpa", _Attention(dropout_p, node.kwargs.get("scale"), gqa))
+            with graph.inserting_before(node):
+                attn = new_node(graph, node, "call_module", target, (q, k, v, mask, is_causal))
+            attn.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(attn)
+            graph.erase_node(node)
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(nodes))
+
+
+def _sdpa_args(node: fx.Node) -> tuple:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    defaults = (None, None, None, None, 0.0, False)
+    return tuple(
+        node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+        for i, (name, default) in enumerate(zip(names, defaults))
+    )
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    if node.target != aten.slice.Tensor:
+        return False
+    dim, start, end = (list(node.args[1:]) + [0, None, None])[:3]
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= sys.maxsize))
+
+
+def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(x, n_rep)`` if `node` is transformers' ``repeat_kv(x, n_rep)``, else None.
+
+    repeat_kv is ``x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)``.
+    """
+    if not (isinstance(node, fx.Node) and node.target in (aten.reshape.default, aten.view.default)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default and len(expand.args[1]) == 5):
+        return None
+    n_rep = expand.args[1][2]
+    src = expand.args[0]
+    while isinstance(src, fx.Node) and _is_full_slice(src):
+        src = src.args[0]
+    if not (isinstance(src, fx.Node) and src.target == aten.unsqueeze.default and src.args[1] == 2):
+        return None
+    src = src.args[0]
+    while isinstance(src, fx.Node) and _is_full_slice(src):
+        src = src.args[0]
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not isinstance(n_rep, int) or not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    return src, n_rep

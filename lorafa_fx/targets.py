@@ -1,0 +1,135 @@
+"""Which modules to adapt: PEFT's matching rules, applied to the model's module paths.
+
+The rules are PEFT's (`peft.tuners.tuners_utils.check_target_module_exists`,
+`_maybe_include_all_linear_layers`, `peft.utils.other.get_pattern_key`), so a
+`LoraFAConfig` adapts exactly the modules a `LoraConfig` with the same fields adapts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoraFAConfig
+from .errors import TargetNotFoundError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapted linear, in the paper's terms.
+
+    ``path`` is the linear's module path; its parameters are ``f"{path}.lora_A.weight"``
+    (shape ``(r, in_features)``, frozen) and ``f"{path}.lora_B.weight"`` (shape
+    ``(out_features, r)``, trained).
+    """
+
+    path: str
+    r: int
+    lora_alpha: float
+    scaling: float
+    in_features: int
+    out_features: int
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module LoRA can adapt, by path: `nn.Linear` and GPT-2's `Conv1D`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    # Conv1D stores its weight transposed: (in, out).
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def _matches(patterns: list[str] | str, key: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+
+
+def _in_modules_to_save(config: LoraFAConfig, key: str) -> bool:
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or ())
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _output_embedding_path(model: nn.Module) -> str | None:
+    if not isinstance(model, PreTrainedModel):
+        return None
+    out = model.get_output_embeddings()
+    return next((name for name, m in model.named_modules() if m is out), None) if out is not None else None
+
+
+def select_adapters(model: nn.Module, config: LoraFAConfig) -> list[Adapter]:
+    """The adapters `config` asks for on `model`, in module order.
+
+    Raises `TargetNotFoundError` listing the linear module names when nothing matches.
+    """
+    linears = linear_modules(model)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        targets: list[str] | str = sorted(set(linears) - {_output_embedding_path(model)})
+    else:
+        targets = config.target_modules
+
+    adapters = []
+    for path, module in linears.items():
+        if not _matches(targets, path):
+            continue
+        if config.exclude_modules and _matches(config.exclude_modules, path):
+            continue
+        if _in_modules_to_save(config, path):
+            continue
+        r = _pattern_value(config.rank_pattern, path, config.r)
+        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        adapters.append(Adapter(path, r, alpha, scaling, *in_out_features(module)))
+    if not adapters:
+        raise TargetNotFoundError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matched no linear module of {type(model).__name__}. Its linear modules are:\n  "
+            + _summarise(linears)
+            + '\nPass suffixes of these names (e.g. ["q_proj", "v_proj"]), a regex over the full '
+            'path, or "all-linear".'
+        )
+    return adapters
+
+
+def select_modules_to_save(model: nn.Module, config: LoraFAConfig) -> list[str]:
+    """Paths of the outermost modules named by `modules_to_save`; each must match something."""
+    if not config.modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    found = []
+    for pattern in config.modules_to_save:
+        hits = [n for n in names if n == pattern or n.endswith(f".{pattern}")]
+        if not hits:
+            children = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise TargetNotFoundError(
+                f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__}. "
+                f"Module names it could end with: {', '.join(children)}."
+            )
+        found += hits
+    return sorted(p for p in set(found) if not any(p.startswith(f"{q}.") for q in found))
+
+
+def _summarise(linears: dict[str, nn.Module]) -> str:
+    # Group layer-indexed names ("model.layers.0.mlp.up_proj") so 32-layer models print short.
+    groups: dict[str, int] = {}
+    for name in linears:
+        key = re.sub(r"\.\d+\.", ".<i>.", name)
+        groups[key] = groups.get(key, 0) + 1
+    return "\n  ".join(f"{k}  (x{n})" if n > 1 else k for k, n in groups.items())
