@@ -64,7 +64,8 @@ def transform(
 
     gm = capture(model, example_inputs)
     adapters = _drop_unused(adapters, linear_nodes(gm))
-    for p in (GateDropout(), SimplifyAttention(), RewriteLoraFA(adapters, config), AnnotateSavedTensors()):
+    causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
+    for p in (GateDropout(), SimplifyAttention(causal), RewriteLoraFA(adapters, config), AnnotateSavedTensors()):
         gm = p(gm).graph_module
     _set_trainable(gm, adapters, saved_modules)
     gm.lorafa_config = config

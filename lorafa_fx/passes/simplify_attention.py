@@ -12,7 +12,9 @@ This pass replaces each ``aten.scaled_dot_product_attention`` node with a call t
 * drops the mask at run time when it is all-true, or exactly causal over a square score
   matrix, and uses ``is_causal=True`` instead, as eager transformers does. The check runs
   once per mask tensor (`_elide_mask` nodes are shared by all layers) and only eagerly:
-  under `torch.compile` the mask is kept, like compiled transformers keeps it;
+  under `torch.compile` the mask is kept, like compiled transformers keeps it. On fake
+  tensors (the cost model) data cannot be read: inside `assume_unpadded()` the mask is
+  dropped as the attention module's kind says (``is_causal`` attribute: causal, else full);
 * applies SDPA's ``dropout_p`` only in train mode.
 
 Reads ``node.meta["nn_module_stack"]`` and ``["val"]``; the new nodes inherit them.
@@ -20,8 +22,11 @@ Reads ``node.meta["nn_module_stack"]`` and ``["val"]``; the new nodes inherit th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
@@ -52,9 +57,27 @@ class _Attention(torch.nn.Module):
         return f"dropout_p={self.dropout_p}, scale={self.scale}, enable_gqa={self.enable_gqa}"
 
 
-def _elide_mask(mask: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+_ASSUME_UNPADDED = contextvars.ContextVar("lorafa_assume_unpadded", default=False)
+
+
+@contextlib.contextmanager
+def assume_unpadded() -> Iterator[None]:
+    """Let `_elide_mask` drop masks of fake tensors, as it would for an unpadded real batch."""
+    token = _ASSUME_UNPADDED.set(True)
+    try:
+        yield
+    finally:
+        _ASSUME_UNPADDED.reset(token)
+
+
+def _elide_mask(mask: torch.Tensor, is_causal: bool, causal_module: bool) -> tuple[torch.Tensor | None, bool]:
     """(None, causal) when `mask` adds nothing over ``is_causal``; else (mask, is_causal)."""
-    if is_causal or torch.compiler.is_compiling() or is_fake(mask):
+    if is_causal or torch.compiler.is_compiling():
+        return mask, is_causal
+    if is_fake(mask):
+        square = mask.shape[-2] == mask.shape[-1]
+        if _ASSUME_UNPADDED.get() and (square or not causal_module):
+            return None, causal_module
         return mask, is_causal
     if mask.dtype == torch.bool:
         if bool(mask.all()):
@@ -69,9 +92,15 @@ def _elide_mask(mask: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor | Non
 
 
 class SimplifyAttention(PassBase):
+    """`causal_modules`: paths of the model's attention modules whose ``is_causal`` is true."""
+
+    def __init__(self, causal_modules: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.causal_modules = causal_modules
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
-        elided: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+        elided: dict[tuple, tuple[fx.Node, fx.Node]] = {}
         nodes = list(graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default))
         for node in nodes:
             q, k, v, mask, dropout_p, is_causal = _sdpa_args(node)
@@ -79,18 +108,20 @@ class SimplifyAttention(PassBase):
             gqa = node.kwargs.get("enable_gqa", False)
             if kk is not None and vv is not None and kk[1] == vv[1]:
                 k, v, gqa = kk[0], vv[0], True
+            path, _ = owner(node)
+            causal_module = path in self.causal_modules
             if isinstance(mask, fx.Node):
-                if (mask, is_causal) not in elided:
+                key = (mask, is_causal, causal_module)
+                if key not in elided:
                     with graph.inserting_after(mask):
-                        pair = new_node(graph, mask, "call_function", _elide_mask, (mask, is_causal))
+                        pair = new_node(graph, mask, "call_function", _elide_mask, (mask, is_causal, causal_module))
                     with graph.inserting_after(pair):
-                        elided[mask, is_causal] = (
+                        elided[key] = (
                             new_node(graph, mask, "call_function", operator.getitem, (pair, 0)),
                             new_node(graph, mask, "call_function", operator.getitem, (pair, 1)),
                         )
-                    elided[mask, is_causal][0].meta["val"] = mask.meta.get("val")
-                mask, is_causal = elided[mask, is_causal]
-            path, _ = owner(node)
+                    elided[key][0].meta["val"] = mask.meta.get("val")
+                mask, is_causal = elided[key]
             target = add_submodule(gm, path, "sdpa", _Attention(dropout_p, node.kwargs.get("scale"), gqa))
             with graph.inserting_before(node):
                 attn = new_node(graph, node, "call_module", target, (q, k, v, mask, is_causal))

@@ -1,0 +1,292 @@
+"""Pass (cost model): predict the memory of one training step from the graph, without weights.
+
+The step is ``opt.zero_grad(); out = gm(**batch); out.loss.backward(); opt.step()`` with the
+optimizer's states already allocated (the second and every later step). Its memory is::
+
+    peak = weights + buffers + optimizer states + batch
+         + max over the step's timeline of (saved activations + forward/backward transients
+                                            + outputs + parameter grads)
+
+The static terms are sums of ``size_of`` over the state; the timeline is obtained by running
+the step on **fake tensors** (`FakeTensorMode`: shapes and dtypes, no data, no FLOPs) while a
+dispatch mode keeps the bytes of every live storage. What autograd saves for backward, and
+when it frees it, is therefore decided by autograd's own derivative formulas rather than by a
+hand-written table per op: saved tensors live from their producer in forward until the
+backward of their earliest saving op, activation grads from the backward of their last user to
+the backward of their producer. The same run attributes every byte to the FX node (and so the
+module) that allocated it, and records where the peak happens.
+
+Reads ``node.meta["val"]`` (placeholders: dtypes, non-batch dims) and ``["nn_module_stack"]``.
+Writes ``node.meta["lorafa"]["saved_bytes"]``: bytes of the node's output kept for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._graph import META_KEY, owner
+from .simplify_attention import assume_unpadded
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def size_of(t: torch.Tensor) -> int:
+    """Bytes of `t`'s storage: the same for real, fake and meta tensors."""
+    return int(t.untyped_storage().nbytes())
+
+
+@dataclass
+class StepEstimate:
+    """What `EstimateMemory` predicts for one training step (bytes)."""
+
+    weights: int
+    buffers: int
+    optimizer_states: int
+    batch: int
+    peak: int
+    peak_phase: str  # "forward", "backward" or "optimizer"
+    peak_node: str  # FX node running when the peak was reached
+    peak_module: str
+    saved_activations: int  # saved for backward at the end of forward, unique storages
+    saved_by_module: dict[str, int] = field(default_factory=dict)
+    saved_by_node: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.buffers + self.optimizer_states + self.batch
+
+
+class EstimateMemory(PassBase):
+    """Simulate one training step of `gm` at the shapes of `batch` (real or fake tensors,
+    or ``{name: (shape, dtype)}``), with `optimizer` (default `torch.optim.AdamW`)."""
+
+    def __init__(self, batch: Mapping[str, object], optimizer: OptimizerFactory | None = None) -> None:
+        super().__init__()
+        self.batch = batch
+        self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.estimate: StepEstimate | None = None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.estimate = _simulate_step(gm, self.batch, self.optimizer)
+        for node in gm.graph.nodes:
+            saved = self.estimate.saved_by_node.get(node.name)
+            if saved:
+                node.meta.setdefault(META_KEY, {})["saved_bytes"] = saved
+        return PassResult(gm, False)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of every storage allocated while active, freed when its last tensor dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.where: tuple[str, str] = ("", "")
+        self.label: tuple[str, str] = ("forward", "")
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: no new bytes. This also keeps
+        # out the state that existed before the step (weights), which the static terms count.
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                self.track(t)
+        return out
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        nbytes = int(storage.nbytes())
+        self.live += nbytes
+        weakref.finalize(storage, self._free, key, nbytes)
+        if self.live > self.peak:
+            self.peak, self.where = self.live, self.label
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph node by node, labelling allocations and saved tensors with their node."""
+
+    def __init__(self, gm: fx.GraphModule, tracker: _LiveBytes) -> None:
+        super().__init__(gm)
+        self.tracker = tracker
+        self.producer: dict[int, fx.Node] = {}
+        self.saved: dict[int, tuple[fx.Node, int]] = {}
+        self._hooked: set[int] = set()
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        self.tracker.label = ("forward", n.name)
+        result = super().run_node(n)
+        grad_fn = None
+        for t in pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                # A view keeps its base's producer; a freed storage's address may come back.
+                if storage._cdata not in self.producer:
+                    self.producer[storage._cdata] = n
+                    weakref.finalize(storage, self.producer.pop, storage._cdata, None)
+                grad_fn = grad_fn or t.grad_fn
+        if grad_fn is not None and id(grad_fn) not in self._hooked:
+            self._hooked.add(id(grad_fn))
+            grad_fn.register_prehook(self._backward_label(n.name))
+        return result
+
+    def _backward_label(self, name: str):
+        def hook(grad_outputs):
+            self.tracker.label = ("backward", name)
+
+        return hook
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        # Tensors made inside the running node (a dropout mask, SDPA's logsumexp) are its own.
+        node = self.producer.get(key, self.current)
+        if node.op != "get_attr":
+            self.saved[key] = (node, size_of(t))
+        return t
+
+
+def _simulate_step(gm: fx.GraphModule, batch: Mapping[str, object], optimizer: OptimizerFactory) -> StepEstimate:
+    fake_mode = _fake_mode_of(gm)
+    with fake_mode:
+        # Tied weights (GPT-2's lm_head/wte) are one parameter under two names: one fake each.
+        fakes = {id(p): _fake_param(fake_mode, p) for p in gm.parameters()}
+        state = {name: fakes[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
+        buffers = {name: fake_mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()}
+        inputs = {name: _fake_input(fake_mode, v) for name, v in batch.items()}
+    trainable = [p for p in fakes.values() if p.requires_grad]
+    opt = optimizer(trainable)
+    with fake_mode:
+        _allocate_optimizer_states(opt, trainable)
+
+    tracker = _LiveBytes()
+    recorder = _Recorder(gm, tracker)
+    flat_inputs = _flatten_inputs(gm, inputs)
+    unpadded = assume_unpadded() if _is_unpadded(batch) else contextlib.nullcontext()
+    with (
+        fake_mode,
+        torch.nn.utils.stateless._reparametrize_module(gm, {**state, **buffers}),
+        unpadded,
+        tracker,
+    ):
+        with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+            # Interpreter.run applies the graph's pytree codegen: `out` is the model's output type.
+            out = recorder.run(*flat_inputs)
+        loss = _loss_of(out)
+        saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
+        loss.backward()
+        tracker.label = ("optimizer", "step")
+        opt.step()
+        del out, loss
+
+    by_node: dict[str, int] = defaultdict(int)
+    by_module: dict[str, int] = defaultdict(int)
+    for node, nbytes in recorder.saved.values():
+        by_node[node.name] += nbytes
+        by_module[_block_of(node)] += nbytes
+    nodes = {n.name: n for n in gm.graph.nodes}
+    phase, name = tracker.where
+    peak_node = nodes.get(name)
+    static = {
+        "weights": sum(size_of(p) for p in fakes.values()),
+        "buffers": sum(size_of(b) for b in buffers.values()),
+        "optimizer_states": sum(
+            size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+        ),
+        "batch": sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
+    }
+    return StepEstimate(
+        **static,
+        peak=sum(static.values()) + tracker.peak,
+        peak_phase=phase,
+        peak_node=name,
+        peak_module=owner(peak_node)[0] if peak_node is not None else "",
+        saved_activations=saved_at_end_of_forward,
+        saved_by_module=dict(by_module),
+        saved_by_node=dict(by_node),
+    )
+
+
+def _fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
+    # A model built under FakeTensorMode (estimate() from a config) keeps its mode; real
+    # weights get a fresh one with static shapes: the batch shape is concrete here.
+    mode = detect_fake_mode([p for p in gm.parameters()])
+    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=False)
+
+
+def _fake_param(mode: FakeTensorMode, p: torch.Tensor) -> torch.Tensor:
+    fake = p if is_fake(p) else mode.from_tensor(p, static_shapes=True)
+    return torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+
+
+def _fake_input(mode: FakeTensorMode, value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return value if is_fake(value) else mode.from_tensor(value, static_shapes=True)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
+        shape, dtype = value
+        return torch.zeros(shape, dtype=dtype)
+    return value
+
+
+def _is_unpadded(batch: Mapping[str, object]) -> bool:
+    """True unless a real attention mask in `batch` masks a token (shapes alone: unpadded)."""
+    return all(
+        bool(v.all()) for k, v in batch.items()
+        if "attention_mask" in k and isinstance(v, torch.Tensor) and not is_fake(v)
+    )
+
+
+def _allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    # The step measured is a later one: states exist before it starts.
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _flatten_inputs(gm: fx.GraphModule, inputs: Mapping[str, object]) -> list:
+    return fx_pytree.tree_flatten_spec(((), dict(inputs)), gm._in_spec)
+
+
+def _loss_of(out: object) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        # A bare module output: d(sum)/d(out) is a ones tensor of out's size, as in the tests.
+        first = next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        loss = first.sum()
+    return loss
+
+
+def _block_of(node: fx.Node) -> str:
+    """The repeated block a node belongs to ("model.layers.3"), else its top module."""
+    path, _ = owner(node)
+    parts = path.split(".") if path else ["<root>"]
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
