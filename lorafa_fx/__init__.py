@@ -7,6 +7,9 @@
 
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError, CaptureError, LoraFAError, TargetNotFoundError
+from .estimate import estimate
+from .optim import LoraFAOptimizer, create_lorafa_optimizer
+from .plan import LayerPlan, MemoryPlan
 from .targets import Adapter
 from .transform import transform
 
@@ -14,8 +17,13 @@ __all__ = [
     "Adapter",
     "AlreadyTransformedError",
     "CaptureError",
+    "LayerPlan",
     "LoraFAConfig",
     "LoraFAError",
+    "LoraFAOptimizer",
+    "MemoryPlan",
     "TargetNotFoundError",
+    "create_lorafa_optimizer",
+    "estimate",
     "transform",
 ]

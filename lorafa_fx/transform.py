@@ -1,7 +1,8 @@
 """`transform`: the pipeline, from a Hugging Face model to a LoRA-FA GraphModule.
 
 capture (`capture.py`) -> gate_dropout -> simplify_attention -> rewrite_lora_fa ->
-annotate_saved_tensors -> emit (this file: freeze, attach the adapter table).
+annotate_saved_tensors -> estimate_memory (the cost model) -> emit (this file: freeze,
+attach the adapter table and the `MemoryPlan`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from .capture import capture
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
+from .passes.estimate_memory import EstimateMemory
 from .passes.gate_dropout import GateDropout
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
+from .plan import MemoryPlan
 from .targets import Adapter, select_adapters, select_modules_to_save
 
 
@@ -44,7 +47,9 @@ def transform(
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
         output type). Trainable parameters: every ``lora_B`` and the ``modules_to_save``.
-        ``gm.lorafa_adapters`` lists the adapters (module path, rank, scaling).
+        ``gm.lorafa_adapters`` lists the adapters (module path, rank, scaling);
+        ``gm.lorafa_plan`` is the `MemoryPlan` of a training step at the example batch's shape
+        (AdamW; print it).
     """
     if hasattr(model, "lorafa_adapters"):
         raise AlreadyTransformedError(
@@ -58,10 +63,16 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
-    config = config or LoraFAConfig()
+    gm = build(model, example_inputs, config or LoraFAConfig())
+    gm.lorafa_plan = plan_step(gm, example_inputs)
+    gm.train(model.training)
+    return gm
+
+
+def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: LoraFAConfig) -> fx.GraphModule:
+    """Capture `model` and run the rewrite passes; `transform` without the memory plan."""
     adapters = select_adapters(model, config)
     saved_modules = select_modules_to_save(model, config)
-
     gm = capture(model, example_inputs)
     adapters = _drop_unused(adapters, linear_nodes(gm))
     causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
@@ -70,8 +81,19 @@ def transform(
     _set_trainable(gm, adapters, saved_modules)
     gm.lorafa_config = config
     gm.lorafa_adapters = tuple(adapters)
-    gm.train(model.training)
     return gm
+
+
+def plan_step(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None = None) -> MemoryPlan:
+    """Run the cost model on `gm` for a training step (train mode) at `batch`'s shapes."""
+    training = gm.training
+    gm.train()
+    try:
+        cost = EstimateMemory(batch)
+        cost(gm)
+    finally:
+        gm.train(training)
+    return MemoryPlan.from_estimate(gm, cost.estimate, batch, budget_bytes)
 
 
 def _drop_unused(adapters: list[Adapter], linears: Mapping[str, list[fx.Node]]) -> list[Adapter]:

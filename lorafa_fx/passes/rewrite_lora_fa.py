@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import LoraFAConfig
@@ -105,10 +106,17 @@ def _add_adapter_params(
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     lora_A = nn.Linear(adapter.in_features, adapter.r, bias=False, device="meta", dtype=dtype)
     lora_B = nn.Linear(adapter.r, adapter.out_features, bias=False, device="meta", dtype=dtype)
-    lora_A.to_empty(device=weight.device)
-    lora_B.to_empty(device=weight.device)
-    _init_lora_A(lora_A.weight, config.init_lora_A, adapter.r, generator)
-    nn.init.zeros_(lora_B.weight)
+    if is_fake(weight):
+        # A model built under FakeTensorMode (planning a 70B model from its config): the
+        # adapters stay fake too, so planning allocates no parameter memory.
+        with weight.fake_mode:
+            lora_A.to_empty(device=weight.device)
+            lora_B.to_empty(device=weight.device)
+    else:
+        lora_A.to_empty(device=weight.device)
+        lora_B.to_empty(device=weight.device)
+        _init_lora_A(lora_A.weight, config.init_lora_A, adapter.r, generator)
+        nn.init.zeros_(lora_B.weight)
     lora_A.weight.requires_grad_(False)
     gm.add_submodule(f"{adapter.path}.lora_A", lora_A)
     gm.add_submodule(f"{adapter.path}.lora_B", lora_B)

@@ -1,0 +1,150 @@
+"""`MemoryPlan`: the memory of one training step, as predicted for a transformed graph.
+
+It is what ``print(gm.lorafa_plan)`` shows: the adapted layers with their rank, recompute
+decision and saved bytes; where the bytes go (weights, optimizer states, activations by
+block); the predicted peak and where it happens, against the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from io import StringIO
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from .passes.estimate_memory import StepEstimate
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One adapted linear: its rank, what backward recomputes, and the bytes it saves."""
+
+    path: str
+    r: int
+    recompute: str  # "none": xa is kept for backward
+    saved_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted memory of one training step (forward, backward, optimizer step), in bytes."""
+
+    predicted_peak_bytes: int
+    budget_bytes: int | None
+    weights_bytes: int
+    buffers_bytes: int
+    optimizer_state_bytes: int
+    batch_bytes: int
+    saved_activation_bytes: int
+    peak_phase: str
+    peak_node: str
+    peak_module: str
+    batch_shape: dict[str, tuple[int, ...]]
+    layers: tuple[LayerPlan, ...]
+    saved_by_block: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_estimate(
+        cls, gm: fx.GraphModule, estimate: StepEstimate, batch: Mapping[str, object], budget_bytes: int | None
+    ) -> MemoryPlan:
+        xa_bytes = {}
+        for node in gm.graph.nodes:
+            meta = node.meta.get("lorafa", {})
+            if meta.get("role") == "xa":
+                xa_bytes[meta["adapter"]] = xa_bytes.get(meta["adapter"], 0) + meta.get("saved_bytes", 0)
+        return cls(
+            predicted_peak_bytes=estimate.peak,
+            budget_bytes=budget_bytes,
+            weights_bytes=estimate.weights,
+            buffers_bytes=estimate.buffers,
+            optimizer_state_bytes=estimate.optimizer_states,
+            batch_bytes=estimate.batch,
+            saved_activation_bytes=estimate.saved_activations,
+            peak_phase=estimate.peak_phase,
+            peak_node=estimate.peak_node,
+            peak_module=estimate.peak_module,
+            batch_shape={k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
+            layers=tuple(LayerPlan(a.path, a.r, "none", xa_bytes.get(a.path, 0)) for a in gm.lorafa_adapters),
+            saved_by_block=dict(estimate.saved_by_module),
+        )
+
+    @property
+    def trainable_rank_total(self) -> int:
+        return sum(layer.r for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (plain dicts, lists, ints and strings)."""
+        d = asdict(self)
+        d["batch_shape"] = {k: list(v) for k, v in self.batch_shape.items()}
+        return d
+
+    def __str__(self) -> str:
+        out = StringIO()
+        console = Console(file=out, width=110, force_terminal=False, color_system=None)
+        console.print(self._summary())
+        console.print(self._layers_table())
+        console.print(self._blocks_table())
+        return out.getvalue().rstrip()
+
+    def _summary(self) -> Table:
+        t = Table(title="lorafa_fx memory plan (one training step)", show_header=False)
+        t.add_column(justify="left")
+        t.add_column(justify="right")
+        shape = ", ".join(f"{k} {tuple(v)}" for k, v in self.batch_shape.items())
+        t.add_row("batch", shape)
+        t.add_row("weights + buffers", format_bytes(self.weights_bytes + self.buffers_bytes))
+        t.add_row("optimizer states", format_bytes(self.optimizer_state_bytes))
+        t.add_row("saved activations (end of forward)", format_bytes(self.saved_activation_bytes))
+        t.add_row("predicted peak", format_bytes(self.predicted_peak_bytes))
+        t.add_row("peak happens in", f"{self.peak_phase} at {self.peak_node} ({self.peak_module or 'root'})")
+        budget = "none" if self.budget_bytes is None else format_bytes(self.budget_bytes)
+        t.add_row("budget", budget)
+        return t
+
+    def _layers_table(self) -> Table:
+        t = Table(title=f"{len(self.layers)} adapted layers (total rank {self.trainable_rank_total})")
+        for name, justify in (("module", "left"), ("r", "right"), ("recompute", "left"), ("saved", "right")):
+            t.add_column(name, justify=justify)
+        for layer in _abbreviate(self.layers):
+            if layer is None:
+                t.add_row(f"... {len(self.layers) - _SHOWN_LAYERS} more ...", "", "", "")
+            else:
+                t.add_row(layer.path, str(layer.r), layer.recompute, format_bytes(layer.saved_bytes))
+        return t
+
+    def _blocks_table(self) -> Table:
+        t = Table(title="saved activations by block")
+        t.add_column("block")
+        t.add_column("saved", justify="right")
+        for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: _natural(kv[0])):
+            t.add_row(block, format_bytes(nbytes))
+        return t
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units, as accelerate and the paper's GB figures use them."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+_SHOWN_LAYERS = 24
+
+
+def _abbreviate(layers: tuple[LayerPlan, ...]) -> list[LayerPlan | None]:
+    # A 70B model has 560 adapters; the printout keeps the first and last ones (None: the gap).
+    if len(layers) <= _SHOWN_LAYERS:
+        return list(layers)
+    half = _SHOWN_LAYERS // 2
+    return [*layers[:half], None, *layers[-half:]]
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
