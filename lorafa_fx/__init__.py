@@ -6,7 +6,13 @@
 """
 
 from .config import LoraFAConfig
-from .errors import AlreadyTransformedError, CaptureError, LoraFAError, TargetNotFoundError
+from .errors import (
+    AlreadyTransformedError,
+    CaptureError,
+    InfeasibleBudgetError,
+    LoraFAError,
+    TargetNotFoundError,
+)
 from .estimate import estimate
 from .optim import LoraFAOptimizer, create_lorafa_optimizer
 from .plan import LayerPlan, MemoryPlan
@@ -17,6 +23,7 @@ __all__ = [
     "Adapter",
     "AlreadyTransformedError",
     "CaptureError",
+    "InfeasibleBudgetError",
     "LayerPlan",
     "LoraFAConfig",
     "LoraFAError",

@@ -17,3 +17,18 @@ class CaptureError(LoraFAError, RuntimeError):
 
 class AlreadyTransformedError(LoraFAError, TypeError):
     """`transform` was given a module that `transform` already produced."""
+
+
+class InfeasibleBudgetError(LoraFAError, ValueError):
+    """No plan fits the budget. ``min_budget_bytes`` is the smallest budget that does."""
+
+    def __init__(self, min_budget_bytes: int, what_takes_memory: str, budget_bytes: int) -> None:
+        from .plan import format_bytes
+
+        self.min_budget_bytes = min_budget_bytes
+        super().__init__(
+            f"budget {format_bytes(budget_bytes)} cannot be met: the smallest feasible budget for this batch "
+            f"is {format_bytes(min_budget_bytes)} ({min_budget_bytes} bytes, every block recomputed). "
+            f"At that peak the memory goes to: {what_takes_memory}. Pass budget >= {min_budget_bytes}, or "
+            "lower the batch size, sequence length or rank."
+        )

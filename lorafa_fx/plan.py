@@ -48,11 +48,27 @@ class MemoryPlan:
     batch_shape: dict[str, tuple[int, ...]]
     layers: tuple[LayerPlan, ...]
     saved_by_block: dict[str, int] = field(default_factory=dict)
+    recompute_by_block: dict[str, str] = field(default_factory=dict)
+    recompute_flops: int = 0
+    step_flops: int = 0
+
+    @property
+    def extra_compute_pct(self) -> float:
+        """Recompute FLOPs in % of a step's forward + backward FLOPs."""
+        return 100.0 * self.recompute_flops / self.step_flops if self.step_flops else 0.0
 
     @classmethod
     def from_estimate(
-        cls, gm: fx.GraphModule, estimate: StepEstimate, batch: Mapping[str, object], budget_bytes: int | None
+        cls,
+        gm: fx.GraphModule,
+        estimate: StepEstimate,
+        batch: Mapping[str, object],
+        budget_bytes: int | None,
+        recompute_by_block: Mapping[str, str] | None = None,
+        recompute_flops: int = 0,
+        step_flops: int = 0,
     ) -> MemoryPlan:
+        decisions = dict(recompute_by_block or {})
         xa_bytes = {}
         for node in gm.graph.nodes:
             meta = node.meta.get("lorafa", {})
@@ -70,8 +86,14 @@ class MemoryPlan:
             peak_node=estimate.peak_node,
             peak_module=estimate.peak_module,
             batch_shape={k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
-            layers=tuple(LayerPlan(a.path, a.r, "none", xa_bytes.get(a.path, 0)) for a in gm.lorafa_adapters),
+            layers=tuple(
+                LayerPlan(a.path, a.r, decisions.get(_block(a.path), "none"), xa_bytes.get(a.path, 0))
+                for a in gm.lorafa_adapters
+            ),
             saved_by_block=dict(estimate.saved_by_module),
+            recompute_by_block=decisions,
+            recompute_flops=recompute_flops,
+            step_flops=step_flops,
         )
 
     @property
@@ -105,6 +127,9 @@ class MemoryPlan:
         t.add_row("peak happens in", f"{self.peak_phase} at {self.peak_node} ({self.peak_module or 'root'})")
         budget = "none" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         t.add_row("budget", budget)
+        recomputed = sorted((b for b, d in self.recompute_by_block.items() if d != "none"), key=natural_key)
+        t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
+        t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
         return t
 
     def _layers_table(self) -> Table:
@@ -121,9 +146,10 @@ class MemoryPlan:
     def _blocks_table(self) -> Table:
         t = Table(title="saved activations by block")
         t.add_column("block")
+        t.add_column("recompute")
         t.add_column("saved", justify="right")
-        for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: _natural(kv[0])):
-            t.add_row(block, format_bytes(nbytes))
+        for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: natural_key(kv[0])):
+            t.add_row(block, self.recompute_by_block.get(block, "none"), format_bytes(nbytes))
         return t
 
 
@@ -146,5 +172,11 @@ def _abbreviate(layers: tuple[LayerPlan, ...]) -> list[LayerPlan | None]:
     return [*layers[:half], None, *layers[-half:]]
 
 
-def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
+def _block(path: str) -> str:
+    parts = path.split(".")
+    return next((".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()), parts[0])
+
+
+def natural_key(name: str) -> list[tuple[int, int, str]]:
+    """Sort key putting "layers.2" before "layers.10"."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]

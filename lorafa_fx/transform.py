@@ -1,8 +1,9 @@
 """`transform`: the pipeline, from a Hugging Face model to a LoRA-FA GraphModule.
 
 capture (`capture.py`) -> gate_dropout -> simplify_attention -> rewrite_lora_fa ->
-annotate_saved_tensors -> estimate_memory (the cost model) -> emit (this file: freeze,
-attach the adapter table and the `MemoryPlan`).
+annotate_saved_tensors -> estimate_memory (the cost model) -> plan_memory (the planner, under a
+budget) -> recompute_regions -> emit (this file: freeze, attach the adapter table and the
+`MemoryPlan`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from accelerate.utils import convert_file_size_to_int
 
 from .capture import capture
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
-from .passes.estimate_memory import EstimateMemory
+from .passes.estimate_memory import EstimateMemory, StepEstimate
+from .passes.plan_memory import plan_recompute
+from .passes.recompute_regions import RecomputeRegions
 from .passes.gate_dropout import GateDropout
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
@@ -38,8 +42,10 @@ def transform(
     Args:
         model: a Hugging Face (or any `torch.export`-able) model. Its base weights are shared
             with the result, not copied, and frozen in place (as PEFT does).
-        budget: memory budget of a training step; budget planning is not implemented yet,
-            so only ``None`` is accepted.
+        budget: memory budget of one training step (AdamW) at the example batch's shape: bytes
+            as an int, or a string with accelerate's units ("40GB" = 40e9, "40GiB" = 40*2^30).
+            The planner recomputes the fewest blocks in backward that make the predicted peak
+            fit; `InfeasibleBudgetError` (with ``min_budget_bytes``) if none does.
         example_inputs: one keyword batch, as passed to ``model(**batch)``. Batch and sequence
             dims are captured as dynamic, so other shapes work too.
         config: what to adapt; defaults to ``LoraFAConfig()`` (all linears, r=8).
@@ -56,16 +62,47 @@ def transform(
             "This module was already transformed by lorafa_fx.transform; transform the original "
             "model instead (its weights are shared with the result)."
         )
-    if budget is not None:
-        raise NotImplementedError("budget planning is not implemented yet; pass budget=None.")
+    budget_bytes = parse_budget(budget)
     if not isinstance(example_inputs, Mapping):
         raise TypeError(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
     gm = build(model, example_inputs, config or LoraFAConfig())
-    gm.lorafa_plan = plan_step(gm, example_inputs)
+    gm = _plan_and_realise(gm, example_inputs, budget_bytes)
     gm.train(model.training)
+    return gm
+
+
+def parse_budget(budget: int | str | None) -> int | None:
+    """Bytes from an int or a size string, with accelerate's conventions ("40GB" = 40e9)."""
+    if budget is None:
+        return None
+    accepted = "an int number of bytes, or a string such as '40GB' (40*10^9) or '40GiB' (40*2^30)"
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        if budget <= 0:
+            raise ValueError(f"budget={budget!r} must be positive: pass {accepted}.")
+        return budget
+    if isinstance(budget, str):
+        try:
+            value = convert_file_size_to_int(budget.strip())
+        except ValueError:
+            value = None
+        if value is not None and value > 0:
+            return value
+    raise ValueError(f"budget={budget!r} is not a memory size: pass {accepted}.")
+
+
+def _plan_and_realise(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
+    unplanned = simulate_step(gm, batch)
+    if budget_bytes is None:
+        gm.lorafa_plan = MemoryPlan.from_estimate(gm, unplanned, batch, None)
+        return gm
+    plan = plan_recompute(gm, unplanned, budget_bytes, lambda g: simulate_step(g, batch))
+    gm = RecomputeRegions(plan.decisions)(gm).graph_module
+    gm.lorafa_plan = MemoryPlan.from_estimate(
+        gm, plan.estimate, batch, budget_bytes, plan.decisions, plan.recompute_flops, plan.step_flops
+    )
     return gm
 
 
@@ -84,7 +121,7 @@ def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: 
     return gm
 
 
-def plan_step(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None = None) -> MemoryPlan:
+def simulate_step(gm: fx.GraphModule, batch: Mapping[str, object]) -> StepEstimate:
     """Run the cost model on `gm` for a training step (train mode) at `batch`'s shapes."""
     training = gm.training
     gm.train()
@@ -93,7 +130,12 @@ def plan_step(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int
         cost(gm)
     finally:
         gm.train(training)
-    return MemoryPlan.from_estimate(gm, cost.estimate, batch, budget_bytes)
+    return cost.estimate
+
+
+def plan_step(gm: fx.GraphModule, batch: Mapping[str, object]) -> MemoryPlan:
+    """The `MemoryPlan` of `gm` as it is (no budget) at `batch`'s shapes."""
+    return MemoryPlan.from_estimate(gm, simulate_step(gm, batch), batch, None)
 
 
 def _drop_unused(adapters: list[Adapter], linears: Mapping[str, list[fx.Node]]) -> list[Adapter]:

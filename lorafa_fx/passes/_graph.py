@@ -73,3 +73,14 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
         return hasattr(gm.get_submodule(parent), leaf)
     except AttributeError:
         return False
+
+
+def block_of(node: fx.Node) -> str:
+    """The repeated block a node belongs to ("model.layers.3"), else its top module."""
+    path, _ = owner(node)
+    parts = path.split(".") if path else ["<root>"]
+    # The first indexed segment is the layer ("model.layers.3"), even inside an MoE's experts.
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]

@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._graph import META_KEY, owner
+from ._graph import META_KEY, block_of, owner
 from .simplify_attention import assume_unpadded
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -206,7 +206,7 @@ def _simulate_step(gm: fx.GraphModule, batch: Mapping[str, object], optimizer: O
     by_module: dict[str, int] = defaultdict(int)
     for node, nbytes in recorder.saved.values():
         by_node[node.name] += nbytes
-        by_module[_block_of(node)] += nbytes
+        by_module[block_of(node)] += nbytes
     nodes = {n.name: n for n in gm.graph.nodes}
     phase, name = tracker.where
     peak_node = nodes.get(name)
@@ -280,13 +280,3 @@ def _loss_of(out: object) -> torch.Tensor:
         first = next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
         loss = first.sum()
     return loss
-
-
-def _block_of(node: fx.Node) -> str:
-    """The repeated block a node belongs to ("model.layers.3"), else its top module."""
-    path, _ = owner(node)
-    parts = path.split(".") if path else ["<root>"]
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]

@@ -1,0 +1,131 @@
+"""plan_memory + recompute_regions: budgets met in eager and compiled mode, same math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model, randomize_lora_B
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorafa_fx
+from lorafa_fx import InfeasibleBudgetError
+from lorafa_fx.measure import measure_peak_bytes
+from lorafa_fx.transform import parse_budget
+
+SHAPE = (4, 32)
+
+
+def _model(name: str):
+    if name == "llama4":  # four layers, so budgets between the extremes recompute 1..3 of them
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=96, max_position_embeddings=128))
+    return make_model(name)
+
+
+def _batch(name: str):
+    return make_batch("llama" if name == "llama4" else name, *SHAPE)
+
+
+def _transform(name: str, budget=None):
+    gm = lorafa_fx.transform(_model(name), budget=budget, example_inputs=_batch(name))
+    randomize_lora_B(gm)
+    return gm.train()
+
+
+def _measured_peak(step_module, gm, batch) -> int:
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        step_module(**batch).loss.backward()
+        opt.step()
+
+    step()
+    return measure_peak_bytes(step, gm, opt, batch)
+
+
+def _loss_and_grads(module, gm, batch):
+    torch.manual_seed(0)  # same dropout masks in both modules (GPT-2, T5 have dropout)
+    loss = module(**batch).loss
+    loss.backward()
+    return loss.detach(), [gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa_adapters]
+
+
+def _budgets(name: str) -> list[int]:
+    with pytest.raises(InfeasibleBudgetError) as e:
+        lorafa_fx.transform(_model(name), budget=1, example_inputs=_batch(name))
+    low = e.value.min_budget_bytes
+    high = lorafa_fx.transform(_model(name), example_inputs=_batch(name)).lorafa_plan.predicted_peak_bytes
+    return [low + (high - low) * i // 4 for i in range(5)]
+
+
+@pytest.mark.parametrize("name", ["llama4", "gpt2", "t5"])
+def test_five_budgets_are_met_with_the_unplanned_math(name):
+    """References: MemTracker's measured peak of a full step (<= budget), and the unplanned
+    module's loss and lora_B grads (equal: recomputation changes memory, not math)."""
+    batch = _batch(name)
+    reference = _transform(name)
+    ref_loss, ref_grads = _loss_and_grads(reference, reference, batch)
+    flops = []
+    for budget in _budgets(name):
+        gm = _transform(name, budget)
+        plan = gm.lorafa_plan
+        assert plan.predicted_peak_bytes <= budget
+        loss, grads = _loss_and_grads(gm, gm, batch)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+        assert _measured_peak(gm, gm, batch) <= budget  # trains: after the math checks
+        flops.append(plan.recompute_flops)
+    assert flops == sorted(flops, reverse=True)  # a larger budget never recomputes more
+    assert flops[0] > 0 and flops[-1] == 0
+
+
+def test_intermediate_budget_recomputes_some_blocks_only():
+    budgets = _budgets("llama4")
+    plan = _transform("llama4", budgets[2]).lorafa_plan
+    recomputed = [b for b, d in plan.recompute_by_block.items() if d == "full"]
+    assert 0 < len(recomputed) < 4
+    assert 0 < plan.extra_compute_pct < 50
+    assert "blocks recomputed in backward" in str(plan)
+    assert {layer.recompute for layer in plan.layers} == {"none", "full"}
+
+
+def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():
+    with pytest.raises(InfeasibleBudgetError) as e:
+        lorafa_fx.transform(_model("llama4"), budget="1kB", example_inputs=_batch("llama4"))
+    assert isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert "smallest feasible budget" in msg and "weights" in msg and "MB" in msg
+    gm = _transform("llama4", e.value.min_budget_bytes)
+    assert gm.lorafa_plan.predicted_peak_bytes == e.value.min_budget_bytes
+
+
+@pytest.mark.slow
+def test_compiled_planned_module_meets_the_budget_with_the_same_math():
+    """References: the eager planned module (loss, grads) and the budget (measured peak)."""
+    batch = _batch("llama4")
+    budget = _budgets("llama4")[2]
+    gm = _transform("llama4", budget)
+    eager_loss, eager_grads = _loss_and_grads(gm, gm, batch)
+    for p in gm.parameters():
+        p.grad = None
+    compiled = torch.compile(gm)
+    loss, grads = _loss_and_grads(compiled, gm, batch)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=0)
+    for g, r in zip(grads, eager_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert _measured_peak(compiled, gm, batch) <= budget
+
+
+@pytest.mark.parametrize("budget,expected", [("40GB", 40 * 10**9), ("40GiB", 40 * 2**30), (123, 123), ("1.5GB", 1_500_000_000)])
+def test_budget_uses_accelerate_units(budget, expected):
+    assert parse_budget(budget) == expected
+
+
+@pytest.mark.parametrize("bad", ["forty", "-3GB", "12XB", -5, 0, True, 3.5])
+def test_bad_budget_names_the_accepted_forms(bad):
+    with pytest.raises(ValueError, match="'40GB'.*'40GiB'"):
+        parse_budget(bad)
