@@ -5,6 +5,7 @@
 `torch.fx.GraphModule` that trains in eager mode and under `torch.compile`.
 """
 
+from .adapter_io import AdapterMismatchError, load_adapter, merge, save_adapter
 from .config import LoraFAConfig
 from .errors import (
     AlreadyTransformedError,
@@ -21,6 +22,7 @@ from .transform import transform
 
 __all__ = [
     "Adapter",
+    "AdapterMismatchError",
     "AlreadyTransformedError",
     "CaptureError",
     "InfeasibleBudgetError",
@@ -32,5 +34,8 @@ __all__ = [
     "TargetNotFoundError",
     "create_lorafa_optimizer",
     "estimate",
+    "load_adapter",
+    "merge",
+    "save_adapter",
     "transform",
 ]

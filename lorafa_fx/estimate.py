@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .config import LoraFAConfig
 from .plan import MemoryPlan
-from .transform import build, plan_step
+from .transform import build, parse_budget, plan_and_realise
 
 
 def estimate(
@@ -28,6 +28,7 @@ def estimate(
     seq_len: int,
     config: LoraFAConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    budget: int | str | None = None,
 ) -> MemoryPlan:
     """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``.
 
@@ -37,6 +38,7 @@ def estimate(
         batch_size, seq_len: the training batch shape; labels are the input ids (causal LM)
             or a target sequence of ``seq_len`` (encoder-decoder).
         config: the LoRA-FA config (default ``LoraFAConfig()``).
+        budget: plan recomputation under this budget, as `transform` does.
     """
     if isinstance(model_or_config, PretrainedConfig):
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -47,7 +49,7 @@ def estimate(
         batch = _batch(batch_size, seq_len, next(model.parameters()).device)
     # Dynamic dims: capturing at the target shape serves it, and the step is simulated once.
     gm = build(model, batch, config or LoraFAConfig())
-    return plan_step(gm, batch)
+    return plan_and_realise(gm, batch, parse_budget(budget)).lorafa_plan
 
 
 def _model_class(config: PretrainedConfig) -> type:

@@ -16,9 +16,11 @@ import torch.fx as fx
 import torch.nn as nn
 from accelerate.utils import convert_file_size_to_int
 
+from .bnb_layers import traceable
 from .capture import capture
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
+from .hf_compat import attach_hf_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.estimate_memory import EstimateMemory, StepEstimate
 from .passes.plan_memory import plan_recompute
@@ -69,8 +71,9 @@ def transform(
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
     gm = build(model, example_inputs, config or LoraFAConfig())
-    gm = _plan_and_realise(gm, example_inputs, budget_bytes)
+    gm = plan_and_realise(gm, example_inputs, budget_bytes)
     gm.train(model.training)
+    attach_hf_attributes(gm, model)
     return gm
 
 
@@ -93,7 +96,7 @@ def parse_budget(budget: int | str | None) -> int | None:
     raise ValueError(f"budget={budget!r} is not a memory size: pass {accepted}.")
 
 
-def _plan_and_realise(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
+def plan_and_realise(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
     unplanned = simulate_step(gm, batch)
     if budget_bytes is None:
         gm.lorafa_plan = MemoryPlan.from_estimate(gm, unplanned, batch, None)
@@ -110,7 +113,8 @@ def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: 
     """Capture `model` and run the rewrite passes; `transform` without the memory plan."""
     adapters = select_adapters(model, config)
     saved_modules = select_modules_to_save(model, config)
-    gm = capture(model, example_inputs)
+    with traceable(model):
+        gm = capture(model, example_inputs)
     adapters = _drop_unused(adapters, linear_nodes(gm))
     causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
     for p in (GateDropout(), SimplifyAttention(causal), RewriteLoraFA(adapters, config), AnnotateSavedTensors()):

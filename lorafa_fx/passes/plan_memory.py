@@ -13,10 +13,11 @@ block ``b`` (``model.layers.i``) is either kept (``"none"``) or recomputed in ba
 
 (the last term: a recomputed block's activations exist again while its backward runs).
 Solver: a 0/1 knapsack, "remove at least peak(none) - budget bytes at least FLOPs", solved
-greedily by saving per FLOP — exact here because a model's blocks are alike, and made
-safe by checking every candidate with the exact cost model (a simulated step of the realised
-graph) and recomputing one more block while it does not fit. Larger budgets never recompute
-more: the candidates are nested prefixes of one order.
+greedily by saving per FLOP — exact here because a model's blocks are alike. The candidates
+are the prefixes of that order; the additive model above only guesses how long a prefix is
+needed, and the answer is the shortest prefix whose realised graph fits by the exact cost model
+(a simulated step), found by secant steps of one block's saving. Larger budgets never recompute more: the
+candidates are nested and the search returns the shortest that fits.
 
 Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimate.
 """
@@ -66,14 +67,33 @@ def plan_recompute(
         estimate = unplanned if k == 0 else simulate(with_recompute(gm, decisions))
         return RecomputePlan(decisions, estimate, sum(flops[b] for b in order[:k]), 2 * forward_flops)
 
-    k = _fewest_blocks(unplanned.peak, budget_bytes, [saving[b] for b in order])
-    while k <= len(order):
-        plan = realise(k)
-        if plan.estimate.peak <= budget_bytes:
-            return plan
-        k += 1
-    least = realise(len(order))
-    raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
+    # The shortest prefix whose realised plan fits. peak(k) falls by about one block's saving
+    # per block (nested prefixes), so a secant step on the simulated peaks lands on it in a
+    # few simulations; k-1 is then checked so the answer is the shortest.
+    plans: dict[int, RecomputePlan] = {0: realise(0)}
+
+    def peak(k: int) -> int:
+        if k not in plans:
+            plans[k] = realise(k)
+        return plans[k].estimate.peak
+
+    n = len(order)
+    per_block = max(min(saving.values(), default=1), 1)
+    lo, hi = 0, None  # every k < lo is known not to fit; hi is the shortest known to fit
+    k = min(_fewest_blocks(unplanned.peak, budget_bytes, [saving[b] for b in order]), n)
+    while True:
+        if peak(k) <= budget_bytes:
+            hi = k
+        else:
+            lo = k + 1
+        if lo > n:
+            raise InfeasibleBudgetError(peak(n), _dominant_terms(plans[n].estimate), budget_bytes)
+        if hi == lo:
+            return plans[hi]
+        if hi is None:
+            k = max(lo, min(n, k + -(-(peak(k) - budget_bytes) // per_block)))
+        else:
+            k = max(lo, hi - max(1, (budget_bytes - peak(hi)) // per_block))
 
 
 def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:

@@ -1,13 +1,15 @@
 """Pass: turn each targeted linear into its LoRA-FA form.
 
 For every adapter, the linear node whose weight is ``get_attr(f"{path}.weight")`` —
-``aten.linear(x, W, b)`` for `nn.Linear`, ``aten.addmm(b, x, W)`` for GPT-2's `Conv1D` —
+``aten.linear(x, W, b)`` for `nn.Linear`, ``aten.addmm(b, x, W)`` for GPT-2's `Conv1D`,
+``lorafa_fx.matmul_4bit/8bit(x, W, ...)`` for bitsandbytes' layers (`bnb_layers`) —
 gets the low-rank branch of the paper's eq. (1)::
 
     y = x W^T + scaling * (x A^T) B^T          xa = x A^T  (b·s·r values)
 
 with ``A = {path}.lora_A.weight`` (shape ``(r, in)``, frozen, random init from
-``config.seed``) and ``B = {path}.lora_B.weight`` (shape ``(out, r)``, zeros, trained).
+``config.seed``) and ``B = {path}.lora_B.weight`` (shape ``(out, r)``, zeros, trained), in
+``W``'s dtype, or for a quantised ``W`` in the dtype the layer computes in (its output's).
 The ops and their order are PEFT's ``lora.Linear.forward`` (``lora_B(lora_A(dropout(x)))
 * scaling`` added to the base output), so both give the same numbers.
 
@@ -32,14 +34,16 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
 from ..targets import Adapter
 from ._graph import META_KEY, get_attr, new_node, set_fake_val
 
 aten = torch.ops.aten
 
-#: Linear ops and the index of their input and weight operands.
-LINEAR_OPS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2)}
+#: Linear ops and the index of their input and weight operands; bitsandbytes layers are
+#: captured as `bnb_layers`' ops, their weight a get_attr as for `aten.linear`.
+LINEAR_OPS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2), **QUANTIZED_LINEAR_OPS}
 
 
 def linear_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -66,7 +70,7 @@ class RewriteLoraFA(PassBase):
         linears = linear_nodes(gm)
         for path, adapter in self.adapters.items():
             weight = gm.get_parameter(f"{path}.weight")
-            _add_adapter_params(gm, adapter, weight, self.config, generator)
+            _add_adapter_params(gm, adapter, weight, _compute_dtype(weight, linears[path][0]), self.config, generator)
             for node in linears[path]:
                 self._rewrite(gm, node, adapter)
         gm.graph.lint()
@@ -99,11 +103,18 @@ class RewriteLoraFA(PassBase):
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
+def _compute_dtype(weight: torch.Tensor, node: fx.Node) -> torch.dtype:
+    # Quantised base weights (bitsandbytes) compute in a float dtype of their own: the op's output's.
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+
 def _add_adapter_params(
-    gm: fx.GraphModule, adapter: Adapter, weight: torch.Tensor, config: LoraFAConfig, generator: torch.Generator
+    gm: fx.GraphModule, adapter: Adapter, weight: torch.Tensor, dtype: torch.dtype, config: LoraFAConfig,
+    generator: torch.Generator,
 ) -> None:
-    # Quantised base weights (bitsandbytes) compute in a float dtype of their own.
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     lora_A = nn.Linear(adapter.in_features, adapter.r, bias=False, device="meta", dtype=dtype)
     lora_B = nn.Linear(adapter.r, adapter.out_features, bias=False, device="meta", dtype=dtype)
     if is_fake(weight):

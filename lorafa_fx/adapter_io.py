@@ -1,0 +1,337 @@
+"""Adapters on disk, in PEFT's format, and merging them into the base model.
+
+- `save_adapter(gm, path)` writes ``adapter_config.json`` + ``adapter_model.safetensors`` as
+  PEFT's ``save_pretrained`` does: keys ``base_model.model.<path>.lora_A.weight`` /
+  ``.lora_B.weight`` and ``base_model.model.<module>.<param>`` for ``modules_to_save``; a
+  ``LoraConfig`` with ``peft_type: "LORA"`` whose ``target_modules`` is the exact list of adapted
+  paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
+  loads it. The write is atomic: everything goes to a temporary directory beside ``path``,
+  which then replaces ``path`` by rename, so a crash leaves the old adapter (or nothing), never
+  half a new one.
+- `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
+  into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
+  working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
+  listing all of them; nothing is loaded then.
+- `merge(gm, model)` folds ``W + scaling * B A`` into the weights of `model` and copies the
+  ``modules_to_save`` in: the plain Hugging Face model, ready for ``save_pretrained`` and
+  ``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+from .errors import LoraFAError
+from .targets import _pattern_value, select_modules_to_save
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: PEFT's prefix of every key: ``PeftModel.base_model`` (the tuner) ``.model`` (the user's model).
+PREFIX = "base_model.model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class AdapterMismatchError(LoraFAError, ValueError):
+    """A saved adapter does not fit the transformed model (targets, shapes, rank or scaling)."""
+
+
+def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+    """Write `gm`'s adapter to directory `path` in PEFT's format, atomically.
+
+    Args:
+        gm: a module returned by `lorafa_fx.transform`.
+        path: the adapter directory; created, or replaced as a whole if it exists (files in it
+            other than the two adapter files are kept).
+        base_model_name_or_path: recorded in the config for ``AutoPeftModel`` loaders; defaults
+            to the model's ``name_or_path`` when the model was loaded with ``from_pretrained``.
+    """
+    _check_transformed(gm)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LoraFAError(f"{path} exists and is not a directory; pass a directory path for the adapter.")
+    config = _peft_config(gm, base_model_name_or_path or getattr(gm, "name_or_path", None) or None)
+    tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(gm).items()}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # mkdtemp makes a private (0700) directory; the adapter gets the mode a plain mkdir gives.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o777 & ~_umask())
+        if path.exists():
+            _carry_over(path, tmp)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_NAME)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
+    """Load the adapter in directory `path` (ours or PEFT's, LoRA) into `gm`, in place.
+
+    Raises `AdapterMismatchError` listing every adapted module missing from the file or not in
+    `gm`, every shape, rank or scaling (``lora_alpha / r``) that differs, and the
+    ``modules_to_save`` parameters that do not match; nothing is loaded in that case.
+    """
+    _check_transformed(gm)
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise LoraFAError(
+            f"{path} holds no adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME} (PEFT's save_pretrained "
+            "or lorafa_fx.save_adapter write both)."
+        )
+    saved_config = json.loads(config_file.read_text())
+    _check_peft_config(saved_config, path)
+    saved = {k.removeprefix(PREFIX): v for k, v in load_file(weights_file).items()}
+
+    problems = _mismatches(gm, saved, saved_config)
+    if problems:
+        raise AdapterMismatchError(
+            f"The adapter in {path} does not fit this transformed model:\n  " + "\n  ".join(problems)
+            + "\nTransform the base model with a LoraFAConfig matching the adapter's "
+            f"{CONFIG_NAME} (target_modules, r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, "
+            "modules_to_save)."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            gm.get_parameter(name).copy_(value)
+
+
+@torch.no_grad()
+def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
+    """Fold `gm`'s adapters into `model`'s weights; return `model`, a plain Hugging Face model.
+
+    Each adapted weight becomes ``W + scaling * B @ A`` (transposed for GPT-2's ``Conv1D``,
+    which stores ``W`` as ``(in, out)``), computed in float32 and cast to ``W``'s dtype;
+    ``modules_to_save`` parameters are copied from `gm`. `model` has no ``lora_`` parameters
+    and works with ``save_pretrained`` and ``generate``.
+
+    `model` is changed in place, as PEFT's ``merge_and_unload`` does (no second copy of the
+    weights is made). Usually it is the model `gm` was made from, whose weights `gm` shares:
+    then every ``lora_B`` of `gm` is zeroed as well, so `gm` keeps computing what the merged
+    model computes (instead of adding its adapter twice) and could train on from the merged
+    weights. Call `save_adapter` before `merge` to keep the adapter. `model` may also be another
+    instance of the architecture, e.g. a float copy of a model `gm` trained quantised; `gm` is
+    then left unchanged.
+    """
+    _check_transformed(gm)
+    problems, shared = [], []
+    for a in gm.lorafa_adapters:
+        try:
+            module = model.get_submodule(a.path)
+        except AttributeError:
+            problems.append(f"{a.path}: no such module in {type(model).__name__}")
+            continue
+        w = module.weight
+        expected = (a.in_features, a.out_features) if isinstance(module, Conv1D) else (a.out_features, a.in_features)
+        if not w.dtype.is_floating_point or tuple(w.shape) != expected:
+            problems.append(
+                f"{a.path}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
+                "(a quantised weight cannot hold the merged sum: merge into a float copy of the base model)"
+            )
+    if problems:
+        raise LoraFAError("merge: cannot merge into this model:\n  " + "\n  ".join(problems))
+
+    for a in gm.lorafa_adapters:
+        module = model.get_submodule(a.path)
+        lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
+        lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
+        delta = (lora_B.float() @ lora_A.float()) * a.scaling
+        if isinstance(module, Conv1D):
+            delta = delta.T
+        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
+        if _shares(gm, f"{a.path}.weight", module.weight):
+            shared.append(lora_B)
+    for name, p in _saved_module_params(gm).items():
+        target = model.get_parameter(name)
+        if target is not p:
+            target.copy_(p)
+    for lora_B in shared:
+        lora_B.zero_()
+    return model
+
+
+def _check_transformed(gm: nn.Module) -> None:
+    if not hasattr(gm, "lorafa_adapters"):
+        raise LoraFAError(
+            f"{type(gm).__name__} is not a lorafa_fx module; pass the GraphModule lorafa_fx.transform returned."
+        )
+
+
+def _shares(gm: fx.GraphModule, name: str, weight: torch.Tensor) -> bool:
+    try:
+        return gm.get_parameter(name) is weight
+    except AttributeError:
+        return False
+
+
+def _saved_module_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
+    # gm keeps the model's module paths, so PEFT's modules_to_save rules find the same modules.
+    out = {}
+    for path in select_modules_to_save(gm, gm.lorafa_config):
+        for name, p in gm.get_submodule(path).named_parameters():
+            out[f"{path}.{name}"] = p
+    return out
+
+
+def _adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    out = {}
+    for a in gm.lorafa_adapters:
+        for suffix in _LORA_SUFFIXES:
+            out[a.path + suffix] = gm.get_parameter(a.path + suffix)
+    out.update(_saved_module_params(gm))
+    return out
+
+
+def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dict[str, Any]:
+    cfg = gm.lorafa_config
+    # The keys of PEFT's LoraConfig that define the adapter; PEFT fills the rest with defaults.
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "target_modules": [a.path for a in gm.lorafa_adapters],
+        "exclude_modules": None,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "use_rslora": cfg.use_rslora,
+        "lora_dropout": cfg.lora_dropout,
+        "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
+    unsupported = []
+    if config.get("peft_type") != "LORA":
+        unsupported.append(f"peft_type={config.get('peft_type')!r} (only LORA is supported)")
+    for key in ("use_dora", "lora_bias", "use_qalora"):
+        if config.get(key):
+            unsupported.append(f"{key}=true")
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r} (only 'none')")
+    if config.get("trainable_token_indices"):
+        unsupported.append("trainable_token_indices")
+    if unsupported:
+        raise AdapterMismatchError(
+            f"The adapter in {path} uses PEFT features LoRA-FA does not implement: {', '.join(unsupported)}."
+        )
+
+
+def _saved_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float, float]:
+    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+    return r, alpha, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[str]:
+    ours = _adapter_tensors(gm)
+    adapted = {a.path: a for a in gm.lorafa_adapters}
+    saved_paths = {k.removesuffix(s) for k in saved for s in _LORA_SUFFIXES if k.endswith(s)}
+    problems = []
+
+    missing = sorted(set(adapted) - saved_paths)
+    unexpected = sorted(saved_paths - set(adapted))
+    if missing:
+        problems.append(f"adapted here but not in the file ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"in the file but not adapted here ({len(unexpected)}): {', '.join(unexpected)}")
+    for path in sorted(saved_paths & set(adapted)):
+        a = adapted[path]
+        r, alpha, scaling = _saved_scaling(config, path)
+        if r != a.r or not math.isclose(scaling, a.scaling, rel_tol=1e-6):
+            problems.append(
+                f"{path}: saved r={r}, lora_alpha={alpha} (scaling {scaling:g}); here r={a.r}, "
+                f"lora_alpha={a.lora_alpha} (scaling {a.scaling:g})"
+            )
+
+    for name in sorted(saved.keys() - ours.keys()):
+        if not name.endswith(_LORA_SUFFIXES):
+            problems.append(f"{name}: in the file but not a modules_to_save parameter here")
+    for name in sorted(ours.keys() - saved.keys()):
+        if not name.endswith(_LORA_SUFFIXES):
+            problems.append(f"{name}: a modules_to_save parameter here but not in the file")
+        elif name.rsplit(".", 2)[0] in saved_paths:
+            problems.append(f"{name}: not in the file (only the other half of the adapter is)")
+    for name in sorted(saved.keys() & ours.keys()):
+        if tuple(saved[name].shape) != tuple(ours[name].shape):
+            problems.append(f"{name}: saved shape {tuple(saved[name].shape)}, here {tuple(ours[name].shape)}")
+    return problems
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, tmp: Path) -> None:
+    # Files beside the adapter (a tokenizer, a README) survive the directory swap.
+    for entry in old.iterdir():
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), tmp / entry.name)
+        else:
+            _link_or_copy(str(entry), str(tmp / entry.name))
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    # POSIX cannot swap two directories in one rename: move the old one aside, move the new one
+    # in, then delete the old. A crash in between leaves `path` absent and the old adapter in
+    # the ".old" directory beside it, never a half-written `path`.
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old / path.name, path)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

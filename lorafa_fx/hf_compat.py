@@ -1,0 +1,105 @@
+"""What Hugging Face `Trainer` and `accelerate` read from a model, given to the GraphModule.
+
+`attach_hf_attributes(gm, model)` runs at the end of `transform`. What it sets and who reads it
+(transformers 5.x ``Trainer``, accelerate 1.x ``Accelerator.prepare_model``):
+
+- ``forward``'s signature: already the batch's keyword names (export keeps them), so
+  ``Trainer``'s column removal and label-name discovery (``find_labels``) work unchanged.
+- ``config``, ``name_or_path``, ``main_input_name``, ``loss_type``: the model's; ``Trainer``
+  sets ``config.use_cache``, counts tokens by ``main_input_name``; `save_adapter` records
+  ``name_or_path``.
+- ``accepts_loss_kwargs = False``: the captured forward takes no ``num_items_in_batch``, so
+  ``Trainer`` divides each micro-batch loss by the accumulation steps itself.
+- ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` / ``quantization_method`` / ``hf_device_map``:
+  the model's, so ``Trainer`` and ``accelerate`` neither ``.to()`` nor ``DataParallel`` a
+  bitsandbytes model. ``is_quantized`` / ``hf_quantizer`` are not copied: ``Trainer`` refuses
+  those unless the model is a PEFT model, and ``gm`` has trainable adapters.
+- ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``: raise
+  `LoraFAError` (the captured graph decides what is saved for backward);
+  ``is_activation_checkpointing = False``, ``supports_gradient_checkpointing = False``.
+- ``can_generate()`` is ``False`` (the graph has no KV cache; ``merge`` gives a model that
+  generates); ``_keys_to_ignore_on_save = None`` (``Trainer`` reads it after loading).
+- ``save_pretrained(dir)``: `save_adapter`, PEFT's format.
+- ``state_dict()`` holds what training changes — every ``lora_A``, ``lora_B`` and
+  ``modules_to_save`` parameter — not the frozen base weights, which stay the model's (as in
+  PEFT checkpoints). ``Trainer`` checkpoints ``gm.state_dict()`` when the model is not a
+  ``PreTrainedModel``; a full state dict would copy the base model into every checkpoint and
+  fails on tied weights (GPT-2's ``lm_head``/``wte``). ``load_state_dict`` accepts such a dict
+  with ``strict=True``: frozen base weights are not reported missing.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .adapter_io import _adapter_tensors, save_adapter
+from .errors import LoraFAError
+
+#: Attributes copied from the model when it has them.
+_MIRRORED = (
+    "config", "name_or_path", "main_input_name", "loss_type",
+    "is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method", "hf_device_map",
+)
+
+
+def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give `gm` (from `transform`, with ``lorafa_adapters`` set) what ``Trainer`` needs of `model`."""
+    for name in _MIRRORED:
+        if getattr(model, name, None) is not None:
+            setattr(gm, name, getattr(model, name))
+    gm.accepts_loss_kwargs = False
+    gm.is_activation_checkpointing = False
+    gm.is_gradient_checkpointing = False
+    gm.supports_gradient_checkpointing = False
+    gm.activation_checkpointing_enable = _no_activation_checkpointing
+    gm.gradient_checkpointing_enable = _no_activation_checkpointing
+    gm.can_generate = _cannot_generate
+    gm._keys_to_ignore_on_save = None
+    gm.save_pretrained = types.MethodType(_save_pretrained, gm)
+
+    trained = frozenset(_adapter_tensors(gm))
+    gm.register_state_dict_post_hook(_TrainedOnly(trained))
+    gm.register_load_state_dict_post_hook(_ForgiveFrozen(trained))
+
+
+def _no_activation_checkpointing(*args, **kwargs) -> None:
+    raise LoraFAError(
+        "Activation checkpointing cannot be switched on a lorafa_fx GraphModule: the captured graph decides "
+        "what a step saves for backward (LoRA-FA keeps only x A^T per adapter). Set "
+        "TrainingArguments(activation_checkpointing=False) and pass a memory budget instead: "
+        "lorafa_fx.transform(model, budget='40GB', ...) recomputes the fewest blocks that fit it."
+    )
+
+
+def _cannot_generate() -> bool:
+    return False
+
+
+def _save_pretrained(gm: fx.GraphModule, save_directory: str | os.PathLike, *, is_main_process: bool = True,
+                     **kwargs) -> None:
+    """``gm.save_pretrained(dir)``: the adapter, in PEFT's format (``Trainer``'s keywords accepted)."""
+    if is_main_process:
+        save_adapter(gm, save_directory)
+
+
+class _TrainedOnly:
+    def __init__(self, trained: frozenset[str]) -> None:
+        self.trained = trained
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        for key in list(state_dict):
+            if key.removeprefix(prefix) not in self.trained:
+                del state_dict[key]
+
+
+class _ForgiveFrozen:
+    def __init__(self, trained: frozenset[str]) -> None:
+        self.trained = trained
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if any(k == t or k.endswith(f".{t}") for t in self.trained)]
