@@ -36,7 +36,8 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tor
     """
     # A sliced example (labels[:, :7]) has strides export would make symbolic; the model's own
     # .view() calls then cannot be traced. Real batches come contiguous from collators.
-    kwargs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in example_inputs.items()}
+    # Contiguous copies also let a batch of one be captured as two (see `_capturable`).
+    kwargs = {k: _capturable(v) for k, v in example_inputs.items()}
     dynamic_shapes = {name: _dynamic_dims(model, t) for name, t in kwargs.items()}
     with _capture_mode(model):
         try:
@@ -49,6 +50,21 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tor
     del gm.train, gm.eval
     _warn_on_specialised_dims(gm, dynamic_shapes)
     return gm
+
+
+def _capturable(t: object) -> object:
+    """The example as export needs it: contiguous, and no dynamic dim of size 1.
+
+    Export specialises a size-1 dim to the constant 1 ("0/1 specialization"), so a batch of
+    one would give a module that only takes batches of one. The example is repeated to size
+    2 along such dims instead: the graph is the same for every size >= 1.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t
+    for dim in range(min(t.dim(), 2)):
+        if t.shape[dim] == 1:
+            t = torch.cat([t, t], dim=dim)
+    return t.contiguous()
 
 
 def _dynamic_dims(model: nn.Module, t: object) -> dict[int, object] | None:

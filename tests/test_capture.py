@@ -131,3 +131,12 @@ def test_lora_dropout_follows_train_mode():
     torch.testing.assert_close(gm(**batch).logits, gm(**batch).logits)
     gm.train()
     assert not torch.allclose(gm(**batch).logits, gm(**batch).logits)
+
+
+def test_a_batch_of_one_captures_a_module_for_any_batch():
+    """Export specialises size-1 dims; capture repeats them so batch 1 is not baked in.
+    Reference: the unmodified model at batch 3."""
+    model = make_model("llama").eval()
+    gm = lorafa_fx.transform(model, example_inputs=make_batch("llama", 1, 1))
+    batch = make_batch("llama", 3, 7, seed=9)
+    torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)

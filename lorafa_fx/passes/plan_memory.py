@@ -25,6 +25,7 @@ Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimat
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -98,7 +99,9 @@ def plan_recompute(
 
 def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
     """A copy of `gm` (sharing its parameters) with `decisions` realised."""
-    twin = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
+        warnings.simplefilter("ignore", FutureWarning)
+        twin = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     for name in ("lorafa_config", "lorafa_adapters"):
         setattr(twin, name, getattr(gm, name))
     return RecomputeRegions(decisions)(twin).graph_module

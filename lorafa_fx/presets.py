@@ -1,0 +1,45 @@
+"""Configs of well-known models, written out so planning needs no download."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int,
+           **extra) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=positions, **extra)
+
+
+PRESETS = {
+    "llama-2-7b": lambda: _llama(4096, 11008, 32, 32, 32, 32000, 4096),
+    "llama-2-13b": lambda: _llama(5120, 13824, 40, 40, 40, 32000, 4096),
+    "llama-2-70b": lambda: _llama(8192, 28672, 80, 64, 8, 32000, 4096),
+    "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8, 128256, 8192, rope_theta=500000.0),
+    "llama-3-70b": lambda: _llama(8192, 28672, 80, 64, 8, 128256, 8192, rope_theta=500000.0),
+    "mistral-7b": lambda: MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                        max_position_embeddings=32768, sliding_window=None),
+}
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """A preset name, or a ``config.json`` file (or the directory holding one)."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or directory."
+        )
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; it is not a transformers config.json.")
+    return AutoConfig.for_model(model_type, **data)
