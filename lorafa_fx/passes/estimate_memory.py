@@ -1,7 +1,8 @@
 """Pass (cost model): predict the memory of one training step from the graph, without weights.
 
-The step is ``opt.zero_grad(); out = gm(**batch); out.loss.backward(); opt.step()`` with the
-optimizer's states already allocated (the second and every later step). Its memory is::
+The step is ``opt.zero_grad(); gm(**batch).loss.backward(); opt.step()`` with the optimizer's
+states already allocated (the second and every later step); outputs other than the loss
+(the logits) are dropped before backward, as training loops do. Its memory is::
 
     peak = weights + buffers + optimizer states + batch
          + max over the step's timeline of (saved activations + forward/backward transients
@@ -196,11 +197,16 @@ def _simulate_step(gm: fx.GraphModule, batch: Mapping[str, object], optimizer: O
             # Interpreter.run applies the graph's pytree codegen: `out` is the model's output type.
             out = recorder.run(*flat_inputs)
         loss = _loss_of(out)
+        # Training loops keep only the loss: `gm(**batch).loss.backward()`, or HF Trainer's
+        # compute_loss, free the logits before backward starts (the Interpreter's env holds
+        # the graph outputs too).
+        del out
+        recorder.env.clear()
         saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
         loss.backward()
         tracker.label = ("optimizer", "step")
         opt.step()
-        del out, loss
+        del loss
 
     by_node: dict[str, int] = defaultdict(int)
     by_module: dict[str, int] = defaultdict(int)
