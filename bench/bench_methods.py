@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -481,6 +483,22 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _quiet(threads: int) -> None:
+    H.set_threads(threads)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _in_child(threads: int, fn: Callable, *args):
+    """`fn(*args)` in a fresh process, so each model's modules, compiled graphs and caches are
+    freed when it ends (kept in one process, the full-mode models outgrow 24 GB)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_quiet, initargs=(threads,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="scaled-down models, compile only the Llama (a few minutes)")
@@ -501,20 +519,15 @@ def main() -> None:
     args.seq = args.seq or (128 if args.quick else 256)
     args.reps = args.reps or (5 if args.quick else 7)
     args.compile_passes = args.compile_passes or not args.quick
-    H.set_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-
+    _quiet(args.threads)
     compiled_models = [] if args.no_compile else (["llama"] if args.quick else list(args.models))
     rows: list[dict] = []
     t0 = time.perf_counter()
     for name in args.models:
         methods = [m for m in args.methods if name == "llama" or m not in PASSES]
         modes = ["eager", "compiled"] if name in compiled_models else ["eager"]
-        rows += bench_model(name, args, modes, methods)
-    chunk = None if args.no_chunk_ce else bench_chunk_ce(args)
+        rows += _in_child(args.threads, bench_model, name, args, modes, methods)
+    chunk = None if args.no_chunk_ce else _in_child(args.threads, bench_chunk_ce, args)
     ratios = acceptance(rows)
     passes = pass_effects(rows)
     meta = {"quick": args.quick, "batch": args.batch, "seq": args.seq, "reps": args.reps, "r": R,
