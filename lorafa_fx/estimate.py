@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .config import LoraFAConfig
 from .plan import MemoryPlan
-from .transform import build, parse_budget, plan_and_realise
+from .transform import Captured, parse_budget, plan_and_realise
 
 
 def estimate(
@@ -48,8 +48,8 @@ def estimate(
         model = model_or_config
         batch = _batch(batch_size, seq_len, next(model.parameters()).device)
     # Dynamic dims: capturing at the target shape serves it, and the step is simulated once.
-    gm = build(model, batch, config or LoraFAConfig())
-    return plan_and_realise(gm, batch, parse_budget(budget)).lorafa_plan
+    variants = Captured(model, batch, config or LoraFAConfig())
+    return plan_and_realise(variants, batch, parse_budget(budget)).lorafa_plan
 
 
 def _model_class(config: PretrainedConfig) -> type:
