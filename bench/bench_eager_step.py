@@ -5,12 +5,20 @@ bench_methods: same model, batch, r and alpha, one thread, steps interleaved A, 
 and the median of the per-pair ratios (machine noise hits both sides of a pair alike).
 ``--profile`` prints each side's top ops by self CPU time (torch.profiler) instead.
 
-    OMP_NUM_THREADS=1 python -m bench.bench_eager_step [--pairs 15] [--profile]
+    OMP_NUM_THREADS=1 python -m bench.bench_eager_step [--pairs 15] [--profile] [--method M --against M]
+
+(``-m`` from the repository root, so the checkout's `lorafa_fx` is the one imported.) Methods
+are bench_methods' names (``lorafa_fx+fuse_lora_a``, ...). Steps that page-fault are slower for
+reasons outside the graph (glibc returning freed memory to the OS, then faulting it back in):
+the minor page faults per step are printed with the times, and ``--keep-heap`` tells glibc to
+keep freed memory (`mallopt`), so that both sides are timed without them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import resource
 import statistics
 import sys
 import time
@@ -33,11 +41,21 @@ def _step_fn(module: torch.nn.Module, batch: dict):
     return step
 
 
-def _time(step) -> tuple[float, float]:
-    """(wall, CPU) seconds of one step; CPU time leaves out the time other jobs held the core."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def _keep_heap() -> None:
+    """glibc: serve allocations up to 32 MiB (its maximum) from the heap and never trim it."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def _time(step) -> tuple[float, float, int]:
+    """(wall, CPU) seconds and minor page faults of one step; CPU time leaves out the time
+    other jobs held the core."""
+    f0, t0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - t0, time.process_time() - c0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return time.perf_counter() - t0, time.process_time() - c0, faults
 
 
 def main() -> None:
@@ -46,12 +64,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--method", default="lorafa_fx")
+    ap.add_argument("--against", default="peft_lora_fa")
+    ap.add_argument("--keep-heap", action="store_true")
     args = ap.parse_args()
+    if args.keep_heap:
+        _keep_heap()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = MODELS["llama"][1]()
     batch = make_batch("llama", model.config.vocab_size, args.batch, args.seq)
-    steps = {m: _step_fn(build(m, model, "llama", batch), batch) for m in ("peft_lora_fa", "lorafa_fx")}
+    steps = {m: _step_fn(build(m, model, "llama", batch), batch) for m in (args.against, args.method)}
     for step in steps.values():
         step(), step()
     if args.profile:
@@ -62,16 +85,18 @@ def main() -> None:
             print(f"== {name}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         return
-    peft, ours = [], []
+    ref, ours = [], []
     for _ in range(args.pairs):
-        peft.append(_time(steps["peft_lora_fa"]))
-        ours.append(_time(steps["lorafa_fx"]))
+        ref.append(_time(steps[args.against]))
+        ours.append(_time(steps[args.method]))
+    faults = [statistics.median(t[2] for t in ts) for ts in (ref, ours)]
+    print(f"median minor page faults per step: {args.against} {faults[0]:.0f}, {args.method} {faults[1]:.0f}")
     for i, clock in enumerate(("wall", "CPU")):
-        p, o = [t[i] for t in peft], [t[i] for t in ours]
-        ratio = statistics.median(b / a for a, b in zip(p, o))
-        print(f"{clock:4}: PEFT LoRA-FA eager {1e3 * statistics.median(p):.1f} ms, lorafa_fx eager "
+        r, o = [t[i] for t in ref], [t[i] for t in ours]
+        ratio = statistics.median(b / a for a, b in zip(r, o))
+        print(f"{clock:4}: {args.against} {1e3 * statistics.median(r):.1f} ms, {args.method} "
               f"{1e3 * statistics.median(o):.1f} ms (medians of {args.pairs}); "
-              f"median paired ratio lorafa_fx / PEFT = {ratio:.3f}")
+              f"median paired ratio {args.method} / {args.against} = {ratio:.3f}")
 
 
 if __name__ == "__main__":

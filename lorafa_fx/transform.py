@@ -22,6 +22,7 @@ from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
 from .hf_compat import attach_hf_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
+from .passes.drop_full_slices import DropFullSlices
 from .passes.estimate_memory import EstimateMemory, StepEstimate
 from .passes.plan_memory import plan_recompute
 from .passes.recompute_regions import RecomputeRegions
@@ -117,7 +118,8 @@ def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: 
         gm = capture(model, example_inputs)
     adapters = _drop_unused(adapters, linear_nodes(gm))
     causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
-    for p in (GateDropout(), SimplifyAttention(causal), RewriteLoraFA(adapters, config), AnnotateSavedTensors()):
+    for p in (DropFullSlices(), GateDropout(), SimplifyAttention(causal), RewriteLoraFA(adapters, config),
+              AnnotateSavedTensors()):
         gm = p(gm).graph_module
     _set_trainable(gm, adapters, saved_modules)
     gm.lorafa_config = config
