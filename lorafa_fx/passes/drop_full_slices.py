@@ -24,8 +24,9 @@ def is_full_slice(node: object) -> bool:
     if not (isinstance(node, fx.Node) and node.target == torch.ops.aten.slice.Tensor):
         return False
     args = {**dict(zip(("dim", "start", "end", "step"), node.args[1:])), **node.kwargs}
-    start, end = args.get("start"), args.get("end")
-    return start in (0, None) and (end is None or isinstance(end, int) and end >= sys.maxsize) and args.get("step", 1) == 1
+    start, end, step = args.get("start"), args.get("end"), args.get("step", 1)
+    to_the_end = end is None or isinstance(end, int) and end >= sys.maxsize
+    return start in (0, None) and to_the_end and step == 1
 
 
 class DropFullSlices(PassBase):
