@@ -1,6 +1,6 @@
 """`transform`: the pipeline, from a Hugging Face model to a LoRA-FA GraphModule.
 
-capture (`capture.py`) -> gate_dropout -> simplify_attention -> rewrite_lora_fa ->
+capture (`capture.py`) -> drop_full_slices -> gate_dropout -> simplify_attention -> rewrite_lora_fa ->
 annotate_saved_tensors [-> chunk_cross_entropy] -> estimate_memory (the cost model) ->
 plan_memory (the planner, under a budget; it may rebuild the adapted graph with lower ranks or
 a chunked loss) -> recompute_regions -> emit (this file: freeze, attach the adapter table and
@@ -25,6 +25,7 @@ from .errors import AlreadyTransformedError
 from .hf_compat import attach_hf_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
+from .passes.drop_full_slices import DropFullSlices
 from .passes.estimate_memory import EstimateMemory, StepEstimate
 from .passes.plan_memory import Levers, lever_ladder, plan_memory
 from .passes.recompute_regions import RecomputeRegions
@@ -140,7 +141,7 @@ class Captured:
             base = capture(model, example_inputs)
         self.adapters = _drop_unused(adapters, linear_nodes(base))
         causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
-        for p in (GateDropout(), SimplifyAttention(causal)):
+        for p in (DropFullSlices(), GateDropout(), SimplifyAttention(causal)):
             base = p(base).graph_module
         self.base, self.config = base, config
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)

@@ -63,8 +63,9 @@ def test_capture_keeps_one_quantised_op_per_layer(llama_dir):
         path = op.args[1].target.removesuffix(".weight")
         assert gm.get_parameter(f"{path}.weight") is layers[path].weight
         assert op.args[2].target == f"{path}.quant_absmax"
-        xa = next(u for u in op.args[0].users if u.meta.get("lorafa", {}).get("role") == "xa")
-        assert xa.meta["lorafa"]["adapter"] == path
+        # the down-projection x A^T ("xa" itself when scaling is 1)
+        down = next(u for u in op.args[0].users if u.meta.get("lorafa", {}).get("role") in ("down", "xa"))
+        assert down.meta["lorafa"]["adapter"] == path
     assert not hasattr(next(iter(layers.values())), "quant_absmax")  # the model is left as it was
 
     model16 = _quantised(llama_dir, 4, compute_dtype=torch.bfloat16)

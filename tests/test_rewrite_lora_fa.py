@@ -15,7 +15,7 @@ OTHER_SHAPE = (3, 9)  # not the captured shape: dynamic batch and sequence dims
 
 def _transform(name: str, **config):
     model = make_model(name)
-    config = LoraFAConfig(r=4, lora_alpha=8, **{**CONFIG_KWARGS.get(name, {}), **config})
+    config = LoraFAConfig(**{"r": 4, "lora_alpha": 8, **CONFIG_KWARGS.get(name, {}), **config})
     gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
     randomize_lora_B(gm)
     return model, gm
@@ -28,7 +28,17 @@ def _grads(module, names):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_matches_peft_with_frozen_A(name):
     """Reference: PEFT get_peft_model with the same A (frozen) and B: same logits, loss, grads."""
-    model, gm = _transform(name)
+    _assert_matches_peft(name)
+
+
+@pytest.mark.parametrize("lora_alpha", [4, 5])
+def test_matches_peft_at_other_scalings(lora_alpha):
+    """scaling 1 (no multiplication) and 1.25 (scaling * x A^T rounds unlike PEFT's (x A^T B^T) * scaling)."""
+    _assert_matches_peft("llama", lora_alpha=lora_alpha)
+
+
+def _assert_matches_peft(name: str, **config) -> None:
+    model, gm = _transform(name, **config)
     ref = peft_reference(model, gm)
     gm.eval()
     ref.eval()
@@ -63,20 +73,27 @@ def test_trainable_parameters_are_lora_B_and_modules_to_save():
     assert all(not gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad for a in gm.lorafa_adapters)
 
 
-def test_graph_structure_per_adapter():
-    """Each adapted linear gets exactly: linear(x, A) -> linear(xa, B) -> mul(scaling) -> add."""
-    _, gm = _transform("llama", target_modules=["q_proj", "v_proj"])
+@pytest.mark.parametrize("lora_alpha", [8, 4])
+def test_graph_structure_per_adapter(lora_alpha):
+    """Each adapted linear gets exactly: linear(x, A) -> mul(scaling) -> linear(xa, B) -> add;
+    with scaling 1 (lora_alpha == r) no mul."""
+    _, gm = _transform("llama", target_modules=["q_proj", "v_proj"], lora_alpha=lora_alpha)
     roles = [n.meta["lorafa"]["role"] for n in gm.graph.nodes if "role" in n.meta.get("lorafa", {})]
     n = len(gm.lorafa_adapters)
     assert n == 4
-    assert sorted(roles) == sorted(["lora_A", "lora_B", "xa", "xab", "scale", "out"] * n)
+    scaled = lora_alpha != 4
+    assert sorted(roles) == sorted(["lora_A", "lora_B", "xa", "xab", "out"] * n + ["down"] * n * scaled)
     linears = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)
     assert len(linears) == 7 * 2 + 1 + 2 * n  # base linears + lm_head + two per adapter
     for node in gm.graph.nodes:
-        if node.meta.get("lorafa", {}).get("role") == "xa":
+        info = node.meta.get("lorafa", {})
+        if info.get("role") == ("down" if scaled else "xa"):
             x, lora_A = node.args
-            assert lora_A.target == f"{node.meta['lorafa']['adapter']}.lora_A.weight"
+            assert lora_A.target == f"{info['adapter']}.lora_A.weight"
             assert node.meta["val"].shape[-1] == 4
+        if info.get("role") == "xa":
+            assert node.target == (torch.ops.aten.mul.Tensor if scaled else torch.ops.aten.linear.default)
+            assert [u.meta["lorafa"]["role"] for u in node.users] == ["xab"]
 
 
 def test_gpt2_conv1d_is_adapted():

@@ -24,9 +24,10 @@ the parameters at the converted buffer (copying their values in first, so a
 (``out`` values each) are copied into a joint bias buffer, not shared.
 
 **Saved tensors.** A split part is a strided view of ``fused``. Where a part may be kept for
-backward (the LoRA-FA ``xa`` is, by ``linear(xa, B)``) it is cloned contiguous, so backward
-keeps b·s·r values and not the whole fused output; parts read only by ``add``/``sub`` (the
-LoRA-FA ``out`` node, a residual add) stay views.
+backward (the LoRA-FA ``xa`` with ``scaling == 1`` is, by ``linear(xa, B)``) it is cloned
+contiguous, so backward keeps b·s·r values and not the whole fused output; parts read only
+by ops that keep no input (``add``/``sub``: the LoRA-FA ``out`` node, a residual add;
+``mul``/``div`` by a number: ``scaling * x A^T``) stay views.
 
 Reads ``node.meta["val"]``, ``["lorafa"]`` and ``["recompute"]``, and the parameters'
 ``requires_grad``. Writes ``node.meta["lorafa"] = {"role": "fused", "parts": [weight
@@ -52,6 +53,8 @@ aten = torch.ops.aten
 
 #: Users that never keep their input for backward: a part read only by these stays a view.
 NON_SAVING_USERS = (aten.add.Tensor, aten.sub.Tensor)
+#: Users that keep no input when their other operand is a number (autograd stores the number).
+SCALAR_NON_SAVING_USERS = (aten.mul.Tensor, aten.div.Tensor)
 
 #: Meta keys the node standing for a replaced linear takes over from it.
 _CARRIED_META = (META_KEY, "recompute")
@@ -202,7 +205,7 @@ def _rewrite(gm: fx.GraphModule, nodes: list[fx.Node], joint: str) -> None:
             part = new_node(graph, node, "call_function", operator.getitem, (split, i))
             if isinstance(vals := split.meta.get("val"), (list, tuple)):
                 part.meta["val"] = vals[i]
-            if not all(u.target in NON_SAVING_USERS for u in node.users):
+            if not all(_keeps_no_input(u) for u in node.users):
                 part = new_node(graph, node, "call_function", aten.clone.default, (part,),
                                 {"memory_format": torch.contiguous_format})
                 set_fake_val(part, aten.clone.default, gm)
@@ -212,6 +215,12 @@ def _rewrite(gm: fx.GraphModule, nodes: list[fx.Node], joint: str) -> None:
             node.replace_all_uses_with(part)
     for node in nodes:
         graph.erase_node(node)
+
+
+def _keeps_no_input(user: fx.Node) -> bool:
+    if user.target in SCALAR_NON_SAVING_USERS:
+        return not any(isinstance(a, fx.Node) for a in (*user.args, *user.kwargs.values())[1:])
+    return user.target in NON_SAVING_USERS
 
 
 def _buffer(gm: fx.GraphModule, origin: fx.Node, target: str) -> fx.Node:

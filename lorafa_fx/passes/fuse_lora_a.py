@@ -1,22 +1,24 @@
 """Pass (speed): one GEMM for an adapted linear's base product and its down-projection.
 
-For each LoRA-FA adapter whose ``xa`` reads the base linear's own input (no ``lora_dropout``)::
+For each LoRA-FA adapter whose down-projection reads the base linear's own input (no
+``lora_dropout``)::
 
-    y = x W^T,  xa = x A^T      ->      [y | xa] = x [W; A]^T,  split
+    y = x W^T,  x A^T      ->      [y | x A^T] = x [W; A]^T,  split
 
 so the b·s·d input is read once in forward and ``grad_x = [grad_y | grad_xa] [W; A]`` is one
 GEMM in backward. ``A`` has r rows, W hundreds to thousands: the fused GEMM is the base GEMM
 made r rows taller. This is `fuse_linears` restricted to the pair (W, A) of one adapter, with
 its storage scheme: W and A become views of one new buffer (the user's parameters are
-re-pointed, not copied, so the base weights stay stored once), and ``xa`` is cloned
-contiguous so backward still keeps only b·s·r values. `fuse_linears` subsumes this pass
+re-pointed, not copied, so the base weights stay stored once), and backward still keeps
+only b·s·r values (``xa`` is ``scaling`` times the split part, a new tensor, or with
+``scaling == 1`` a contiguous clone of it). `fuse_linears` subsumes this pass
 (it also stacks q/k/v and their A's); run one of the two.
 
-Reads ``node.meta["lorafa"]`` (roles ``"xa"`` and ``"out"``: the ``out`` node's first
-operand is the base linear), ``["val"]``, ``["recompute"]``. Writes what `fuse_linears`
-writes: ``meta["lorafa"] = {"role": "fused", "parts": [W, A targets]}`` on the fused
-linear; the new ``xa`` node takes over ``meta["lorafa"]`` (role ``"xa"``) and
-``meta["recompute"]``.
+Reads ``node.meta["lorafa"]`` (roles ``"down"``/``"xa"``: the linear reading ``A``, and
+``"out"``: its first operand is the base linear), ``["val"]``, ``["recompute"]``. Writes what
+`fuse_linears` writes: ``meta["lorafa"] = {"role": "fused", "parts": [W, A targets]}`` on
+the fused linear; the node standing for the replaced linear takes over its
+``meta["lorafa"]`` and ``meta["recompute"]``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,6 @@ class FuseLoraA(FuseLinears):
                 base = node.args[0]
                 if isinstance(base, fx.Node) and base.target == aten.linear.default:
                     keys[base] = (base.args[0], info["adapter"])
-            elif info.get("role") == "xa" and node.target == aten.linear.default:
+            elif info.get("role") in ("down", "xa") and node.target == aten.linear.default:
                 keys[node] = (node.args[0], info["adapter"])
         return {n: k for n, k in keys.items() if _is_frozen_linear(gm, n)}

@@ -5,22 +5,28 @@ For every adapter, the linear node whose weight is ``get_attr(f"{path}.weight")`
 ``lorafa_fx.matmul_4bit/8bit(x, W, ...)`` for bitsandbytes' layers (`bnb_layers`) —
 gets the low-rank branch of the paper's eq. (1)::
 
-    y = x W^T + scaling * (x A^T) B^T          xa = x A^T  (b·s·r values)
+    y = x W^T + scaling * (x A^T) B^T  =  x W^T + xa B^T,   xa = scaling * x A^T  (b·s·r values)
 
 with ``A = {path}.lora_A.weight`` (shape ``(r, in)``, frozen, random init from
 ``config.seed``) and ``B = {path}.lora_B.weight`` (shape ``(out, r)``, zeros, trained), in
 ``W``'s dtype, or for a quantised ``W`` in the dtype the layer computes in (its output's).
-The ops and their order are PEFT's ``lora.Linear.forward`` (``lora_B(lora_A(dropout(x)))
-* scaling`` added to the base output), so both give the same numbers.
+The ops are PEFT's ``lora.Linear.forward`` (``lora_B(lora_A(dropout(x))) * scaling`` added
+to the base output) with one change of order: ``scaling`` multiplies ``x A^T`` (b·s·r
+values) instead of ``(x A^T) B^T`` (b·s·out), the same product at r/out of the elementwise
+work in forward and in backward (where ``grad * scaling`` moves to the b·s·r side too).
+With ``scaling`` a power of two (``lora_alpha / r`` for powers of two, 1 by default) the
+numbers are PEFT's bit for bit, else they differ by rounding (an ulp); with ``scaling == 1``
+there is no multiplication.
 
-Because ``A`` does not require grad, autograd needs only ``xa`` (not ``x``) to compute
-``grad_B = scaling * grad_y^T xa``; `annotate_saved_tensors` pins that choice for
+Because ``A`` does not require grad, autograd needs only ``xa = scaling * x A^T`` (not
+``x``) to compute ``grad_B = grad_y^T xa``; `annotate_saved_tensors` pins that choice for
 `torch.compile`'s partitioner.
 
 Writes ``node.meta["lorafa"] = {"adapter": path, "role": ROLE}`` on every node it creates,
-ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"xa"``, ``"xab"``, ``"scale"``,
-``"out"``; new nodes inherit ``nn_module_stack``/``stack_trace`` and get ``meta["val"]``.
-Reads ``node.meta["val"]``.
+ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"down"`` (``x A^T``, absent when
+``scaling == 1``), ``"xa"`` (``scaling * x A^T``, the tensor backward keeps), ``"xab"``
+(``xa B^T``), ``"out"`` (the base output plus ``xab``); new nodes inherit
+``nn_module_stack``/``stack_trace`` and get ``meta["val"]``. Reads ``node.meta["val"]``.
 """
 
 from __future__ import annotations
@@ -96,10 +102,13 @@ class RewriteLoraFA(PassBase):
             if self.config.lora_dropout:
                 x = emit("dropout", "call_module", f"{path}.lora_dropout", (x,))
                 x.meta["val"] = x.args[0].meta.get("val")
-            xa = emit("xa", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
+            if adapter.scaling == 1:
+                xa = emit("xa", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
+            else:
+                down = emit("down", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
+                xa = emit("xa", "call_function", aten.mul.Tensor, (down, adapter.scaling), aten.mul.Tensor)
             xab = emit("xab", "call_function", aten.linear.default, (xa, lora_B), aten.linear.default)
-            scaled = emit("scale", "call_function", aten.mul.Tensor, (xab, adapter.scaling), aten.mul.Tensor)
-            out = emit("out", "call_function", aten.add.Tensor, (node, scaled), aten.add.Tensor)
+            out = emit("out", "call_function", aten.add.Tensor, (node, xab), aten.add.Tensor)
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 

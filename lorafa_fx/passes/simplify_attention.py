@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -35,6 +34,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ._graph import add_submodule, new_node, owner
+from .drop_full_slices import is_full_slice
 
 aten = torch.ops.aten
 
@@ -143,13 +143,6 @@ def _sdpa_args(node: fx.Node) -> tuple:
     )
 
 
-def _is_full_slice(node: fx.Node) -> bool:
-    if node.target != aten.slice.Tensor:
-        return False
-    dim, start, end = (list(node.args[1:]) + [0, None, None])[:3]
-    return start in (0, None) and (end is None or (isinstance(end, int) and end >= sys.maxsize))
-
-
 def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int] | None:
     """``(x, n_rep)`` if `node` is transformers' ``repeat_kv(x, n_rep)``, else None.
 
@@ -162,12 +155,12 @@ def _repeat_kv_source(node: fx.Node) -> tuple[fx.Node, int] | None:
         return None
     n_rep = expand.args[1][2]
     src = expand.args[0]
-    while isinstance(src, fx.Node) and _is_full_slice(src):
+    while isinstance(src, fx.Node) and is_full_slice(src):
         src = src.args[0]
     if not (isinstance(src, fx.Node) and src.target == aten.unsqueeze.default and src.args[1] == 2):
         return None
     src = src.args[0]
-    while isinstance(src, fx.Node) and _is_full_slice(src):
+    while isinstance(src, fx.Node) and is_full_slice(src):
         src = src.args[0]
     val = src.meta.get("val") if isinstance(src, fx.Node) else None
     if not isinstance(n_rep, int) or not isinstance(val, torch.Tensor) or val.dim() != 4:
