@@ -4,8 +4,14 @@
    on PEFT LoRA with A frozen: its measured peak P becomes lorafa_fx's budget; the planner then
    recomputes only the blocks it needs. Compared: measured peak, recompute FLOPs, step time.
 2. torch's knapsack (``torch._functorch.config.activation_memory_budget``) on the compiled,
-   unplanned lorafa_fx module: its measured peak becomes the budget of a compiled planned
-   module. Compared: measured peak and step time (torch does not report what it recomputes).
+   unplanned lorafa_fx module, at several budgets: each measured peak becomes the budget of a
+   compiled planned module.
+
+Recompute is *measured* the same way for every method: the matmul and attention FLOPs that
+`FlopCounterMode` counts in one forward + backward, minus those of the same method without
+recomputation. The knapsack's are counted on AOTAutograd's partitioned graphs run eagerly
+(``backend="aot_eager_decomp_partition"``: the min-cut partitioner, knapsack included, that
+inductor uses, without inductor's code generation, so the ops are visible).
 
 Prints a table and writes bench/out/planner.json.
 
@@ -15,6 +21,7 @@ Prints a table and writes bench/out/planner.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -24,13 +31,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx.measure import measure_peak_bytes
-from lorafa_fx.passes.plan_memory import node_flops
-from lorafa_fx.passes.recompute_regions import block_ranges
 
 OUT = Path(__file__).parent / "out"
 
@@ -90,6 +96,18 @@ def measure(module, params_owner, batch, repeats: int) -> tuple[int, float]:
     return peak, statistics.median(times)
 
 
+def step_flops(module, batch) -> int:
+    """Matmul/attention FLOPs of one forward + backward, as `FlopCounterMode` counts them
+    (after a first step outside the counter, so a compiled module is traced without it)."""
+    counter = FlopCounterMode(display=False)
+    for mode in (contextlib.nullcontext(), counter):
+        with mode:
+            module(**batch).loss.backward()
+        for p in module.parameters():
+            p.grad = None
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
@@ -108,13 +126,12 @@ def main() -> None:
     plain = peft_lora_fa(copy.deepcopy(base)).train()
     plain_peak, plain_time = measure(plain, plain, batch, repeats)
 
-    unplanned = transform(base, batch, None)
-    all_blocks_flops = sum(node_flops(n) for nodes in block_ranges(unplanned.graph).values() for n in nodes)
-    step_flops = 2 * sum(node_flops(n) for n in unplanned.graph.nodes)
+    unplanned = transform(base, batch, None).train()
+    base_flops = step_flops(unplanned, batch)
     rows += [
         {"method": "PEFT LoRA-FA, no recompute", "peak": plain_peak, "step_s": plain_time, "recompute_pct": 0.0},
         {"method": "PEFT LoRA-FA + HF gradient checkpointing", "peak": hf_peak, "step_s": hf_time,
-         "recompute_pct": 100 * all_blocks_flops / step_flops},
+         "recompute_pct": 100 * (step_flops(hf, batch) - step_flops(plain, batch)) / base_flops},
     ]
     # HF's checkpointing is all or nothing; the planner meets any budget in between.
     for fraction in (0.0, 0.25, 0.5, 0.75):
@@ -122,38 +139,52 @@ def main() -> None:
         ours = transform(base, batch, budget).train()
         peak, seconds = measure(ours, ours, batch, repeats)
         rows.append({"method": f"lorafa_fx, budget = HF GC peak + {fraction:.0%} of the gap", "peak": peak,
-                     "step_s": seconds, "recompute_pct": ours.lorafa_plan.extra_compute_pct, "budget": budget})
+                     "step_s": seconds, "recompute_pct": 100 * (step_flops(ours, batch) - base_flops) / base_flops,
+                     "budget": budget, "plan": _plan_summary(ours.lorafa_plan)})
 
-    # 2. torch's activation-memory knapsack on the compiled unplanned module.
-    unplanned.train()
-    with torch._functorch.config.patch(activation_memory_budget=0.5):
-        knapsack = torch.compile(unplanned)
-        k_peak, k_time = measure(knapsack, unplanned, batch, repeats)
-    torch._dynamo.reset()
-    k_budget = planned_budget(base, batch, k_peak)
-    planned = transform(base, batch, k_budget).train()
-    p_peak, p_time = measure(torch.compile(planned), planned, batch, repeats)
-    rows += [
-        {"method": "lorafa_fx compiled, torch knapsack activation_memory_budget=0.5", "peak": k_peak,
-         "step_s": k_time, "recompute_pct": None},
-        {"method": "lorafa_fx compiled, planned at the knapsack's measured peak", "peak": p_peak, "step_s": p_time,
-         "recompute_pct": planned.lorafa_plan.extra_compute_pct, "budget": k_budget},
-    ]
+    # 2. torch's activation-memory knapsack on the compiled unplanned module, vs the planner
+    # at the knapsack's measured peak.
+    for knapsack_budget in (0.5, 0.2, 0.05):
+        with torch._functorch.config.patch(activation_memory_budget=knapsack_budget):
+            knapsack = torch.compile(unplanned)
+            k_peak, k_time = measure(knapsack, unplanned, batch, repeats)
+            torch._dynamo.reset()
+            k_flops = step_flops(torch.compile(unplanned, backend="aot_eager_decomp_partition"), batch)
+        torch._dynamo.reset()
+        eager_partition_flops = step_flops(torch.compile(unplanned, backend="aot_eager_decomp_partition"), batch)
+        torch._dynamo.reset()
+        k_budget = planned_budget(base, batch, k_peak)
+        planned = transform(base, batch, k_budget).train()
+        p_peak, p_time = measure(torch.compile(planned), planned, batch, repeats)
+        torch._dynamo.reset()
+        rows += [
+            {"method": f"lorafa_fx compiled, torch knapsack activation_memory_budget={knapsack_budget}",
+             "peak": k_peak, "step_s": k_time, "recompute_pct": 100 * (k_flops - eager_partition_flops) / base_flops},
+            {"method": "lorafa_fx compiled, planned at the knapsack's measured peak", "peak": p_peak,
+             "step_s": p_time, "recompute_pct": 100 * (step_flops(planned, batch) - base_flops) / base_flops,
+             "budget": k_budget, "plan": _plan_summary(planned.lorafa_plan)},
+        ]
 
     table = Table(title=f"Planner vs alternatives: Llama {layers}x{hidden}, batch {bs}x{seq}, r 16, CPU fp32")
-    for col in ("method", "measured peak", "budget", "step time", "recompute (% step FLOPs)"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in ("method", "measured peak", "budget", "step time", "measured recompute (% step FLOPs)", "plan"):
+        table.add_column(col, justify="left" if col in ("method", "plan") else "right")
     for r in rows:
         table.add_row(r["method"], f"{r['peak'] / 1e6:.1f} MB", f"{r['budget'] / 1e6:.1f} MB" if "budget" in r else "-",
-                      f"{r['step_s'] * 1e3:.0f} ms", "n/a" if r["recompute_pct"] is None else f"{r['recompute_pct']:.1f}%")
+                      f"{r['step_s'] * 1e3:.0f} ms", f"{r['recompute_pct']:.1f}%", r.get("plan", ""))
     Console(width=150).print(table)
     print(f"at HF GC's peak: lorafa_fx recompute {rows[2]['recompute_pct']:.1f}% vs HF {rows[1]['recompute_pct']:.1f}% "
           f"of step FLOPs, step time {rows[2]['step_s'] / rows[1]['step_s']:.2f}x, "
           f"measured peak {rows[2]['peak'] / 1e6:.2f} vs {hf_peak / 1e6:.2f} MB")
-    print(f"at the knapsack's peak (compiled): lorafa_fx step time {rows[-1]['step_s'] / rows[-2]['step_s']:.2f}x, "
-          f"measured peak {rows[-1]['peak'] / 1e6:.2f} vs {rows[-2]['peak'] / 1e6:.2f} MB")
+    for knapsack, ours in zip(rows[-6::2], rows[-5::2]):
+        print(f"{knapsack['method']}: peak {knapsack['peak'] / 1e6:.2f} MB, recompute {knapsack['recompute_pct']:.1f}%; "
+              f"lorafa_fx at that budget: peak {ours['peak'] / 1e6:.2f} MB, recompute {ours['recompute_pct']:.1f}%")
     OUT.mkdir(exist_ok=True)
     (OUT / "planner.json").write_text(json.dumps(rows, indent=2))
+
+
+def _plan_summary(plan: lorafa_fx.MemoryPlan) -> str:
+    blocks = sum(d != "none" for d in plan.recompute_by_block.values())
+    return f"{blocks} blocks" + (", chunked CE" if plan.chunked_cross_entropy else "")
 
 
 if __name__ == "__main__":
