@@ -38,6 +38,8 @@ def transform(
     *,
     example_inputs: Mapping[str, torch.Tensor],
     config: LoraFAConfig | None = None,
+    world_size: int | None = None,
+    sharding: str = "full",
 ) -> fx.GraphModule:
     """Capture `model` and return a GraphModule that trains it with LoRA-FA.
 
@@ -51,6 +53,12 @@ def transform(
         example_inputs: one keyword batch, as passed to ``model(**batch)``. Batch and sequence
             dims are captured as dynamic, so other shapes work too.
         config: what to adapt; defaults to ``LoraFAConfig()`` (all linears, r=8).
+        world_size: plan one rank of a data-parallel job of this many processes
+            (`example_inputs` is then one rank's batch); train the result with
+            ``lorafa_fx.distributed.prepare(gm)`` inside the job (``torchrun``).
+        sharding: with `world_size`: ``"full"`` (FSDP2, every parameter sharded 1/world_size,
+            each decoder layer emitted as a called submodule owning its parameters) or
+            ``"none"`` (DDP, replicated).
 
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
@@ -71,7 +79,12 @@ def transform(
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
     gm = build(model, example_inputs, config or LoraFAConfig())
-    gm = plan_and_realise(gm, example_inputs, budget_bytes)
+    if world_size is None:
+        gm = plan_and_realise(gm, example_inputs, budget_bytes)
+    else:
+        from .distributed import plan_and_realise_distributed
+
+        gm = plan_and_realise_distributed(gm, example_inputs, budget_bytes, world_size, sharding)
     gm.train(model.training)
     attach_hf_attributes(gm, model)
     return gm
