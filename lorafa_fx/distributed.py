@@ -19,6 +19,7 @@ checkpointing nested in the FSDP unit).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from .passes.estimate_memory import StepEstimate
 from .passes.estimate_sharded_memory import (
     SHARDING_CHOICES,
     DistributedPlanError,
+    ShardedSimulator,
     simulate_sharded_step,
 )
 from .passes.outline_layers import OutlineLayers, outlined_layers
@@ -91,19 +93,24 @@ def plan_and_realise_distributed(
     if not isinstance(world_size, int) or world_size < 1:
         raise DistributedPlanError(f"world_size={world_size!r} must be a positive int (the number of ranks).")
 
-    def simulate(g: fx.GraphModule) -> StepEstimate:
+    with contextlib.ExitStack() as stack:
         if sharding == "full":
-            g = OutlineLayers()(with_recompute(g, {})).graph_module
-        return simulate_sharded_step(g, batch, world_size, sharding)
+            sharded = stack.enter_context(ShardedSimulator(batch, world_size))
 
-    estimate = simulate(gm)
-    decisions: dict[str, str] = {}
-    recompute_flops = step_flops = 0
-    if budget_bytes is not None:
-        plan = plan_recompute(gm, estimate, budget_bytes, simulate)
-        gm = RecomputeRegions(plan.decisions)(gm).graph_module
-        estimate, decisions = plan.estimate, plan.decisions
-        recompute_flops, step_flops = plan.recompute_flops, plan.step_flops
+        def simulate(g: fx.GraphModule) -> StepEstimate:
+            if sharding == "none":
+                return simulate_sharded_step(g, batch, world_size, "none")
+            # The planner's candidates are copies already; `gm` itself must stay flat here.
+            return sharded(OutlineLayers()(with_recompute(g, {}) if g is gm else g).graph_module)
+
+        estimate = simulate(gm)
+        decisions: dict[str, str] = {}
+        recompute_flops = step_flops = 0
+        if budget_bytes is not None:
+            plan = plan_recompute(gm, estimate, budget_bytes, simulate)
+            gm = RecomputeRegions(plan.decisions)(gm).graph_module
+            estimate, decisions = plan.estimate, plan.decisions
+            recompute_flops, step_flops = plan.recompute_flops, plan.step_flops
     if sharding == "full":
         gm = OutlineLayers()(gm).graph_module
     _write_saved_bytes(gm, estimate)

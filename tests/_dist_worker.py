@@ -25,12 +25,21 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run(sharding: str, out: str, compile: bool) -> None:
+def run(name: str, out: str, compile: bool) -> None:
+    """`name`: "full" (FSDP2), "none" (DDP) or "full_budget" (FSDP2 under a budget that makes the
+    planner recompute layers: checkpointing nested in the FSDP units)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    sharding = name.split("_")[0]
     batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
     rows = GLOBAL_BATCH // world
     local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=local, config=lorafa_fx.LoraFAConfig(r=R),
+    config = lorafa_fx.LoraFAConfig(r=R)
+    budget = None
+    if name == "full_budget":
+        unplanned = lorafa_fx.transform(make_model("llama"), example_inputs=local, config=config,
+                                        world_size=world, sharding=sharding).lorafa_plan
+        budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
+    gm = lorafa_fx.transform(make_model("llama"), budget, example_inputs=local, config=config,
                              world_size=world, sharding=sharding)
     randomize_lora_B(gm)
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
@@ -68,19 +77,20 @@ def run(sharding: str, out: str, compile: bool) -> None:
         "losses": torch.stack(losses), "lora_B": lora_B, "frozen_drift": drift, "frozen_grads": frozen_grads,
         "reduced_grads": sorted(reduced), "predicted_peak": gm.lorafa_plan.predicted_peak_bytes,
         "measured_peak": peak, "plan": str(gm.lorafa_plan), "ddp_bucketed": ddp_bucketed,
-    }, os.path.join(out, f"{sharding}{'_compiled' if compile else ''}_rank{rank}.pt"))
+        "recomputed": sorted(b for b, d in gm.lorafa_plan.recompute_by_block.items() if d != "none"),
+    }, os.path.join(out, f"{name}{'_compiled' if compile else ''}_rank{rank}.pt"))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sharding", nargs="+", default=["full", "none"])
+    parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget"])
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        for sharding in args.sharding:
-            run(sharding, args.out, args.compile)
+        for name in args.runs:
+            run(name, args.out, args.compile)
     finally:
         dist.destroy_process_group()

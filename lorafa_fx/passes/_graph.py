@@ -44,7 +44,9 @@ def set_fake_val(node: fx.Node, fn: Callable, gm: fx.GraphModule) -> None:
 
 def get_attr(gm: fx.GraphModule, origin: fx.Node, target: str) -> fx.Node:
     node = new_node(gm.graph, origin, "get_attr", target, ())
-    mode = detect_fake_mode([v for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)])
+    # The capture's mode, from its first fake value (scanning every node per call is quadratic).
+    first = next((v for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)), None)
+    mode = detect_fake_mode([first]) if first is not None else None
     if mode is not None:
         node.meta["val"] = mode.from_tensor(gm.get_parameter(target), static_shapes=True)
     return node

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -64,23 +64,6 @@ class DistributedPlanError(LoraFAError, ValueError):
     """The data-parallel plan cannot be made as asked (world size, sharding, process group)."""
 
 
-def local_batch(batch: Mapping[str, object], world_size: int) -> dict[str, object]:
-    """The part of a global batch one rank gets: ``batch_size / world_size`` rows (shapes only)."""
-    out = {}
-    for name, v in batch.items():
-        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
-        if shape is None or not shape:
-            out[name] = v
-            continue
-        if shape[0] % world_size:
-            raise DistributedPlanError(
-                f"the batch's {name} has {shape[0]} rows, not a multiple of world_size={world_size}: pass a global "
-                "batch that splits evenly (each rank gets batch_size / world_size rows)."
-            )
-        out[name] = v[: shape[0] // world_size]
-    return out
-
-
 def simulate_sharded_step(
     gm: fx.GraphModule,
     batch: Mapping[str, object],
@@ -89,108 +72,162 @@ def simulate_sharded_step(
     optimizer: OptimizerFactory | None = None,
 ) -> StepEstimate:
     """Per-rank `StepEstimate` of one AdamW step of `gm` at `batch` (the rank's batch)."""
-    optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
     if sharding == "none":
         from .estimate_memory import _simulate_step
 
+        optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         est = _simulate_step(gm, batch, optimizer)
-        buckets = sum(size_of(p) for p in gm.parameters() if p.requires_grad)
-        est.peak += buckets
+        est.peak += sum(size_of(p) for p in gm.parameters() if p.requires_grad)  # DDP's buckets
         return est
     if sharding != "full":
         raise DistributedPlanError(f"sharding={sharding!r}: use one of {SHARDING_CHOICES}.")
-    layers = outlined_layers(gm)
-    if not layers:
-        raise DistributedPlanError(
-            "sharding='full' needs the layers outlined (lorafa_fx.passes.outline_layers.OutlineLayers); "
-            "transform(..., world_size=N, sharding='full') does it."
-        )
-    fake_mode = _fake_mode_of(gm)
-    unpadded = _is_unpadded(batch)  # reads a real mask: outside the fake mode
-    with fake_mode:
-        twin = _fake_twin(gm, fake_mode, {})
-        inputs = {name: _fake_input(fake_mode, v) for name, v in batch.items()}
-    twin.train()
-    with fake_world(world_size) as mesh, fake_mode:
+    with ShardedSimulator(batch, world_size, optimizer) as simulate:
+        return simulate(gm)
+
+
+class ShardedSimulator:
+    """Simulates FSDP2 steps of outlined graphs that share one set of parameters (the planner's
+    candidates): the fake model is sharded once, each call runs a candidate's graphs on it.
+
+    ``with ShardedSimulator(batch, world_size) as simulate: estimate = simulate(gm)``
+    """
+
+    def __init__(self, batch: Mapping[str, object], world_size: int, optimizer: OptimizerFactory | None = None):
+        self.batch, self.world_size = batch, world_size
+        self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.unpadded = _is_unpadded(batch)  # reads a real mask: outside the fake mode
+        self.twin = None
+        self._world = contextlib.ExitStack()
+
+    def __enter__(self):
+        self.mesh = self._world.enter_context(fake_world(self.world_size))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._world.close()
+
+    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+        layers = outlined_layers(gm)
+        if not layers:
+            raise DistributedPlanError(
+                "sharding='full' needs the layers outlined (lorafa_fx.passes.outline_layers.OutlineLayers); "
+                "transform(..., world_size=N, sharding='full') does it."
+            )
+        if self.twin is None:
+            self._shard(gm, layers)
+        elif self.names != [n for n, _ in gm.named_parameters()]:
+            raise DistributedPlanError("ShardedSimulator: every simulated graph must share the first one's parameters.")
+        with self.fake_mode:
+            return self._run(gm, layers)
+
+    def _shard(self, gm: fx.GraphModule, layers: list[str]) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        self.fake_mode = _fake_mode_of(gm)
+        self.names = [n for n, _ in gm.named_parameters()]
+        with self.fake_mode:
+            self.twin = _fake_twin(gm, self.fake_mode, {})
+            self.inputs = {name: _fake_input(self.fake_mode, v) for name, v in self.batch.items()}
+            self.twin.train()
+            for path in layers:
+                fully_shard(self.twin.get_submodule(path), mesh=self.mesh)
+            fully_shard(self.twin, mesh=self.mesh)
+            # The optimizer steps the local shards (same storages, states and temporaries as
+            # stepping the DTensors, without DTensor's per-op dispatch).
+            self.sharded = [p for p in self.twin.parameters() if p.requires_grad]
+            self.local = [torch.nn.Parameter(_local(p)) for p in self.sharded]
+            self.opt = self.optimizer(self.local)
+            _allocate_optimizer_states(self.opt, self.local)
+
+    def _run(self, gm: fx.GraphModule, layers: list[str]) -> StepEstimate:
+        twin, opt = self.twin, self.opt
+        for p in self.sharded:
+            p.grad = None
+        opt.zero_grad(set_to_none=True)
+        tracker = _ResizingLiveBytes()
+        # FSDP2's hooks are the modules' forward hooks: the graphs run through module calls, each
+        # interpreted node by node (saved bytes are attributed to nodes inside the layers too).
+        recorder = _NestedRecorder(twin, tracker, graph=gm.graph, fallback=gm)
+        twin.forward = recorder.run
         for path in layers:
-            fully_shard(twin.get_submodule(path), mesh=mesh)
-        fully_shard(twin, mesh=mesh)
-        trainable = [p for p in twin.parameters() if p.requires_grad]
-        opt = optimizer(trainable)
-        _allocate_optimizer_states(opt, trainable)
-        return _run(twin, inputs, opt, unpadded)
+            layer = twin.get_submodule(path)
+            candidate = gm.get_submodule(path)
+            layer.forward = _NestedRecorder(layer, tracker, recorder, graph=candidate.graph, fallback=candidate).run
+        flat_inputs = _flatten_inputs(gm, self.inputs)
+        with assume_unpadded() if self.unpadded else contextlib.nullcontext(), tracker, tracker.resizes():
+            with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+                out = twin(*flat_inputs)
+            loss = _loss_of(out)
+            del out
+            recorder.env.clear()
+            saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
+            loss.backward()
+            tracker.label = ("optimizer", "step")
+            for p, q in zip(self.sharded, self.local):
+                q.grad = None if p.grad is None else _local(p.grad)
+            opt.step()
+            del loss
 
-
-def _run(twin, inputs, opt, unpadded: bool) -> StepEstimate:
-    tracker = _ResizingLiveBytes()
-    recorder = _NestedRecorder(twin, tracker)
-    # FSDP2's hooks are the modules' forward hooks: the graphs run through module calls, each
-    # interpreted node by node so saved bytes are attributed to nodes inside the layers too.
-    twin.forward = recorder.run
-    for path in outlined_layers(twin):
-        layer = twin.get_submodule(path)
-        layer.forward = _NestedRecorder(layer, tracker, root=recorder).run
-    flat_inputs = _flatten_inputs(twin, inputs)
-    with assume_unpadded() if unpadded else contextlib.nullcontext(), tracker, tracker.resizes():
-        with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
-            out = twin(*flat_inputs)
-        loss = _loss_of(out)
-        del out
-        recorder.env.clear()
-        saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
-        loss.backward()
-        tracker.label = ("optimizer", "step")
-        opt.step()
-        del loss
-
-    by_node: dict[str, int] = defaultdict(int)
-    by_module: dict[str, int] = defaultdict(int)
-    for node, nbytes in recorder.saved.values():
-        by_node[node.name] += nbytes
-        by_module[block_of(node)] += nbytes
-    phase, name = tracker.where
-    peak_node = recorder.nodes.get(name)
-    static = {
-        "weights": sum(_local_bytes(p) for p in twin.parameters()),
-        "buffers": sum(_local_bytes(b) for b in twin.buffers()),
-        "optimizer_states": sum(
-            _local_bytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-        ),
-        "batch": sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
-    }
-    return StepEstimate(
-        **static,
-        peak=sum(static.values()) + tracker.peak,
-        peak_phase=phase,
-        peak_node=name,
-        peak_module=owner(peak_node)[0] if peak_node is not None else "",
-        saved_activations=saved_at_end_of_forward,
-        saved_by_module=dict(by_module),
-        saved_by_node=dict(by_node),
-    )
+        by_node: dict[str, int] = defaultdict(int)
+        by_module: dict[str, int] = defaultdict(int)
+        for node, nbytes in recorder.saved.values():
+            by_node[node.name] += nbytes
+            by_module[block_of(node)] += nbytes
+        phase, name = tracker.where
+        peak_node = recorder.nodes.get(name)
+        static = {
+            "weights": sum(_local_bytes(p) for p in twin.parameters()),
+            "buffers": sum(_local_bytes(b) for b in twin.buffers()),
+            "optimizer_states": sum(
+                _local_bytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+            ),
+            "batch": sum(size_of(t) for t in self.inputs.values() if isinstance(t, torch.Tensor)),
+        }
+        return StepEstimate(
+            **static,
+            peak=sum(static.values()) + tracker.peak,
+            peak_phase=phase,
+            peak_node=name,
+            peak_module=owner(peak_node)[0] if peak_node is not None else "",
+            saved_activations=saved_at_end_of_forward,
+            saved_by_module=dict(by_module),
+            saved_by_node=dict(by_node),
+        )
 
 
 class _NestedRecorder(_Recorder):
-    """A `_Recorder` for the root graph or an outlined layer's graph; layers share the root's
-    bookkeeping (the saved-tensor hook is the root's and labels with the node running now)."""
+    """A `_Recorder` running `graph` (a candidate's root or layer graph) on `gm` (the sharded
+    twin: FSDP-managed parameters); what the twin lacks (a candidate's parameter-free recompute
+    regions) comes from `fallback`. Layers share the root's bookkeeping: the saved-tensor hook is
+    the root's and labels with the node running now."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: _LiveBytes, root: _NestedRecorder | None = None) -> None:
+    def __init__(self, gm, tracker, root: _NestedRecorder | None = None, *, graph: fx.Graph, fallback) -> None:
         super().__init__(gm, tracker)
+        fx.Interpreter.__init__(self, gm, graph=graph)
+        self.fallback = fallback
         self.root = root or self
         if root is not None:
             self.producer, self.saved, self._hooked = root.producer, root.saved, root._hooked
         self.root.nodes = getattr(self.root, "nodes", {})
-        self.root.nodes.update({n.name: n for n in gm.graph.nodes})
+        self.root.nodes.update({n.name: n for n in graph.nodes})
+
+    def fetch_attr(self, target: str):
+        try:
+            return super().fetch_attr(target)
+        except RuntimeError:
+            return fx.Interpreter(self.fallback).fetch_attr(target)
 
     def run_node(self, n: fx.Node):
         self.root.current = n
         return super().run_node(n)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _local_bytes(t: torch.Tensor) -> int:
-    return size_of(t.to_local() if isinstance(t, DTensor) else t)
+    return size_of(_local(t))
 
 
 class _ResizingLiveBytes(_LiveBytes):
@@ -218,6 +255,9 @@ class _ResizingLiveBytes(_LiveBytes):
         def resize_(storage: torch.UntypedStorage, size: int):
             out = original(storage, size)
             key = storage._cdata
+            if key not in self._size and size:  # allocated before this step (FSDP's unsharded
+                self._seen.add(key)  # parameters), freed by resize_(0): re-allocated now
+                self._size[key] = 0
             if key in self._size:
                 self.live += int(size) - self._size[key]
                 self._size[key] = int(size)
@@ -283,8 +323,11 @@ def _fake_twin(module: torch.nn.Module, mode, fakes: dict[int, torch.nn.Paramete
         twin._buffers[name] = None if b is None else mode.from_tensor(b, static_shapes=True)
     for name, child in module._modules.items():
         twin._modules[name] = None if child is None else _fake_twin(child, mode, fakes)
-    twin._forward_hooks = copy.copy(module._forward_hooks)
-    twin._forward_pre_hooks = copy.copy(module._forward_pre_hooks)
+    # No hooks: the copy runs flat graph inputs (export's input check would refuse them) and
+    # gets FSDP's own.
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        setattr(twin, hooks, OrderedDict())
     return twin
 
 
