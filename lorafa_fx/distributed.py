@@ -27,12 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .passes.estimate_memory import StepEstimate
-from .passes.estimate_sharded_memory import (
-    SHARDING_CHOICES,
-    DistributedPlanError,
-    ShardedSimulator,
-    simulate_sharded_step,
-)
+from .errors import DistributedPlanError
+from .passes.estimate_sharded_memory import SHARDING_CHOICES, ShardedSimulator, simulate_sharded_step
 from .passes.outline_layers import OutlineLayers, outlined_layers
 from .passes.plan_memory import plan_recompute, with_recompute
 from .passes.recompute_regions import RecomputeRegions

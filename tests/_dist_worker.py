@@ -77,6 +77,7 @@ def run(name: str, out: str, compile: bool) -> None:
         "losses": torch.stack(losses), "lora_B": lora_B, "frozen_drift": drift, "frozen_grads": frozen_grads,
         "reduced_grads": sorted(reduced), "predicted_peak": gm.lorafa_plan.predicted_peak_bytes,
         "measured_peak": peak, "plan": str(gm.lorafa_plan), "ddp_bucketed": ddp_bucketed,
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         "recomputed": sorted(b for b, d in gm.lorafa_plan.recompute_by_block.items() if d != "none"),
     }, os.path.join(out, f"{name}{'_compiled' if compile else ''}_rank{rank}.pt"))
 

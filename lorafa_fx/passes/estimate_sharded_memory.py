@@ -23,7 +23,12 @@ forward as well.
 at the rank's batch plus DDP's gradient buckets (one copy of the trainable parameters).
 
 All ranks of a data-parallel group hold the same shapes (equal batch per rank, padded shards),
-so rank 0's plan is every rank's.
+so rank 0's plan is every rank's. `ShardedSimulator` shards the fake model once and runs each
+of the planner's candidate graphs on it; AdamW steps the local shards (the same bytes as
+stepping the DTensors, without DTensor's per-op dispatch).
+
+Reads ``node.meta["nn_module_stack"]`` and ``["lorafa"]["layer"]`` (the outlined layer calls);
+writes no meta (`distributed.py` writes ``["lorafa"]["saved_bytes"]`` on the realised graph).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.tensor import DTensor
 
-from ..errors import LoraFAError
+from ..errors import DistributedPlanError
 from ._graph import block_of, owner
 from .estimate_memory import (
     OptimizerFactory,
@@ -58,10 +63,6 @@ from .outline_layers import outlined_layers
 from .simplify_attention import assume_unpadded
 
 SHARDING_CHOICES = ("full", "none")
-
-
-class DistributedPlanError(LoraFAError, ValueError):
-    """The data-parallel plan cannot be made as asked (world size, sharding, process group)."""
 
 
 def simulate_sharded_step(

@@ -28,12 +28,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..errors import LoraFAError
+from ..errors import OutlineError
 from ._graph import META_KEY, block_of
-
-
-class OutlineError(LoraFAError, ValueError):
-    """A layer's nodes or parameters are not separable from the rest of the graph."""
 
 
 class OutlineLayers(PassBase):
