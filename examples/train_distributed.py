@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--budget", default=None, help="per-rank memory budget, e.g. 70GB")
     p.add_argument("--compile", action="store_true", help="torch.compile the wrapped module")
     args = p.parse_args()
@@ -79,7 +80,7 @@ def main() -> None:
         print(gm.lorafa_plan)
     wrapped = prepare(gm)
     step_fn = torch.compile(wrapped) if args.compile else wrapped
-    opt = torch.optim.AdamW([q for q in gm.parameters() if q.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([q for q in gm.parameters() if q.requires_grad], lr=args.lr)
     for step in range(args.steps):
         opt.zero_grad(set_to_none=True)
         loss = step_fn(**_batch(step, rank, args, vocab, device)).loss

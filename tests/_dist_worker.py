@@ -26,8 +26,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(name: str, out: str, compile: bool) -> None:
-    """`name`: "full" (FSDP2), "none" (DDP) or "full_budget" (FSDP2 under a budget that makes the
-    planner recompute layers: checkpointing nested in the FSDP units)."""
+    """`name`: "full" (FSDP2), "none" (DDP), "full_budget" (FSDP2 under a budget that makes the
+    planner recompute layers: checkpointing nested in the FSDP units) or "none_lorafaopt" (DDP,
+    `create_lorafa_optimizer` instead of AdamW)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     sharding = name.split("_")[0]
     batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
@@ -45,7 +46,10 @@ def run(name: str, out: str, compile: bool) -> None:
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
     model = prepare(gm)
     step_model = torch.compile(model) if compile else model
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=LR)
+    if name == "none_lorafaopt":  # DDP with the LoRA-FA optimizer (gradient correction)
+        opt = lorafa_fx.create_lorafa_optimizer(gm, lr=LR)
+    else:
+        opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=LR)
 
     reduced: set[str] = set()  # parameters whose gradients FSDP2 reduces
     original = fsdp_param_group.foreach_reduce
@@ -85,7 +89,7 @@ def run(name: str, out: str, compile: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget"])
+    parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget", "none_lorafaopt"])
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -41,10 +41,10 @@ def _launch(out, runs: list[str], *flags: str) -> dict:
 def ranks(tmp_path_factory):
     """Every rank's results of tests/_dist_worker.py: 5 AdamW steps with FSDP2, with DDP, and with
     FSDP2 under a budget."""
-    return _launch(tmp_path_factory.mktemp("dist"), ["full", "none", "full_budget"])
+    return _launch(tmp_path_factory.mktemp("dist"), ["full", "none", "full_budget", "none_lorafaopt"])
 
 
-def _single_process_lora_B() -> dict[str, torch.Tensor]:
+def _single_process_lora_B(lorafa_optimizer: bool = False) -> dict[str, torch.Tensor]:
     """Reference: one process, the same 5 steps on the concatenated (global) batch."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from _dist_worker import GLOBAL_BATCH, LR, R, SEQ, STEPS
@@ -52,7 +52,10 @@ def _single_process_lora_B() -> dict[str, torch.Tensor]:
     batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
     gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))
     randomize_lora_B(gm)
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=LR)
+    if lorafa_optimizer:
+        opt = lorafa_fx.create_lorafa_optimizer(gm, lr=LR)
+    else:
+        opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=LR)
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
         gm(**batch).loss.backward()
@@ -61,11 +64,12 @@ def _single_process_lora_B() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["full", "none", "full_budget"])
+@pytest.mark.parametrize("sharding", ["full", "none", "full_budget", "none_lorafaopt"])
 def test_lora_B_after_5_steps_equals_single_process_on_the_concatenated_batch(ranks, sharding):
     """Reference: `_single_process_lora_B` (HF loss is a token mean; every rank has equal tokens).
-    "full_budget": FSDP2 with recomputed layers (checkpointing inside the sharded layer)."""
-    ref = _single_process_lora_B()
+    "full_budget": FSDP2 with recomputed layers (checkpointing inside the sharded layer);
+    "none_lorafaopt": DDP with `create_lorafa_optimizer`, against the same optimizer."""
+    ref = _single_process_lora_B(lorafa_optimizer=sharding == "none_lorafaopt")
     for r in range(WORLD):
         got = ranks[sharding, r]
         assert got["lora_B"].keys() == ref.keys()
@@ -152,6 +156,12 @@ def test_errors_say_what_to_do():
     plain = lorafa_fx.transform(make_model("llama"), example_inputs=batch)
     with pytest.raises(DistributedPlanError, match="world_size=N"):
         prepare(plain)
+    from lorafa_fx.passes.estimate_sharded_memory import fake_world
+
+    with fake_world(2):  # a process group of 2 (fake collectives) in this process
+        prepare(gm)
+        with pytest.raises(DistributedPlanError, match="torch.optim.AdamW"):
+            lorafa_fx.create_lorafa_optimizer(gm, lr=1e-3)
 
 
 def test_cli_plans_one_rank(tmp_path, capsys):
