@@ -15,8 +15,9 @@ N GPUs on one node (nccl); ``--model`` takes a Hugging Face model id or path:
     torchrun --nproc_per_node 8 examples/train_distributed.py --device cuda --model meta-llama/Llama-2-7b-hf \\
         --batch 8 --seq 1024 --rank 64 --budget 70GB
 
-``accelerate launch --num_processes N examples/train_distributed.py ...`` sets the same
-environment as torchrun and works alike.
+``accelerate launch --multi_gpu --num_processes N examples/train_distributed.py ...`` starts the
+processes through torchrun and works alike (also without GPUs: the script picks gloo for
+``--device cpu``; accelerate's ``--cpu`` starts one process only).
 """
 
 from __future__ import annotations
