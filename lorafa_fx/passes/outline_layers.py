@@ -127,7 +127,7 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
         else:
             env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in outputs))
-    layer = fx.GraphModule(holder, sub, class_name=type(holder).__name__ if type(holder) is not torch.nn.Module else "Layer")
+    layer = fx.GraphModule(holder, sub, class_name="OutlinedLayer")
     # Parameters and buffers the graph does not read still belong to the layer (state_dict).
     for name, p in holder.named_parameters():
         if _missing(layer, name):
@@ -138,7 +138,7 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
     layer.train(holder.training)
 
     with graph.inserting_before(body[0]):
-        call = graph.call_module(block, tuple(env_in for env_in in inputs))
+        call = graph.call_module(block, tuple(inputs))
         call.meta["nn_module_stack"] = {block: (block, type(layer).__qualname__)}
         call.meta[META_KEY] = {"layer": block}
         results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
