@@ -36,6 +36,13 @@ class LoraFAConfig:
             ``"ones"`` (the paper's Table 6 options).
         seed: seed of the generator that draws every ``lora_A``, so a transform is reproducible
             without touching the global RNG.
+        min_r: under a memory budget, the planner may lower the rank of adapters not named in
+            ``rank_pattern`` down to ``min_r`` before it recomputes anything (0: it may drop
+            them). ``None`` (default): ranks are as configured.
+        chunked_cross_entropy: compute a causal LM's loss a chunk of tokens at a time, so the
+            full logits never exist (`passes/chunk_cross_entropy.py`; in train mode the
+            output's ``logits`` are then ``None``). ``None`` (default): only when the planner
+            needs it to meet a budget; ``True``: always; ``False``: never.
     """
 
     r: int = 8
@@ -49,11 +56,18 @@ class LoraFAConfig:
     modules_to_save: list[str] | None = None
     init_lora_weights: str | bool = "kaiming_uniform"
     seed: int = 0
+    min_r: int | None = None
+    chunked_cross_entropy: bool | None = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         for pattern, r in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", r)
+        if self.min_r is not None and (not isinstance(self.min_r, int) or isinstance(self.min_r, bool) or not 0 <= self.min_r <= self.r):
+            raise ValueError(
+                f"min_r={self.min_r!r} must be an int in [0, r={self.r}] (0 lets the planner drop adapters), "
+                "or None to keep every rank as configured."
+            )
         if not self.lora_alpha > 0 or any(not a > 0 for a in self.alpha_pattern.values()):
             raise ValueError("lora_alpha and alpha_pattern values must be > 0; scaling is lora_alpha / r.")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .passes.estimate_memory import StepEstimate
 from .errors import DistributedPlanError
+from .passes.estimate_memory import StepEstimate
 from .passes.estimate_sharded_memory import SHARDING_CHOICES, ShardedSimulator, simulate_sharded_step
 from .passes.outline_layers import OutlineLayers, outlined_layers
-from .passes.plan_memory import plan_recompute, with_recompute
+from .passes.plan_memory import plan_memory, with_recompute
 from .passes.recompute_regions import RecomputeRegions
 from .plan import MemoryPlan
+
+if TYPE_CHECKING:
+    from .transform import Captured
 
 __all__ = ["DistributedPlanError", "prepare"]
 
@@ -77,7 +81,7 @@ def prepare(gm: fx.GraphModule, *, mesh=None, **ddp_kwargs) -> nn.Module:
 
 
 def plan_and_realise_distributed(
-    gm: fx.GraphModule,
+    variants: Captured,
     batch: Mapping[str, object],
     budget_bytes: int | None,
     world_size: int,
@@ -96,21 +100,25 @@ def plan_and_realise_distributed(
         def simulate(g: fx.GraphModule) -> StepEstimate:
             if sharding == "none":
                 return simulate_sharded_step(g, batch, world_size, "none")
-            # The planner's candidates are copies already; `gm` itself must stay flat here.
-            return sharded(OutlineLayers()(with_recompute(g, {}) if g is gm else g).graph_module)
+            # Outline a copy: the planner realises its choice on the flat candidate.
+            return sharded(OutlineLayers()(with_recompute(g, {})).graph_module)
 
-        estimate = simulate(gm)
         decisions: dict[str, str] = {}
         recompute_flops = step_flops = 0
-        if budget_bytes is not None:
-            plan = plan_recompute(gm, estimate, budget_bytes, simulate)
-            gm = RecomputeRegions(plan.decisions)(gm).graph_module
+        if budget_bytes is None:
+            gm = variants.build(variants.ladder[-1])
+            estimate = simulate(gm)
+        else:
+            planned = plan_memory(variants.build, variants.ladder, budget_bytes, simulate)
+            plan = planned.recompute
+            gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
             estimate, decisions = plan.estimate, plan.decisions
             recompute_flops, step_flops = plan.recompute_flops, plan.step_flops
     if sharding == "full":
         gm = OutlineLayers()(gm).graph_module
     _write_saved_bytes(gm, estimate)
-    plan = MemoryPlan.from_estimate(gm, estimate, batch, budget_bytes, decisions, recompute_flops, step_flops)
+    plan = MemoryPlan.from_estimate(gm, estimate, batch, budget_bytes, decisions, recompute_flops, step_flops,
+                                    configured=variants.adapters)
     gm.lorafa_plan = plan.per_rank(world_size, sharding)
     return gm
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .config import LoraFAConfig
 from .plan import MemoryPlan
-from .transform import build, parse_budget, plan_and_realise
+from .transform import Captured, parse_budget, plan_and_realise
 
 
 def estimate(
@@ -52,12 +52,12 @@ def estimate(
         model = model_or_config
         batch = _batch(batch_size, seq_len, next(model.parameters()).device)
     # Dynamic dims: capturing at the target shape serves it, and the step is simulated once.
-    gm = build(model, batch, config or LoraFAConfig())
+    variants = Captured(model, batch, config or LoraFAConfig())
     if world_size is not None:
         from .distributed import plan_and_realise_distributed
 
-        return plan_and_realise_distributed(gm, batch, parse_budget(budget), world_size, sharding).lorafa_plan
-    return plan_and_realise(gm, batch, parse_budget(budget)).lorafa_plan
+        return plan_and_realise_distributed(variants, batch, parse_budget(budget), world_size, sharding).lorafa_plan
+    return plan_and_realise(variants, batch, parse_budget(budget)).lorafa_plan
 
 
 def _model_class(config: PretrainedConfig) -> type:

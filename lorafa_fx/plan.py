@@ -7,7 +7,7 @@ block); the predicted peak and where it happens, against the budget.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from io import StringIO
 from typing import TYPE_CHECKING
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch.fx as fx
 
     from .passes.estimate_memory import StepEstimate
+    from .targets import Adapter
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class LayerPlan:
     r: int
     recompute: str  # "none": xa is kept for backward
     saved_bytes: int
+    configured_r: int | None = None  # set when the planner lowered the rank
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class MemoryPlan:
     recompute_by_block: dict[str, str] = field(default_factory=dict)
     recompute_flops: int = 0
     step_flops: int = 0
+    dropped_adapters: tuple[str, ...] = ()  # configured, dropped by the planner
+    chunked_cross_entropy: bool = False
     world_size: int | None = None  # data parallel (distributed.py): the plan is one rank's
     sharding: str | None = None  # "full" (FSDP2: every parameter 1/world_size) or "none" (DDP)
 
@@ -69,8 +73,12 @@ class MemoryPlan:
         recompute_by_block: Mapping[str, str] | None = None,
         recompute_flops: int = 0,
         step_flops: int = 0,
+        configured: Sequence[Adapter] = (),
     ) -> MemoryPlan:
+        """`configured`: the adapters the config asked for, when the planner changed them."""
         decisions = dict(recompute_by_block or {})
+        configured_r = {a.path: a.r for a in configured}
+        kept = {a.path for a in gm.lorafa_adapters}
         xa_bytes = {}
         nodes = list(gm.graph.nodes)
         for n in gm.graph.nodes:  # layers outlined for FSDP (outline_layers.py) hold their adapters
@@ -93,9 +101,12 @@ class MemoryPlan:
             peak_module=estimate.peak_module,
             batch_shape={k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
             layers=tuple(
-                LayerPlan(a.path, a.r, decisions.get(_block(a.path), "none"), xa_bytes.get(a.path, 0))
+                LayerPlan(a.path, a.r, decisions.get(_block(a.path), "none"), xa_bytes.get(a.path, 0),
+                          configured_r[a.path] if configured_r.get(a.path, a.r) != a.r else None)
                 for a in gm.lorafa_adapters
             ),
+            dropped_adapters=tuple(p for p in configured_r if p not in kept),
+            chunked_cross_entropy=bool(getattr(gm, "lorafa_chunked_cross_entropy", False)),
             saved_by_block=dict(estimate.saved_by_module),
             recompute_by_block=decisions,
             recompute_flops=recompute_flops,
@@ -142,6 +153,11 @@ class MemoryPlan:
         recomputed = sorted((b for b, d in self.recompute_by_block.items() if d != "none"), key=natural_key)
         t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
         t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
+        lowered = sum(layer.configured_r is not None for layer in self.layers)
+        if lowered or self.dropped_adapters:
+            t.add_row("adapters changed by the planner", f"{lowered} ranks lowered, {len(self.dropped_adapters)} dropped")
+        if self.chunked_cross_entropy:
+            t.add_row("loss", "chunked cross-entropy (no logits in train mode)")
         return t
 
     def _layers_table(self) -> Table:
@@ -152,7 +168,8 @@ class MemoryPlan:
             if layer is None:
                 t.add_row(f"... {len(self.layers) - _SHOWN_LAYERS} more ...", "", "", "")
             else:
-                t.add_row(layer.path, str(layer.r), layer.recompute, format_bytes(layer.saved_bytes))
+                r = str(layer.r) if layer.configured_r is None else f"{layer.r} (of {layer.configured_r})"
+                t.add_row(layer.path, r, layer.recompute, format_bytes(layer.saved_bytes))
         return t
 
     def _blocks_table(self) -> Table:

@@ -7,6 +7,7 @@ The rules are PEFT's (`peft.tuners.tuners_utils.check_target_module_exists`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -95,8 +96,7 @@ def select_adapters(model: nn.Module, config: LoraFAConfig) -> list[Adapter]:
             continue
         r = _pattern_value(config.rank_pattern, path, config.r)
         alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        adapters.append(Adapter(path, r, alpha, scaling, *in_out_features(module)))
+        adapters.append(Adapter(path, r, alpha, _scaling(config, alpha, r), *in_out_features(module)))
     if not adapters:
         raise TargetNotFoundError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
@@ -106,6 +106,40 @@ def select_adapters(model: nn.Module, config: LoraFAConfig) -> list[Adapter]:
             'path, or "all-linear".'
         )
     return adapters
+
+
+def cap_ranks(adapters: list[Adapter], config: LoraFAConfig, cap: int | None) -> list[Adapter]:
+    """`adapters` with every rank not fixed by ``rank_pattern`` at most `cap` (0: dropped)."""
+    if cap is None:
+        return list(adapters)
+    capped = []
+    for a in adapters:
+        r = a.r if _pattern_value(config.rank_pattern, a.path, None) is not None else min(a.r, cap)
+        if r:
+            capped.append(dataclasses.replace(a, r=r, scaling=_scaling(config, a.lora_alpha, r)))
+    return capped
+
+
+def planned_config(config: LoraFAConfig, configured: list[Adapter], planned: list[Adapter]) -> LoraFAConfig:
+    """`config` amended to select exactly `planned` (ranks the planner lowered go to
+    ``rank_pattern``, adapters it dropped to ``exclude_modules``), so a saved adapter's PEFT
+    config describes the adapters that were trained."""
+    ranks = {a.path: a.r for a in planned}
+    lowered = {re.escape(a.path): ranks[a.path] for a in configured if a.path in ranks and ranks[a.path] != a.r}
+    dropped = [a.path for a in configured if a.path not in ranks]
+    if not lowered and not dropped:
+        return config
+    exclude = config.exclude_modules
+    if dropped:
+        if isinstance(exclude, str):
+            exclude = "|".join([f"(?:{exclude})", *map(re.escape, dropped)])
+        else:
+            exclude = [*(exclude or ()), *dropped]
+    return dataclasses.replace(config, rank_pattern={**config.rank_pattern, **lowered}, exclude_modules=exclude)
+
+
+def _scaling(config: LoraFAConfig, alpha: float, r: int) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
 def select_modules_to_save(model: nn.Module, config: LoraFAConfig) -> list[str]:

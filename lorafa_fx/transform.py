@@ -1,13 +1,15 @@
 """`transform`: the pipeline, from a Hugging Face model to a LoRA-FA GraphModule.
 
 capture (`capture.py`) -> gate_dropout -> simplify_attention -> rewrite_lora_fa ->
-annotate_saved_tensors -> estimate_memory (the cost model) -> plan_memory (the planner, under a
-budget) -> recompute_regions -> emit (this file: freeze, attach the adapter table and the
-`MemoryPlan`).
+annotate_saved_tensors [-> chunk_cross_entropy] -> estimate_memory (the cost model) ->
+plan_memory (the planner, under a budget; it may rebuild the adapted graph with lower ranks or
+a chunked loss) -> recompute_regions -> emit (this file: freeze, attach the adapter table and
+the `MemoryPlan`).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 
@@ -22,14 +24,15 @@ from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
 from .hf_compat import attach_hf_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
+from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.estimate_memory import EstimateMemory, StepEstimate
-from .passes.plan_memory import plan_recompute
+from .passes.plan_memory import Levers, lever_ladder, plan_memory
 from .passes.recompute_regions import RecomputeRegions
 from .passes.gate_dropout import GateDropout
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
-from .plan import MemoryPlan
-from .targets import Adapter, select_adapters, select_modules_to_save
+from .plan import MemoryPlan, format_bytes
+from .targets import Adapter, cap_ranks, planned_config, select_adapters, select_modules_to_save
 
 
 def transform(
@@ -49,7 +52,8 @@ def transform(
         budget: memory budget of one training step (AdamW) at the example batch's shape: bytes
             as an int, or a string with accelerate's units ("40GB" = 40e9, "40GiB" = 40*2^30).
             The planner recomputes the fewest blocks in backward that make the predicted peak
-            fit; `InfeasibleBudgetError` (with ``min_budget_bytes``) if none does.
+            fit (first lowering ranks and chunking the loss where ``config`` allows it);
+            `InfeasibleBudgetError` (with ``min_budget_bytes``) if nothing does.
         example_inputs: one keyword batch, as passed to ``model(**batch)``. Batch and sequence
             dims are captured as dynamic, so other shapes work too.
         config: what to adapt; defaults to ``LoraFAConfig()`` (all linears, r=8).
@@ -78,13 +82,13 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
-    gm = build(model, example_inputs, config or LoraFAConfig())
+    variants = Captured(model, example_inputs, config or LoraFAConfig())
     if world_size is None:
-        gm = plan_and_realise(gm, example_inputs, budget_bytes)
+        gm = plan_and_realise(variants, example_inputs, budget_bytes)
     else:
         from .distributed import plan_and_realise_distributed
 
-        gm = plan_and_realise_distributed(gm, example_inputs, budget_bytes, world_size, sharding)
+        gm = plan_and_realise_distributed(variants, example_inputs, budget_bytes, world_size, sharding)
     gm.train(model.training)
     attach_hf_attributes(gm, model)
     return gm
@@ -109,33 +113,73 @@ def parse_budget(budget: int | str | None) -> int | None:
     raise ValueError(f"budget={budget!r} is not a memory size: pass {accepted}.")
 
 
-def plan_and_realise(gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
-    unplanned = simulate_step(gm, batch)
+def plan_and_realise(variants: Captured, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
+    """The planned graph: the configured one without a budget, else `plan_memory`'s choice
+    with its recomputation realised."""
     if budget_bytes is None:
-        gm.lorafa_plan = MemoryPlan.from_estimate(gm, unplanned, batch, None)
+        gm = variants.build(variants.ladder[-1])
+        gm.lorafa_plan = MemoryPlan.from_estimate(gm, simulate_step(gm, batch), batch, None)
         return gm
-    plan = plan_recompute(gm, unplanned, budget_bytes, lambda g: simulate_step(g, batch))
-    gm = RecomputeRegions(plan.decisions)(gm).graph_module
+    planned = plan_memory(variants.build, variants.ladder, budget_bytes, lambda g: simulate_step(g, batch))
+    plan = planned.recompute
+    gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
+    chunked = planned.gm.lorafa_chunked_cross_entropy
+    if chunked and variants.config.chunked_cross_entropy is None:
+        warnings.warn(
+            f"To meet budget={format_bytes(budget_bytes)} the planner computes the loss in chunks: in train mode "
+            "the model output's logits are None. Pass LoraFAConfig(chunked_cross_entropy=False) to keep them.",
+            stacklevel=3,
+        )
     gm.lorafa_plan = MemoryPlan.from_estimate(
-        gm, plan.estimate, batch, budget_bytes, plan.decisions, plan.recompute_flops, plan.step_flops
+        gm, plan.estimate, batch, budget_bytes, plan.decisions, plan.recompute_flops, plan.step_flops,
+        configured=variants.adapters,
     )
     return gm
 
 
 def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: LoraFAConfig) -> fx.GraphModule:
     """Capture `model` and run the rewrite passes; `transform` without the memory plan."""
-    adapters = select_adapters(model, config)
-    saved_modules = select_modules_to_save(model, config)
-    with traceable(model):
-        gm = capture(model, example_inputs)
-    adapters = _drop_unused(adapters, linear_nodes(gm))
-    causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
-    for p in (GateDropout(), SimplifyAttention(causal), RewriteLoraFA(adapters, config), AnnotateSavedTensors()):
-        gm = p(gm).graph_module
-    _set_trainable(gm, adapters, saved_modules)
-    gm.lorafa_config = config
-    gm.lorafa_adapters = tuple(adapters)
-    return gm
+    variants = Captured(model, example_inputs, config)
+    return variants.build(variants.ladder[-1])
+
+
+class Captured:
+    """The captured model, adapted as a rung of the planner's lever ladder asks (`Levers`):
+    capture and the graph-level passes run once, the adapter passes once per rung."""
+
+    def __init__(self, model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: LoraFAConfig) -> None:
+        adapters = select_adapters(model, config)
+        self.saved_modules = select_modules_to_save(model, config)
+        with traceable(model):
+            base = capture(model, example_inputs)
+        self.adapters = _drop_unused(adapters, linear_nodes(base))
+        causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
+        for p in (GateDropout(), SimplifyAttention(causal)):
+            base = p(base).graph_module
+        self.base, self.config = base, config
+        chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
+        fixed = {a.path for a in cap_ranks(self.adapters, config, 0)}  # cap 0 keeps rank_pattern's only
+        max_r = max((a.r for a in self.adapters if a.path not in fixed), default=0)
+        # Dropping every adapter would leave nothing to train: then the floor is rank 1.
+        min_r = 1 if config.min_r == 0 and not fixed and not self.saved_modules else config.min_r
+        self.ladder = lever_ladder(min_r, max_r, config.chunked_cross_entropy, chunk_applies)
+
+    def build(self, levers: Levers) -> fx.GraphModule:
+        with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = fx.GraphModule(self.base, copy.deepcopy(self.base.graph))
+        adapters = cap_ranks(self.adapters, self.config, levers.rank_cap)
+        passes = [RewriteLoraFA(adapters, self.config), AnnotateSavedTensors()]
+        if levers.chunked_cross_entropy:
+            passes.append(ChunkCrossEntropy())
+        for p in passes:
+            gm = p(gm).graph_module
+        # An adapted output projection is not chunked (see chunk_cross_entropy).
+        gm.lorafa_chunked_cross_entropy = levers.chunked_cross_entropy and not ChunkCrossEntropy.applies(gm)
+        _set_trainable(gm, adapters, self.saved_modules)
+        gm.lorafa_config = planned_config(self.config, self.adapters, adapters)
+        gm.lorafa_adapters = tuple(adapters)
+        return gm
 
 
 def simulate_step(gm: fx.GraphModule, batch: Mapping[str, object]) -> StepEstimate:

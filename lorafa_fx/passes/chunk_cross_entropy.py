@@ -83,6 +83,11 @@ class ChunkCrossEntropy(PassBase):
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows, or None for the default.")
         self.chunk_size = chunk_size
 
+    @staticmethod
+    def applies(gm: fx.GraphModule) -> bool:
+        """Whether `gm` ends in a loss this pass rewrites."""
+        return any(_match(ce) for ce in gm.graph.find_nodes(op="call_function", target=aten.cross_entropy_loss.default))
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         modified = False

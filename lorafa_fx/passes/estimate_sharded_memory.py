@@ -87,8 +87,9 @@ def simulate_sharded_step(
 
 
 class ShardedSimulator:
-    """Simulates FSDP2 steps of outlined graphs that share one set of parameters (the planner's
-    candidates): the fake model is sharded once, each call runs a candidate's graphs on it.
+    """Simulates FSDP2 steps of outlined graphs: the fake model is sharded once per set of
+    parameters (the planner's candidates share one per rung), each call runs a candidate's graphs
+    on it.
 
     ``with ShardedSimulator(batch, world_size) as simulate: estimate = simulate(gm)``
     """
@@ -97,7 +98,7 @@ class ShardedSimulator:
         self.batch, self.world_size = batch, world_size
         self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self.unpadded = _is_unpadded(batch)  # reads a real mask: outside the fake mode
-        self.twin = None
+        self.key = None
         self._world = contextlib.ExitStack()
 
     def __enter__(self):
@@ -114,10 +115,10 @@ class ShardedSimulator:
                 "sharding='full' needs the layers outlined (lorafa_fx.passes.outline_layers.OutlineLayers); "
                 "transform(..., world_size=N, sharding='full') does it."
             )
-        if self.twin is None:
+        key = tuple((n, id(p), tuple(p.shape)) for n, p in gm.named_parameters())
+        if key != self.key:  # another rung of the planner's ladder (other ranks): shard it anew
             self._shard(gm, layers)
-        elif self.names != [n for n, _ in gm.named_parameters()]:
-            raise DistributedPlanError("ShardedSimulator: every simulated graph must share the first one's parameters.")
+            self.key = key
         with self.fake_mode:
             return self._run(gm, layers)
 
@@ -125,7 +126,6 @@ class ShardedSimulator:
         from torch.distributed.fsdp import fully_shard
 
         self.fake_mode = _fake_mode_of(gm)
-        self.names = [n for n, _ in gm.named_parameters()]
         with self.fake_mode:
             self.twin = _fake_twin(gm, self.fake_mode, {})
             self.inputs = {name: _fake_input(self.fake_mode, v) for name, v in self.batch.items()}

@@ -1,8 +1,22 @@
-"""Pass (planner): choose which blocks to recompute so a training step fits a memory budget.
+"""Pass (planner): choose ranks, the loss's form and which blocks to recompute so a training
+step fits a memory budget.
 
-Objective, in order: (1) predicted peak <= budget; (2) least recompute FLOPs. Each repeated
-block ``b`` (``model.layers.i``) is either kept (``"none"``) or recomputed in backward
-(``"full"``, see `recompute_regions`). From the cost model's unplanned step:
+Objective, in order: (1) predicted peak <= budget; (2) least recompute FLOPs; (3) most total
+adapter rank; (4) the model's outputs as configured (full logits).
+
+**Levers that cost no recomputation** (`Levers`), used only when the config allows them:
+adapter ranks lowered to a common cap (``LoraFAConfig.min_r``; 0 drops the adapters; ranks in
+``rank_pattern`` are fixed) and a chunked cross-entropy (``chunked_cross_entropy=None``). They
+form a ladder from least memory to the configured model; lexicographic order (2) before (3)
+means the recomputation is planned with every lever pulled (the ladder's floor), and the
+levers are then released as far as that recomputation still fits: the top-most rung that
+fits, found by bisection (peak is monotone along the ladder). The levers are left alone when
+the configured model fits without recomputation, or when the floor's unplanned peak is no
+lower than the configured one's (a chunked loss with a tiny vocabulary).
+
+**Recomputation.** Each repeated block ``b`` (``model.layers.i``) is either kept (``"none"``)
+or recomputed in backward (``"full"``, see `recompute_regions`). From the cost model's
+unplanned step:
 
     saved(b)    = bytes autograd keeps for b  (estimate_memory's saved_by_module)
     kept(b)     = bytes a recomputed b still keeps: its hidden-state input
@@ -18,8 +32,12 @@ Solver: a 0/1 knapsack, "remove at least peak(none) - budget bytes at least FLOP
 greedily by saving per FLOP — exact here because a model's blocks are alike. The candidates
 are the prefixes of that order; the additive model above only guesses how long a prefix is
 needed, and the answer is the shortest prefix whose realised graph fits by the exact cost model
-(a simulated step), found by secant steps of one block's saving. Larger budgets never recompute more: the
-candidates are nested and the search returns the shortest that fits.
+(a simulated step), found by secant steps of one block's saving. Larger budgets never recompute
+more: the candidates are nested and the search returns the shortest that fits.
+
+Torch's selective (op-level) policy is available to `recompute_regions` but not a choice
+here: it keeps every matmul output, and with frozen base weights autograd keeps fewer than
+that (a frozen linear saves nothing), so on the test Llama it raised the peak (3.7 vs 2.7 MB).
 
 Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimate.
 """
@@ -51,6 +69,79 @@ CHECKPOINT_RESERVE_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
+class Levers:
+    """Memory the planner may free without recomputation (see the module docstring)."""
+
+    rank_cap: int | None = None  # adjustable adapters get min(r, rank_cap); 0 drops them
+    chunked_cross_entropy: bool = False
+
+
+def lever_ladder(min_r: int | None, max_r: int, chunked_cross_entropy: bool | None, chunk_applies: bool) -> list[Levers]:
+    """The rungs from least memory to the configured model. `max_r`: the largest adjustable
+    rank (0 if none); ``chunked_cross_entropy=None``: the planner's choice."""
+    chunk = [True, False] if chunked_cross_entropy is None else [chunked_cross_entropy]
+    chunk = [c and chunk_applies for c in chunk]
+    caps = range(min_r, max_r) if min_r is not None else range(0)
+    ladder = [Levers(cap, chunk[0]) for cap in caps] + [Levers(None, c) for c in chunk]
+    return list(dict.fromkeys(ladder))
+
+
+@dataclass(frozen=True)
+class Planned:
+    gm: fx.GraphModule  # the chosen rung's graph, recomputation not yet realised
+    levers: Levers
+    recompute: RecomputePlan
+
+
+def plan_memory(
+    build: Callable[[Levers], fx.GraphModule],
+    ladder: list[Levers],
+    budget_bytes: int,
+    simulate: Callable[[fx.GraphModule], StepEstimate],
+) -> Planned:
+    """The plan that meets `budget_bytes` by the objective in the module docstring;
+    `InfeasibleBudgetError` (from the ladder's floor, every lever pulled) if none does."""
+    configured = build(ladder[-1])
+    unplanned = simulate(configured)
+    if unplanned.peak > budget_bytes and len(ladder) > 1:
+        floor = build(ladder[0])
+        floor_unplanned = simulate(floor)
+        # A chunked loss can cost more than it saves (a vocabulary no larger than the hidden
+        # size: it keeps a hidden-size gradient from forward); then the levers are not used.
+        if floor_unplanned.peak < unplanned.peak:
+            recompute = plan_recompute(floor, floor_unplanned, budget_bytes, simulate)
+            return _release_levers(build, ladder, budget_bytes, simulate, Planned(floor, ladder[0], recompute))
+    return Planned(configured, ladder[-1], plan_recompute(configured, unplanned, budget_bytes, simulate))
+
+
+def _release_levers(
+    build: Callable[[Levers], fx.GraphModule],
+    ladder: list[Levers],
+    budget_bytes: int,
+    simulate: Callable[[fx.GraphModule], StepEstimate],
+    floor: Planned,
+) -> Planned:
+    """The top-most rung that fits with the floor's recomputation (bisection)."""
+    recompute = floor.recompute
+    chosen = {0: floor}
+
+    def fits(i: int) -> bool:
+        if i not in chosen:
+            gm = build(ladder[i])
+            plan = evaluate(gm, recompute.decisions, simulate)
+            if plan.estimate.peak > budget_bytes:
+                return False
+            chosen[i] = Planned(gm, ladder[i], plan)
+        return True
+
+    lo, hi = 0, len(ladder) - 1  # rung lo fits; every rung above hi does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return chosen[lo]
+
+
+@dataclass(frozen=True)
 class RecomputePlan:
     decisions: dict[str, str]  # block -> "none" | "full"
     estimate: StepEstimate  # exact cost model of the realised graph
@@ -67,17 +158,12 @@ def plan_recompute(
     """The cheapest recomputation that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
     ranges = block_ranges(gm.graph)
     flops = {b: sum(node_flops(n) for n in nodes) for b, nodes in ranges.items()}
-    forward_flops = sum(node_flops(n) for n in gm.graph.nodes)
     saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes) for b, nodes in ranges.items()}
     order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
 
     def realise(k: int) -> RecomputePlan:
         decisions = {b: ("full" if b in order[:k] else "none") for b in sorted(ranges, key=natural_key)}
-        estimate = unplanned
-        if k:
-            estimate = simulate(with_recompute(gm, decisions))
-            estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + k))
-        return RecomputePlan(decisions, estimate, sum(flops[b] for b in order[:k]), 2 * forward_flops)
+        return evaluate(gm, decisions, simulate, unplanned if k == 0 else None)
 
     # The shortest prefix whose realised plan fits. peak(k) falls by about one block's saving
     # per block (nested prefixes), so a secant step on the simulated peaks lands on it in a
@@ -106,6 +192,25 @@ def plan_recompute(
             k = max(lo, min(n, k + -(-(peak(k) - budget_bytes) // per_block)))
         else:
             k = max(lo, hi - max(1, (budget_bytes - peak(hi)) // per_block))
+
+
+def evaluate(
+    gm: fx.GraphModule,
+    decisions: Mapping[str, str],
+    simulate: Callable[[fx.GraphModule], StepEstimate],
+    unplanned: StepEstimate | None = None,
+) -> RecomputePlan:
+    """`decisions` on `gm`, priced by the exact cost model (`unplanned`: gm's own estimate,
+    reused when nothing is recomputed)."""
+    ranges = block_ranges(gm.graph)
+    recomputed = [b for b, d in decisions.items() if d != "none" and b in ranges]
+    if recomputed:
+        estimate = simulate(with_recompute(gm, decisions))
+        estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + len(recomputed)))
+    else:
+        estimate = unplanned or simulate(gm)
+    recompute_flops = sum(node_flops(n) for b in recomputed for n in ranges[b])
+    return RecomputePlan(dict(decisions), estimate, recompute_flops, 2 * sum(node_flops(n) for n in gm.graph.nodes))
 
 
 def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
