@@ -100,8 +100,11 @@ def plan_and_realise_distributed(
         def simulate(g: fx.GraphModule) -> StepEstimate:
             if sharding == "none":
                 return simulate_sharded_step(g, batch, world_size, "none")
-            # Outline a copy: the planner realises its choice on the flat candidate.
-            return sharded(OutlineLayers()(with_recompute(g, {})).graph_module)
+            # The planner realises its choice on a flat candidate: outline a copy, unless `g`
+            # is already one (`with_recompute`'s, the only graphs holding recompute regions).
+            if not any(n.meta.get("lorafa", {}).get("recompute") for n in g.graph.find_nodes(op="call_module")):
+                g = with_recompute(g, {})
+            return sharded(OutlineLayers()(g).graph_module)
 
         decisions: dict[str, str] = {}
         recompute_flops = step_flops = 0

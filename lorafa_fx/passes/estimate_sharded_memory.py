@@ -86,6 +86,9 @@ def simulate_sharded_step(
         return simulate(gm)
 
 
+_RUNG_STATE = ("fake_mode", "twin", "inputs", "sharded", "local", "opt")
+
+
 class ShardedSimulator:
     """Simulates FSDP2 steps of outlined graphs: the fake model is sharded once per set of
     parameters (the planner's candidates share one per rung), each call runs a candidate's graphs
@@ -98,7 +101,7 @@ class ShardedSimulator:
         self.batch, self.world_size = batch, world_size
         self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self.unpadded = _is_unpadded(batch)  # reads a real mask: outside the fake mode
-        self.key = None
+        self._rungs: dict[tuple, dict] = {}
         self._world = contextlib.ExitStack()
 
     def __enter__(self):
@@ -115,10 +118,13 @@ class ShardedSimulator:
                 "sharding='full' needs the layers outlined (lorafa_fx.passes.outline_layers.OutlineLayers); "
                 "transform(..., world_size=N, sharding='full') does it."
             )
+        # One sharded copy per set of parameters (a rung of the planner's ladder: other ranks).
         key = tuple((n, id(p), tuple(p.shape)) for n, p in gm.named_parameters())
-        if key != self.key:  # another rung of the planner's ladder (other ranks): shard it anew
+        if key not in self._rungs:
             self._shard(gm, layers)
-            self.key = key
+            self._rungs[key] = {k: getattr(self, k) for k in _RUNG_STATE}
+        for k, v in self._rungs[key].items():
+            setattr(self, k, v)
         with self.fake_mode:
             return self._run(gm, layers)
 
