@@ -10,6 +10,7 @@ from .config import LoraFAConfig
 from .errors import (
     AlreadyTransformedError,
     CaptureError,
+    DistributedPlanError,
     InfeasibleBudgetError,
     LoraFAError,
     TargetNotFoundError,
@@ -25,6 +26,7 @@ __all__ = [
     "AdapterMismatchError",
     "AlreadyTransformedError",
     "CaptureError",
+    "DistributedPlanError",
     "InfeasibleBudgetError",
     "LayerPlan",
     "LoraFAConfig",

@@ -12,6 +12,7 @@ PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --json
   python -m lorafa_fx plan --config path/to/config.json --batch 8 --seq 2048
+  python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
 presets: """
 
 
@@ -53,6 +54,10 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--budget", default=None, help="e.g. 40GB (10^9) or 40GiB (2^30)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="plan one rank of a data-parallel job of N processes (--batch is per rank)")
+    p.add_argument("--sharding", choices=("full", "none"), default="full",
+                   help="with --world-size: full = FSDP2 (weights sharded 1/N), none = DDP (replicated)")
 
 
 def _plan(args) -> int:
@@ -71,7 +76,7 @@ def _plan(args) -> int:
         lora = LoraFAConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank)
         with console.status(f"capturing {args.config} with fake weights and simulating a step..."):
             plan = estimate(config, batch_size=args.batch, seq_len=args.seq, config=lora, dtype=dtype,
-                            budget=args.budget)
+                            budget=args.budget, world_size=args.world_size, sharding=args.sharding)
     except (LoraFAError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

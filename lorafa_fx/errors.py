@@ -32,3 +32,11 @@ class InfeasibleBudgetError(LoraFAError, ValueError):
             f"At that peak the memory goes to: {what_takes_memory}. Pass budget >= {min_budget_bytes}, or "
             "lower the batch size, sequence length or rank."
         )
+
+
+class DistributedPlanError(LoraFAError, ValueError):
+    """A data-parallel plan or wrap cannot be made as asked (world size, sharding, process group)."""
+
+
+class OutlineError(LoraFAError, ValueError):
+    """A layer's nodes or parameters cannot be separated from the rest of the graph."""

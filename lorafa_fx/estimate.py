@@ -29,6 +29,8 @@ def estimate(
     config: LoraFAConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     budget: int | str | None = None,
+    world_size: int | None = None,
+    sharding: str = "full",
 ) -> MemoryPlan:
     """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``.
 
@@ -39,6 +41,8 @@ def estimate(
             or a target sequence of ``seq_len`` (encoder-decoder).
         config: the LoRA-FA config (default ``LoraFAConfig()``).
         budget: plan recomputation under this budget, as `transform` does.
+        world_size, sharding: plan one rank of a data-parallel job, as `transform` does
+            (``batch_size`` is then per rank; `budget` is per rank).
     """
     if isinstance(model_or_config, PretrainedConfig):
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -49,6 +53,10 @@ def estimate(
         batch = _batch(batch_size, seq_len, next(model.parameters()).device)
     # Dynamic dims: capturing at the target shape serves it, and the step is simulated once.
     variants = Captured(model, batch, config or LoraFAConfig())
+    if world_size is not None:
+        from .distributed import plan_and_realise_distributed
+
+        return plan_and_realise_distributed(variants, batch, parse_budget(budget), world_size, sharding).lorafa_plan
     return plan_and_realise(variants, batch, parse_budget(budget)).lorafa_plan
 
 

@@ -209,6 +209,15 @@ def create_lorafa_optimizer(
         a `LoraFAOptimizer`: group 0 the ``lora_B`` weights, group 1 (if any) the
         ``modules_to_save`` parameters.
     """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in gm.parameters()):
+        from .errors import DistributedPlanError
+
+        raise DistributedPlanError(
+            "create_lorafa_optimizer does not support FSDP2-sharded parameters (sharding='full'): train them "
+            "with torch.optim.AdamW, or use sharding='none' (DDP) for the LoRA-FA optimizer."
+        )
     return LoraFAOptimizer(
         gm, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
         gradient_correction=gradient_correction, correct_bias=correct_bias,

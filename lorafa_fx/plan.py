@@ -8,7 +8,7 @@ block); the predicted peak and where it happens, against the budget.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from io import StringIO
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,8 @@ class MemoryPlan:
     step_flops: int = 0
     dropped_adapters: tuple[str, ...] = ()  # configured, dropped by the planner
     chunked_cross_entropy: bool = False
+    world_size: int | None = None  # data parallel (distributed.py): the plan is one rank's
+    sharding: str | None = None  # "full" (FSDP2: every parameter 1/world_size) or "none" (DDP)
 
     @property
     def extra_compute_pct(self) -> float:
@@ -78,7 +80,11 @@ class MemoryPlan:
         configured_r = {a.path: a.r for a in configured}
         kept = {a.path for a in gm.lorafa_adapters}
         xa_bytes = {}
-        for node in gm.graph.nodes:
+        nodes = list(gm.graph.nodes)
+        for n in gm.graph.nodes:  # layers outlined for FSDP (outline_layers.py) hold their adapters
+            if n.op == "call_module" and "layer" in n.meta.get("lorafa", {}):
+                nodes += gm.get_submodule(n.target).graph.nodes
+        for node in nodes:
             meta = node.meta.get("lorafa", {})
             if meta.get("role") == "xa":
                 xa_bytes[meta["adapter"]] = xa_bytes.get(meta["adapter"], 0) + meta.get("saved_bytes", 0)
@@ -107,6 +113,10 @@ class MemoryPlan:
             step_flops=step_flops,
         )
 
+    def per_rank(self, world_size: int, sharding: str) -> MemoryPlan:
+        """This plan, labelled as one rank's of a `world_size`-rank data-parallel job."""
+        return replace(self, world_size=world_size, sharding=sharding)
+
     @property
     def trainable_rank_total(self) -> int:
         return sum(layer.r for layer in self.layers)
@@ -130,7 +140,9 @@ class MemoryPlan:
         t.add_column(justify="left")
         t.add_column(justify="right")
         shape = ", ".join(f"{k} {tuple(v)}" for k, v in self.batch_shape.items())
-        t.add_row("batch", shape)
+        t.add_row("batch" if self.world_size is None else "batch (per rank)", shape)
+        if self.world_size is not None:
+            t.add_row("data parallel", _data_parallel(self.world_size, self.sharding))
         t.add_row("weights + buffers", format_bytes(self.weights_bytes + self.buffers_bytes))
         t.add_row("optimizer states", format_bytes(self.optimizer_state_bytes))
         t.add_row("saved activations (end of forward)", format_bytes(self.saved_activation_bytes))
@@ -168,6 +180,13 @@ class MemoryPlan:
         for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: natural_key(kv[0])):
             t.add_row(block, self.recompute_by_block.get(block, "none"), format_bytes(nbytes))
         return t
+
+
+def _data_parallel(world_size: int, sharding: str | None) -> str:
+    if sharding == "full":
+        return (f"{world_size} ranks, FSDP2: base weights, adapters and optimizer states sharded 1/{world_size}; "
+                "peak is one rank's, with its all-gathered layers")
+    return f"{world_size} ranks, DDP: everything replicated; peak is one rank's, with gradient buckets"
 
 
 def format_bytes(n: int) -> str:

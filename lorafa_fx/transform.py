@@ -42,6 +42,8 @@ def transform(
     *,
     example_inputs: Mapping[str, torch.Tensor],
     config: LoraFAConfig | None = None,
+    world_size: int | None = None,
+    sharding: str = "full",
 ) -> fx.GraphModule:
     """Capture `model` and return a GraphModule that trains it with LoRA-FA.
 
@@ -56,6 +58,12 @@ def transform(
         example_inputs: one keyword batch, as passed to ``model(**batch)``. Batch and sequence
             dims are captured as dynamic, so other shapes work too.
         config: what to adapt; defaults to ``LoraFAConfig()`` (all linears, r=8).
+        world_size: plan one rank of a data-parallel job of this many processes
+            (`example_inputs` is then one rank's batch); train the result with
+            ``lorafa_fx.distributed.prepare(gm)`` inside the job (``torchrun``).
+        sharding: with `world_size`: ``"full"`` (FSDP2, every parameter sharded 1/world_size,
+            each decoder layer emitted as a called submodule owning its parameters) or
+            ``"none"`` (DDP, replicated).
 
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
@@ -75,7 +83,13 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
-    gm = plan_and_realise(Captured(model, example_inputs, config or LoraFAConfig()), example_inputs, budget_bytes)
+    variants = Captured(model, example_inputs, config or LoraFAConfig())
+    if world_size is None:
+        gm = plan_and_realise(variants, example_inputs, budget_bytes)
+    else:
+        from .distributed import plan_and_realise_distributed
+
+        gm = plan_and_realise_distributed(variants, example_inputs, budget_bytes, world_size, sharding)
     gm.train(model.training)
     attach_hf_attributes(gm, model)
     return gm

@@ -1,0 +1,101 @@
+"""One rank of tests/test_distributed.py (launched by torchrun): train 5 steps with FSDP2 or DDP,
+save the gathered lora_B, the frozen weights' drift, the gradient traffic and the measured peak."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_param_group
+
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
+
+import lorafa_fx  # noqa: E402
+from lorafa_fx.distributed import prepare  # noqa: E402
+from lorafa_fx.measure import measure_peak_bytes  # noqa: E402
+
+STEPS, LR, GLOBAL_BATCH, SEQ, R = 5, 1e-2, 4, 16, 4
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run(name: str, out: str, compile: bool) -> None:
+    """`name`: "full" (FSDP2), "none" (DDP), "full_budget" (FSDP2 under a budget that makes the
+    planner recompute layers: checkpointing nested in the FSDP units) or "none_lorafaopt" (DDP,
+    `create_lorafa_optimizer` instead of AdamW)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sharding = name.split("_")[0]
+    batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
+    rows = GLOBAL_BATCH // world
+    local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
+    config = lorafa_fx.LoraFAConfig(r=R)
+    budget = None
+    if name == "full_budget":
+        unplanned = lorafa_fx.transform(make_model("llama"), example_inputs=local, config=config,
+                                        world_size=world, sharding=sharding).lorafa_plan
+        budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
+    gm = lorafa_fx.transform(make_model("llama"), budget, example_inputs=local, config=config,
+                             world_size=world, sharding=sharding)
+    randomize_lora_B(gm)
+    frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
+    model = prepare(gm)
+    step_model = torch.compile(model) if compile else model
+    if name == "none_lorafaopt":  # DDP with the LoRA-FA optimizer (gradient correction)
+        opt = lorafa_fx.create_lorafa_optimizer(gm, lr=LR)
+    else:
+        opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=LR)
+
+    reduced: set[str] = set()  # parameters whose gradients FSDP2 reduces
+    original = fsdp_param_group.foreach_reduce
+
+    def recording(fsdp_params, *args, **kwargs):
+        reduced.update(p._param_fqn for p in fsdp_params)
+        return original(fsdp_params, *args, **kwargs)
+
+    fsdp_param_group.foreach_reduce = recording
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = step_model(**local).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    losses = [step() for _ in range(STEPS)]
+    fsdp_param_group.foreach_reduce = original
+    frozen_grads = [n for n, p in gm.named_parameters() if not p.requires_grad and p.grad is not None]
+    lora_B = {n: _full(p.detach()).clone() for n, p in gm.named_parameters() if p.requires_grad}
+    drift = max(float((_full(p.detach()) - frozen[n]).abs().max()) for n, p in gm.named_parameters()
+                if not p.requires_grad)
+    peak = None if compile else measure_peak_bytes(step, model, opt, local)
+    ddp_bucketed = None
+    if sharding == "none":
+        ddp_bucketed = model._get_ddp_logging_data()["total_parameter_size_bytes"]
+    torch.save({
+        "losses": torch.stack(losses), "lora_B": lora_B, "frozen_drift": drift, "frozen_grads": frozen_grads,
+        "reduced_grads": sorted(reduced), "predicted_peak": gm.lorafa_plan.predicted_peak_bytes,
+        "measured_peak": peak, "plan": str(gm.lorafa_plan), "ddp_bucketed": ddp_bucketed,
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "recomputed": sorted(b for b, d in gm.lorafa_plan.recompute_by_block.items() if d != "none"),
+    }, os.path.join(out, f"{name}{'_compiled' if compile else ''}_rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget", "none_lorafaopt"])
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        for name in args.runs:
+            run(name, args.out, args.compile)
+    finally:
+        dist.destroy_process_group()
