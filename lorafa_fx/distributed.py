@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 import torch.fx as fx
@@ -31,12 +30,8 @@ from .errors import DistributedPlanError
 from .passes.estimate_memory import StepEstimate
 from .passes.estimate_sharded_memory import SHARDING_CHOICES, ShardedSimulator, simulate_sharded_step
 from .passes.outline_layers import OutlineLayers, outlined_layers
-from .passes.plan_memory import plan_memory, with_recompute
-from .passes.recompute_regions import RecomputeRegions
-from .plan import MemoryPlan
-
-if TYPE_CHECKING:
-    from .transform import Captured
+from .passes.plan_memory import with_recompute
+from .transform import Captured, realise
 
 __all__ = ["DistributedPlanError", "prepare"]
 
@@ -106,22 +101,12 @@ def plan_and_realise_distributed(
                 g = with_recompute(g, {})
             return sharded(OutlineLayers()(g).graph_module)
 
-        decisions: dict[str, str] = {}
-        recompute_flops = step_flops = 0
-        if budget_bytes is None:
-            gm = variants.build(variants.ladder[-1])
-            estimate = simulate(gm)
-        else:
-            planned = plan_memory(variants.build, variants.ladder, budget_bytes, simulate)
-            plan = planned.recompute
-            gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
-            estimate, decisions = plan.estimate, plan.decisions
-            recompute_flops, step_flops = plan.recompute_flops, plan.step_flops
+        realised = realise(variants, budget_bytes, simulate)
+    gm = realised.gm
     if sharding == "full":
         gm = OutlineLayers()(gm).graph_module
-    _write_saved_bytes(gm, estimate)
-    plan = MemoryPlan.from_estimate(gm, estimate, batch, budget_bytes, decisions, recompute_flops, step_flops,
-                                    configured=variants.adapters)
+    _write_saved_bytes(gm, realised.estimate)
+    plan = realised.memory_plan(gm, batch, budget_bytes, variants)
     gm.lorafa_plan = plan.per_rank(world_size, sharding)
     return gm
 

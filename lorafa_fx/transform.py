@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -114,28 +115,49 @@ def parse_budget(budget: int | str | None) -> int | None:
     raise ValueError(f"budget={budget!r} is not a memory size: pass {accepted}.")
 
 
-def plan_and_realise(variants: Captured, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
-    """The planned graph: the configured one without a budget, else `plan_memory`'s choice
-    with its recomputation realised."""
+@dataclass(frozen=True)
+class Realised:
+    """The planned graph, its recomputation realised, and what the cost model predicts."""
+
+    gm: fx.GraphModule
+    estimate: StepEstimate
+    decisions: dict[str, str] = field(default_factory=dict)
+    recompute_flops: int = 0
+    step_flops: int = 0
+
+    def memory_plan(self, gm: fx.GraphModule, batch: Mapping[str, object], budget_bytes: int | None,
+                    variants: Captured) -> MemoryPlan:
+        return MemoryPlan.from_estimate(gm, self.estimate, batch, budget_bytes, self.decisions,
+                                        self.recompute_flops, self.step_flops, configured=variants.adapters)
+
+
+def realise(
+    variants: Captured,
+    budget_bytes: int | None,
+    simulate: Callable[[fx.GraphModule], StepEstimate],
+) -> Realised:
+    """The configured graph without a budget, else `plan_memory`'s choice with its
+    recomputation realised; `simulate` is the cost model (one process's or one rank's)."""
     if budget_bytes is None:
         gm = variants.build(variants.ladder[-1])
-        gm.lorafa_plan = MemoryPlan.from_estimate(gm, simulate_step(gm, batch), batch, None)
-        return gm
-    planned = plan_memory(variants.build, variants.ladder, budget_bytes, lambda g: simulate_step(g, batch))
+        return Realised(gm, simulate(gm))
+    planned = plan_memory(variants.build, variants.ladder, budget_bytes, simulate)
     plan = planned.recompute
     gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
-    chunked = planned.gm.lorafa_chunked_cross_entropy
-    if chunked and variants.config.chunked_cross_entropy is None:
+    if gm.lorafa_chunked_cross_entropy and variants.config.chunked_cross_entropy is None:
         warnings.warn(
             f"To meet budget={format_bytes(budget_bytes)} the planner computes the loss in chunks: in train mode "
             "the model output's logits are None. Pass LoraFAConfig(chunked_cross_entropy=False) to keep them.",
-            stacklevel=3,
+            stacklevel=4,
         )
-    gm.lorafa_plan = MemoryPlan.from_estimate(
-        gm, plan.estimate, batch, budget_bytes, plan.decisions, plan.recompute_flops, plan.step_flops,
-        configured=variants.adapters,
-    )
-    return gm
+    return Realised(gm, plan.estimate, plan.decisions, plan.recompute_flops, plan.step_flops)
+
+
+def plan_and_realise(variants: Captured, batch: Mapping[str, object], budget_bytes: int | None) -> fx.GraphModule:
+    """`realise` in one process, with its `MemoryPlan` attached."""
+    realised = realise(variants, budget_bytes, lambda g: simulate_step(g, batch))
+    realised.gm.lorafa_plan = realised.memory_plan(realised.gm, batch, budget_bytes, variants)
+    return realised.gm
 
 
 def build(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: LoraFAConfig) -> fx.GraphModule:

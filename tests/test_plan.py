@@ -10,10 +10,9 @@ import textwrap
 import pytest
 import torch
 from conftest import make_batch, make_model
-from transformers import LlamaConfig
 
 import lorafa_fx
-from lorafa_fx import LoraFAConfig, MemoryPlan
+from lorafa_fx import MemoryPlan
 
 
 def test_transform_attaches_a_printable_json_plan():
