@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -61,20 +62,53 @@ def owner(node: fx.Node) -> tuple[str, str]:
 
 def add_submodule(gm: fx.GraphModule, path: str, name: str, module: torch.nn.Module) -> str:
     """Register `module` as `path.name` (suffixed `_1`, `_2`.. if taken); return its target."""
-    base = f"{path}.{name}" if path else name
-    target, i = base, 1
-    while _exists(gm, target):
-        target, i = f"{base}_{i}", i + 1
+    target = free_target(gm, path, name)
     gm.add_submodule(target, module)
     return target
 
 
-def _exists(gm: fx.GraphModule, target: str) -> bool:
+def free_target(module: torch.nn.Module, path: str, name: str) -> str:
+    """`path.name`, suffixed `_1`, `_2`.. until nothing of `module` has that name."""
+    base = f"{path}.{name}" if path else name
+    target, i = base, 1
+    while has_target(module, target):
+        target, i = f"{base}_{i}", i + 1
+    return target
+
+
+def has_target(module: torch.nn.Module, target: str) -> bool:
+    """Whether `module` has an attribute (submodule, parameter, buffer) at dotted `target`."""
     parent, _, leaf = target.rpartition(".")
     try:
-        return hasattr(gm.get_submodule(parent), leaf)
+        return hasattr(module.get_submodule(parent), leaf)
     except AttributeError:
         return False
+
+
+def call_in_place_of(
+    graph: fx.Graph, body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], target: str, meta: dict
+) -> fx.Node:
+    """Replace the nodes `body` by ``call_module(target, inputs)`` returning the tuple of
+    `outputs` (each use rewired to a ``getitem`` carrying the output's meta); `meta` goes on
+    the call."""
+    with graph.inserting_before(body[0]):
+        call = graph.call_module(target, tuple(inputs))
+        call.meta.update(meta)
+        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+    for old, new in zip(outputs, results):
+        new.meta = dict(old.meta)
+        old.replace_all_uses_with(new)
+    for n in reversed(body):
+        graph.erase_node(n)
+    return call
+
+
+def repeated_block(node: fx.Node) -> str | None:
+    """The repeated block ("model.layers.3") an op node runs in, or None."""
+    if node.op not in ("call_function", "call_module"):
+        return None
+    block = block_of(node)
+    return block if block.rsplit(".", 1)[-1].isdigit() else None
 
 
 def block_of(node: fx.Node) -> str:

@@ -193,37 +193,46 @@ def _simulate_step(gm: fx.GraphModule, batch: Mapping[str, object], optimizer: O
         unpadded,
         tracker,
     ):
-        with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
-            # Interpreter.run applies the graph's pytree codegen: `out` is the model's output type.
-            out = recorder.run(*flat_inputs)
-        loss = _loss_of(out)
-        # Training loops keep only the loss: `gm(**batch).loss.backward()`, or HF Trainer's
-        # compute_loss, free the logits before backward starts (the Interpreter's env holds
-        # the graph outputs too).
-        del out
-        recorder.env.clear()
-        saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
-        loss.backward()
-        tracker.label = ("optimizer", "step")
-        opt.step()
-        del loss
+        # Interpreter.run applies the graph's pytree codegen: its output is the model's output type.
+        saved_at_end_of_forward = _train_step(recorder.run, flat_inputs, recorder, tracker, opt.step)
+    return _step_estimate(
+        recorder, tracker, {n.name: n for n in gm.graph.nodes}, saved_at_end_of_forward,
+        weights=sum(size_of(p) for p in fakes.values()),
+        buffers=sum(size_of(b) for b in buffers.values()),
+        optimizer_states=sum(size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
+        batch=sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
+    )
 
+
+def _train_step(run: Callable, inputs: list, recorder: _Recorder, tracker: _LiveBytes, step: Callable[[], None]) -> int:
+    """Forward (saved tensors recorded), backward of the loss, then `step`; inside the caller's
+    fake mode and `tracker`. Returns the bytes saved for backward at the end of forward."""
+    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+        out = run(*inputs)
+    loss = _loss_of(out)
+    # Training loops keep only the loss: `gm(**batch).loss.backward()`, or HF Trainer's
+    # compute_loss, free the logits before backward starts (the Interpreter's env holds
+    # the graph outputs too).
+    del out
+    recorder.env.clear()
+    saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
+    loss.backward()
+    tracker.label = ("optimizer", "step")
+    step()
+    return saved_at_end_of_forward
+
+
+def _step_estimate(
+    recorder: _Recorder, tracker: _LiveBytes, nodes: Mapping[str, fx.Node], saved_at_end_of_forward: int, **static: int
+) -> StepEstimate:
+    """The `StepEstimate` of a recorded step; `static`: weights, buffers, optimizer_states, batch."""
     by_node: dict[str, int] = defaultdict(int)
     by_module: dict[str, int] = defaultdict(int)
     for node, nbytes in recorder.saved.values():
         by_node[node.name] += nbytes
         by_module[block_of(node)] += nbytes
-    nodes = {n.name: n for n in gm.graph.nodes}
     phase, name = tracker.where
     peak_node = nodes.get(name)
-    static = {
-        "weights": sum(size_of(p) for p in fakes.values()),
-        "buffers": sum(size_of(b) for b in buffers.values()),
-        "optimizer_states": sum(
-            size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-        ),
-        "batch": sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
-    }
     return StepEstimate(
         **static,
         peak=sum(static.values()) + tracker.peak,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -44,7 +44,6 @@ import torch.fx as fx
 from torch.distributed.tensor import DTensor
 
 from ..errors import DistributedPlanError
-from ._graph import block_of, owner
 from .estimate_memory import (
     OptimizerFactory,
     StepEstimate,
@@ -55,8 +54,9 @@ from .estimate_memory import (
     _flatten_inputs,
     _is_unpadded,
     _LiveBytes,
-    _loss_of,
     _Recorder,
+    _step_estimate,
+    _train_step,
     size_of,
 )
 from .outline_layers import outlined_layers
@@ -162,44 +162,21 @@ class ShardedSimulator:
             layer.forward = _NestedRecorder(layer, tracker, recorder, graph=candidate.graph, fallback=candidate).run
         flat_inputs = _flatten_inputs(gm, self.inputs)
         with assume_unpadded() if self.unpadded else contextlib.nullcontext(), tracker, tracker.resizes():
-            with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
-                out = twin(*flat_inputs)
-            loss = _loss_of(out)
-            del out
-            recorder.env.clear()
-            saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
-            loss.backward()
-            tracker.label = ("optimizer", "step")
-            for p, q in zip(self.sharded, self.local):
-                q.grad = None if p.grad is None else _local(p.grad)
-            opt.step()
-            del loss
-
-        by_node: dict[str, int] = defaultdict(int)
-        by_module: dict[str, int] = defaultdict(int)
-        for node, nbytes in recorder.saved.values():
-            by_node[node.name] += nbytes
-            by_module[block_of(node)] += nbytes
-        phase, name = tracker.where
-        peak_node = recorder.nodes.get(name)
-        static = {
-            "weights": sum(_local_bytes(p) for p in twin.parameters()),
-            "buffers": sum(_local_bytes(b) for b in twin.buffers()),
-            "optimizer_states": sum(
+            saved_at_end_of_forward = _train_step(twin, flat_inputs, recorder, tracker, self._step)
+        return _step_estimate(
+            recorder, tracker, recorder.nodes, saved_at_end_of_forward,
+            weights=sum(_local_bytes(p) for p in twin.parameters()),
+            buffers=sum(_local_bytes(b) for b in twin.buffers()),
+            optimizer_states=sum(
                 _local_bytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
             ),
-            "batch": sum(size_of(t) for t in self.inputs.values() if isinstance(t, torch.Tensor)),
-        }
-        return StepEstimate(
-            **static,
-            peak=sum(static.values()) + tracker.peak,
-            peak_phase=phase,
-            peak_node=name,
-            peak_module=owner(peak_node)[0] if peak_node is not None else "",
-            saved_activations=saved_at_end_of_forward,
-            saved_by_module=dict(by_module),
-            saved_by_node=dict(by_node),
+            batch=sum(size_of(t) for t in self.inputs.values() if isinstance(t, torch.Tensor)),
         )
+
+    def _step(self) -> None:
+        for p, q in zip(self.sharded, self.local):
+            q.grad = None if p.grad is None else _local(p.grad)
+        self.opt.step()
 
 
 class _NestedRecorder(_Recorder):

@@ -47,7 +47,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import META_KEY, _exists, new_node, set_fake_val
+from ._graph import META_KEY, free_target, new_node, set_fake_val
 
 aten = torch.ops.aten
 
@@ -138,9 +138,7 @@ def _rehome(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> str:
     _point_into(joint, weights)
     path = _common_path([n.args[1].target for n in nodes])
     owner = gm.get_submodule(path)
-    target, i = f"{path}.lorafa_fused_weight".lstrip("."), 1
-    while _exists(gm, target):
-        target, i = f"{path}.lorafa_fused_weight_{i}".lstrip("."), i + 1
+    target = free_target(gm, path, "lorafa_fused_weight")
     leaf = target.rpartition(".")[2]
     owner.register_buffer(leaf, joint, persistent=False)
     biases = [_bias(n) for n in nodes]

@@ -29,7 +29,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import OutlineError
-from ._graph import META_KEY, block_of
+from ._graph import META_KEY, call_in_place_of, has_target, repeated_block
+from .recompute_regions import block_ranges
 
 
 class OutlineLayers(PassBase):
@@ -59,24 +60,12 @@ def _layer_of(node: fx.Node) -> str | None:
         src = node.args[0]
         if isinstance(src, fx.Node) and "block" in src.meta.get(META_KEY, {}):
             return src.meta[META_KEY]["block"]
-    if node.op in ("call_function", "call_module"):
-        block = block_of(node)
-        if block.rsplit(".", 1)[-1].isdigit():
-            return block
-    return None
+    return repeated_block(node)
 
 
 def layer_ranges(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     """For each repeated block, its nodes from first to last (``get_attr`` nodes excluded)."""
-    nodes = list(graph.nodes)
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        layer = _layer_of(node)
-        if layer is not None:
-            first.setdefault(layer, i)
-            last[layer] = i
-    spans = {b: [n for n in nodes[first[b] : last[b] + 1] if n.op != "get_attr"] for b in first}
+    spans = {b: [n for n in span if n.op != "get_attr"] for b, span in block_ranges(graph, _layer_of).items()}
     for b, span in spans.items():
         others = {layer for n in span if (layer := _layer_of(n)) not in (None, b)}
         if others:
@@ -130,23 +119,16 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
     layer = fx.GraphModule(holder, sub, class_name="OutlinedLayer")
     # Parameters and buffers the graph does not read still belong to the layer (state_dict).
     for name, p in holder.named_parameters():
-        if _missing(layer, name):
+        if not has_target(layer, name):
             _set(layer, name, p)
     for name, b in holder.named_buffers():
-        if _missing(layer, name):
+        if not has_target(layer, name):
             _set(layer, name, b, buffer=True)
     layer.train(holder.training)
 
-    with graph.inserting_before(body[0]):
-        call = graph.call_module(block, tuple(inputs))
-        call.meta["nn_module_stack"] = {block: (block, type(layer).__qualname__)}
-        call.meta[META_KEY] = {"layer": block}
-        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-    for old, new in zip(outputs, results):
-        new.meta = dict(old.meta)
-        old.replace_all_uses_with(new)
-    for n in reversed(body):
-        graph.erase_node(n)
+    call_in_place_of(graph, body, inputs, outputs, block, {
+        "nn_module_stack": {block: (block, type(layer).__qualname__)}, META_KEY: {"layer": block},
+    })
     for n in owned:
         graph.erase_node(n)
     parent, _, leaf = block.rpartition(".")
@@ -154,14 +136,6 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
     for target in moved:
         owner_path, _, name = target.rpartition(".")
         delattr(gm.get_submodule(owner_path), name)
-
-
-def _missing(module: torch.nn.Module, name: str) -> bool:
-    owner_path, _, leaf = name.rpartition(".")
-    try:
-        return not hasattr(module.get_submodule(owner_path), leaf)
-    except AttributeError:
-        return True
 
 
 def _set(module: torch.nn.Module, name: str, value: torch.Tensor, buffer: bool = False) -> None:

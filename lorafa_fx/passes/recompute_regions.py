@@ -21,15 +21,14 @@ call of each region.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ._graph import META_KEY, block_of
+from ._graph import META_KEY, call_in_place_of, repeated_block
 
 aten = torch.ops.aten
 
@@ -98,14 +97,17 @@ class RecomputeRegions(PassBase):
         return PassResult(gm, modified)
 
 
-def block_ranges(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """For each repeated block, the contiguous node range from its first to its last node."""
+def block_ranges(
+    graph: fx.Graph, block_of_node: Callable[[fx.Node], str | None] = repeated_block
+) -> dict[str, list[fx.Node]]:
+    """For each repeated block (`block_of_node`: a node's block, or None), the contiguous node
+    range from its first to its last node."""
     nodes = list(graph.nodes)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        block = block_of(node)
-        if node.op in ("call_function", "call_module") and block.rsplit(".", 1)[-1].isdigit():
+        block = block_of_node(node)
+        if block is not None:
             first.setdefault(block, i)
             last[block] = i
     return {b: nodes[first[b] : last[b] + 1] for b in first}
@@ -141,12 +143,4 @@ def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, mode: str, bloc
     sub.output(tuple(env[o] for o in outputs))
     gm.add_submodule(name, _Recompute(fx.GraphModule(modules, sub), mode))
 
-    with graph.inserting_before(body[0]):
-        call = graph.call_module(name, tuple(inputs))
-        call.meta[META_KEY] = {"recompute": mode, "block": block}
-        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-    for old, new in zip(outputs, results):
-        new.meta = dict(old.meta)
-        old.replace_all_uses_with(new)
-    for n in reversed(body):
-        graph.erase_node(n)
+    call_in_place_of(graph, body, inputs, outputs, name, {META_KEY: {"recompute": mode, "block": block}})
