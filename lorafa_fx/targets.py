@@ -114,10 +114,15 @@ def cap_ranks(adapters: list[Adapter], config: LoraFAConfig, cap: int | None) ->
         return list(adapters)
     capped = []
     for a in adapters:
-        r = a.r if _pattern_value(config.rank_pattern, a.path, None) is not None else min(a.r, cap)
+        r = a.r if rank_is_fixed(config, a.path) else min(a.r, cap)
         if r:
             capped.append(dataclasses.replace(a, r=r, scaling=_scaling(config, a.lora_alpha, r)))
     return capped
+
+
+def rank_is_fixed(config: LoraFAConfig, path: str) -> bool:
+    """Whether ``rank_pattern`` names the adapter at `path` (the planner keeps its rank)."""
+    return _pattern_value(config.rank_pattern, path, None) is not None
 
 
 def planned_config(config: LoraFAConfig, configured: list[Adapter], planned: list[Adapter]) -> LoraFAConfig:

@@ -9,7 +9,6 @@ the `MemoryPlan`).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .capture import capture
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError
 from .hf_compat import attach_hf_attributes
+from .passes._graph import graph_copy
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.drop_full_slices import DropFullSlices
@@ -34,7 +34,7 @@ from .passes.gate_dropout import GateDropout
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
 from .plan import MemoryPlan, format_bytes
-from .targets import Adapter, cap_ranks, planned_config, select_adapters, select_modules_to_save
+from .targets import Adapter, cap_ranks, planned_config, rank_is_fixed, select_adapters, select_modules_to_save
 
 
 def transform(
@@ -181,24 +181,23 @@ class Captured:
             base = p(base).graph_module
         self.base, self.config = base, config
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
-        fixed = {a.path for a in cap_ranks(self.adapters, config, 0)}  # cap 0 keeps rank_pattern's only
-        max_r = max((a.r for a in self.adapters if a.path not in fixed), default=0)
+        adjustable = [a.r for a in self.adapters if not rank_is_fixed(config, a.path)]
+        max_r = max(adjustable, default=0)
         # Dropping every adapter would leave nothing to train: then the floor is rank 1.
-        min_r = 1 if config.min_r == 0 and not fixed and not self.saved_modules else config.min_r
+        keeps_some = len(adjustable) < len(self.adapters) or self.saved_modules
+        min_r = 1 if config.min_r == 0 and not keeps_some else config.min_r
         self.ladder = lever_ladder(min_r, max_r, config.chunked_cross_entropy, chunk_applies)
 
     def build(self, levers: Levers) -> fx.GraphModule:
-        with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
-            warnings.simplefilter("ignore", FutureWarning)
-            gm = fx.GraphModule(self.base, copy.deepcopy(self.base.graph))
+        gm = graph_copy(self.base)
         adapters = cap_ranks(self.adapters, self.config, levers.rank_cap)
-        passes = [RewriteLoraFA(adapters, self.config), AnnotateSavedTensors()]
-        if levers.chunked_cross_entropy:
-            passes.append(ChunkCrossEntropy())
-        for p in passes:
+        for p in (RewriteLoraFA(adapters, self.config), AnnotateSavedTensors()):
             gm = p(gm).graph_module
-        # An adapted output projection is not chunked (see chunk_cross_entropy).
-        gm.lorafa_chunked_cross_entropy = levers.chunked_cross_entropy and not ChunkCrossEntropy.applies(gm)
+        chunked = False
+        if levers.chunked_cross_entropy:  # an adapted output projection is not chunked
+            result = ChunkCrossEntropy()(gm)
+            gm, chunked = result.graph_module, result.modified
+        gm.lorafa_chunked_cross_entropy = chunked
         _set_trainable(gm, adapters, self.saved_modules)
         gm.lorafa_config = planned_config(self.config, self.adapters, adapters)
         gm.lorafa_adapters = tuple(adapters)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import operator
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,6 +17,13 @@ META_KEY = "lorafa"
 #: Meta keys a new node inherits from the node it stands for, so errors, profiles and
 #: `nn_module_stack`-based matching still point at the user's module.
 _INHERITED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "custom")
+
+
+def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of `gm`'s graph and the same parameters and submodules."""
+    with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
+        warnings.simplefilter("ignore", FutureWarning)
+        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def new_node(

@@ -22,7 +22,8 @@ so a chunk's fp32 logits are no bigger than ``h`` (N·d values) unless that is u
 **Logits.** The model's output still has its ``logits`` field, but in train mode
 (``gm.train()``) it is ``None``: returning it would materialise what the pass avoids. In eval
 mode (``gm.eval()``) the logits are computed in full and returned as before (the loss is still
-computed chunk by chunk). Opt-in for that reason.
+computed chunk by chunk). For that reason it runs only when ``LoraFAConfig.chunked_cross_entropy``
+is True, or (None, the default) when the planner needs it to meet a budget, with a warning.
 
 Matches ``aten.cross_entropy_loss(view(linear(h, W, b) [-> to(dtype)]), target)`` with
 ``W`` (and ``b``) a ``get_attr``, no class ``weight`` and reduction ``mean`` or ``sum``; the

@@ -44,9 +44,7 @@ Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimat
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -55,7 +53,7 @@ import torch.fx as fx
 
 from ..errors import InfeasibleBudgetError
 from ..plan import format_bytes, natural_key
-from ._graph import block_of
+from ._graph import block_of, graph_copy
 from .estimate_memory import StepEstimate
 from .recompute_regions import RecomputeRegions, block_ranges
 from .simplify_attention import _Attention
@@ -88,6 +86,8 @@ def lever_ladder(min_r: int | None, max_r: int, chunked_cross_entropy: bool | No
 
 @dataclass(frozen=True)
 class Planned:
+    """`plan_memory`'s answer: the rung it chose, that rung's graph, and its recomputation."""
+
     gm: fx.GraphModule  # the chosen rung's graph, recomputation not yet realised
     levers: Levers
     recompute: RecomputePlan
@@ -215,9 +215,7 @@ def evaluate(
 
 def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
     """A copy of `gm` (sharing its parameters) with `decisions` realised."""
-    with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
-        warnings.simplefilter("ignore", FutureWarning)
-        twin = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    twin = graph_copy(gm)
     for name in ("lorafa_config", "lorafa_adapters"):
         setattr(twin, name, getattr(gm, name))
     return RecomputeRegions(decisions)(twin).graph_module
