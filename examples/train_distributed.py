@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--budget", default=None, help="per-rank memory budget, e.g. 70GB")
     p.add_argument("--compile", action="store_true", help="torch.compile the wrapped module")
+    p.add_argument("--save", default=None, help="directory for the trained adapter (PEFT's format)")
     args = p.parse_args()
 
     if args.device == "cuda":
@@ -91,6 +92,8 @@ def main() -> None:
         dist.all_reduce(mean)  # gloo has no AVG
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {mean.item() / world:.4f}  ({world} ranks, sharding={args.sharding})", flush=True)
+    if args.save:
+        lorafa_fx.save_adapter(gm, args.save)  # every rank: FSDP2's shards are gathered, rank 0 writes
     dist.destroy_process_group()
 
 

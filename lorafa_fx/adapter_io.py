@@ -7,7 +7,7 @@
   paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
   loads it. The write is atomic: everything goes to a temporary directory beside ``path``,
   which then replaces ``path`` by rename, so a crash leaves the old adapter (or nothing), never
-  half a new one.
+  half a new one. In a distributed job every rank calls it (FSDP2 shards are gathered); rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LoraFAError
@@ -51,6 +53,9 @@ class AdapterMismatchError(LoraFAError, ValueError):
 def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
     """Write `gm`'s adapter to directory `path` in PEFT's format, atomically.
 
+    Inside a ``torch.distributed`` job every rank calls it: parameters sharded by FSDP2
+    (`lorafa_fx.distributed.prepare`) are all-gathered, a collective, and rank 0 writes.
+
     Args:
         gm: a module returned by `lorafa_fx.transform`.
         path: the adapter directory; created, or replaced as a whole if it exists (files in it
@@ -63,7 +68,9 @@ def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name
     if path.exists() and not path.is_dir():
         raise LoraFAError(f"{path} exists and is not a directory; pass a directory path for the adapter.")
     config = _peft_config(gm, base_model_name_or_path or getattr(gm, "name_or_path", None) or None)
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(gm).items()}
+    tensors = {PREFIX + k: _full_tensor(v.detach()).to("cpu").contiguous() for k, v in _adapter_tensors(gm).items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -191,6 +198,10 @@ def _saved_module_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
         for name, p in gm.get_submodule(path).named_parameters():
             out[f"{path}.{name}"] = p
     return out
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -106,6 +106,19 @@ def test_only_lora_B_gradients_are_communicated(ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["full", "none"])
+def test_save_adapter_called_on_every_rank_writes_the_trained_lora_B(ranks, sharding):
+    """Reference: the trained lora_B gathered on each rank. FSDP2 holds 1/2 of every lora_B per
+    rank: save_adapter all-gathers them (every rank calls it) and rank 0 writes the PEFT files."""
+    gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
+                             config=lorafa_fx.LoraFAConfig(r=4))
+    lorafa_fx.load_adapter(gm, ranks[sharding, 0]["adapter"])
+    for r in range(WORLD):
+        for name, trained in ranks[sharding, r]["lora_B"].items():
+            assert torch.equal(gm.get_parameter(name), trained), (name, r)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["full", "none", "full_budget"])
 def test_per_rank_predicted_peak_within_5pct_of_each_ranks_measured_peak(ranks, sharding):
     """Reference: MemTracker's peak of a real step on each rank (6th step, AdamW states exist)."""
