@@ -19,14 +19,11 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
 
 import lorafa_fx  # noqa: E402
+from lorafa_fx.adapter_io import _full_tensor  # noqa: E402
 from lorafa_fx.distributed import prepare  # noqa: E402
 from lorafa_fx.measure import measure_peak_bytes  # noqa: E402
 
 STEPS, LR, GLOBAL_BATCH, SEQ, R = 5, 1e-2, 4, 16, 4
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _released(collective, *tensors: torch.Tensor, **kwargs) -> None:
@@ -112,8 +109,8 @@ def run(name: str, out: str, compile: bool) -> None:
     losses = [step() for _ in range(STEPS)]
     fsdp_param_group.foreach_reduce = original
     frozen_grads = [n for n, p in gm.named_parameters() if not p.requires_grad and p.grad is not None]
-    lora_B = {n: _full(p.detach()).clone() for n, p in gm.named_parameters() if p.requires_grad}
-    drift = max(float((_full(p.detach()) - frozen[n]).abs().max()) for n, p in gm.named_parameters()
+    lora_B = {n: _full_tensor(p.detach()).clone() for n, p in gm.named_parameters() if p.requires_grad}
+    drift = max(float((_full_tensor(p.detach()) - frozen[n]).abs().max()) for n, p in gm.named_parameters()
                 if not p.requires_grad)
     adapter = os.path.join(out, f"adapter_{name}{'_compiled' if compile else ''}")
     lorafa_fx.save_adapter(gm, adapter)  # every rank: FSDP2's shards are gathered, rank 0 writes
