@@ -7,9 +7,9 @@
   with its running total, so tensors created inside `torch.compile`'d code (Inductor's
   buffers, which no `TorchDispatchMode` sees) are counted too.
 * `memtracker_peak_bytes`: the same peak from torch's `MemTracker` (a `TorchDispatchMode`),
-  as an eager-only cross-check. Stock `MemTracker` hooks every parameter to label its
-  gradient and ``register_hook`` raises on frozen ones; `_FrozenSafeMemTracker` skips those
-  hooks (gradients are still allocated through the dispatcher, so totals are unchanged).
+  as an eager-only cross-check: `lorafa_fx.measure.measure_peak_bytes`, whose tracker skips
+  the per-parameter grad hooks that raise on frozen parameters.
+* `step_memory`: all of a step's memory figures at once (peaks, saved activations).
 * `interleaved`: round-robin repetitions over all methods, so machine noise hits all alike.
 """
 
@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch._C._profiler import _EventType
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.profiler import ProfilerActivity, profile
+
+from lorafa_fx.measure import measure_peak_bytes as memtracker_peak_bytes
+from lorafa_fx.measure import module_state, saved_activation_bytes
 
 _MARKER_BYTES = 1 << 20
 
@@ -119,22 +121,6 @@ def step_peak_bytes(step: Callable[[], object], state: Iterable[torch.Tensor]) -
     return {"peak": state_b + extra, "state": state_b, "step_extra": extra}
 
 
-class _FrozenSafeMemTracker(MemTracker):
-    """`MemTracker` without its per-parameter grad hooks, which raise on frozen parameters."""
-
-    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-        return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
-
-def memtracker_peak_bytes(step: Callable[[], object], *state: object) -> int:
-    """Peak live bytes while `step()` runs, by torch's `MemTracker` (eager code only)."""
-    tracker = _FrozenSafeMemTracker()
-    tracker.track_external(*state)
-    with tracker:
-        step()
-    return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
-
-
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -152,3 +138,22 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, li
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def step_memory(step: Callable[[], object], forward: Callable[..., object], module: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, batch: dict, cross_check: bool) -> dict[str, int]:
+    """Memory of one training step `step()` (AdamW states already allocated):
+
+    ``peak_bytes``, ``state_bytes``, ``step_extra_bytes`` (`step_peak_bytes`), ``saved_bytes``
+    (bytes autograd saves in ``forward(**batch)``, parameters and buffers left out) and, with
+    `cross_check` (eager code only), ``peak_memtracker_bytes``.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = {f"{k}_bytes": v for k, v in step_peak_bytes(step, state_tensors(module, optimizer, batch)).items()}
+    optimizer.zero_grad(set_to_none=True)
+    out["saved_bytes"] = saved_activation_bytes(lambda: forward(**batch).loss, exclude=module_state(module))
+    if cross_check:
+        optimizer.zero_grad(set_to_none=True)
+        out["peak_memtracker_bytes"] = memtracker_peak_bytes(
+            step, module, optimizer, *[v for v in batch.values() if isinstance(v, torch.Tensor)])
+    return out

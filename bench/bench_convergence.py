@@ -1,8 +1,9 @@
 """Does LoRA-FA's gradient correction speed convergence? Loss with and without it, same seeds.
 
 The paper (LoRA-FA, arXiv 2308.03303) claims the closed-form correction of ``grad_B`` closes
-part of the gap to full fine-tuning. Here: a tiny random-init Llama, adapters on every linear,
-trained on a synthetic next-token task with learnable structure. Each sequence walks a fixed
+part of the gap to full fine-tuning. Here: the zoo's tiny random-init Llama
+(``lorafa_fx.zoo.make_model("llama", "test", seed)``: 2 layers, hidden 64), adapters on every
+linear, trained on a synthetic next-token task with learnable structure. Each sequence walks a fixed
 random permutation of the vocabulary (``x[t+1] = perm[x[t]]``) from a random start, so every
 token but the first is predictable from its predecessor and the loss floor is about
 ``log(V) / seq``. For each (seed, lr) both runs start from identical weights and see
@@ -22,20 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
+from lorafa_fx import zoo
 from lorafa_fx.optim import create_lorafa_optimizer
 
 OUT = Path(__file__).resolve().parent / "out"
-VOCAB = 96
-
-
-def _model(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128))
+VOCAB = zoo.VOCAB
 
 
 def _batch(perm: torch.Tensor, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -85,7 +79,7 @@ def main() -> None:
     runs = []
     for seed in range(args.seeds):
         perm = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))
-        model = _model(seed)
+        model = zoo.make_model("llama", "test", seed=seed)
         gm = lorafa_fx.transform(model, example_inputs=_batch(perm, 2, args.seq, seed=0), config=lorafa_fx.LoraFAConfig(
             r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", seed=seed))
         gm.train()

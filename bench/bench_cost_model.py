@@ -22,8 +22,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import LlamaConfig, RobertaConfig, RobertaForSequenceClassification, T5Config
 
 import lorafa_fx
-from lorafa_fx.estimate import _batch, _model_class
-from lorafa_fx.transform import build, plan_step
+from lorafa_fx.api import model_from_config, token_batch
+from lorafa_fx.memory.cost_model import CostModel
+from lorafa_fx.memory.report import MemoryPlan
+from lorafa_fx.pipeline import Adaptable
 
 GB = 1e9
 OUT = Path(__file__).parent / "out"
@@ -68,17 +70,18 @@ def plan(config, batch: int, seq: int, rank: int, dtype: torch.dtype, train_lora
         if isinstance(config, RobertaConfig):
             model = RobertaForSequenceClassification._from_config(config, dtype=dtype)
         else:
-            model = _model_class(config).from_config(config, dtype=dtype)
-        inputs = _batch(batch, seq)
+            model = model_from_config(config, dtype)
+        inputs = token_batch(batch, seq)
         if isinstance(config, RobertaConfig):
             inputs["labels"] = torch.zeros(batch, dtype=torch.long)
     lora = lorafa_fx.LoraFAConfig(r=rank, lora_alpha=2 * rank,
                                   modules_to_save=["classifier"] if isinstance(config, RobertaConfig) else None)
-    gm = build(model, inputs, lora)
+    gm = Adaptable(model, inputs, lora).build()
     if train_lora_A:  # LoRA: same graph, A trained too, so backward keeps every adapter's input x
         for a in gm.lorafa_adapters:
             gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad_(True)
-    return plan_step(gm, inputs)
+    # The plan of the graph as it is: no budget, nothing recomputed.
+    return MemoryPlan.from_estimate(gm, CostModel(inputs)(gm), inputs, None)
 
 
 def main() -> None:

@@ -1,17 +1,19 @@
-"""Eager AdamW step time of lorafa_fx against PEFT LoRA with ``lora_A`` frozen, on bench_methods' quick Llama.
+"""Eager AdamW step time of lorafa_fx against PEFT LoRA with ``lora_A`` frozen, on the zoo's quick Llama.
 
-The acceptance ratio of issue 8 (lorafa_fx / PEFT LoRA-FA, eager) without the rest of
-bench_methods: same model, batch, r and alpha, one thread, steps interleaved A, B, A, B, ...
-and the median of the per-pair ratios (machine noise hits both sides of a pair alike).
-``--profile`` prints each side's top ops by self CPU time (torch.profiler) instead.
+The eager time ratio of bench_methods.py (lorafa_fx / PEFT LoRA-FA) without the rest of it:
+same model (``lorafa_fx.zoo.make_model("llama", "quick")``), batch, r and alpha, one thread,
+steps interleaved A, B, A, B, ... and the median of the per-pair ratios (machine noise hits
+both sides of a pair alike). ``--profile`` prints each side's top ops by self CPU time
+(torch.profiler) instead.
 
     OMP_NUM_THREADS=1 python -m bench.bench_eager_step [--pairs 15] [--profile] [--method M --against M]
 
 (``-m`` from the repository root, so the checkout's `lorafa_fx` is the one imported.) Methods
-are bench_methods' names (``lorafa_fx+fuse_lora_a``, ...). Steps that page-fault are slower for
-reasons outside the graph (glibc returning freed memory to the OS, then faulting it back in):
-the minor page faults per step are printed with the times, and ``--keep-heap`` tells glibc to
-keep freed memory (`mallopt`), so that both sides are timed without them.
+are bench_methods' names (``lorafa_fx``, ``lorafa_fx+chunk_ce``, ``peft_lora_fa``, ...). Steps
+that page-fault are slower for reasons outside the graph (glibc returning freed memory to the
+OS, then faulting it back in): the minor page faults per step are printed with the times, and
+``--keep-heap`` tells glibc to keep freed memory (`mallopt`), so that both sides are timed
+without them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import MODELS, build, make_batch  # noqa: E402
+from bench_methods import METHODS, build  # noqa: E402
+
+from lorafa_fx import zoo  # noqa: E402
+
+#: What `build` makes on its own (the budgeted row needs bench_methods' measured peak).
+BUILDABLE = [m for m in METHODS if m != "lorafa_fx_budget60"]
 
 
 def _step_fn(module: torch.nn.Module, batch: dict):
@@ -64,16 +71,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--method", default="lorafa_fx")
-    ap.add_argument("--against", default="peft_lora_fa")
+    ap.add_argument("--method", default="lorafa_fx", choices=BUILDABLE)
+    ap.add_argument("--against", default="peft_lora_fa", choices=BUILDABLE)
     ap.add_argument("--keep-heap", action="store_true")
     args = ap.parse_args()
     if args.keep_heap:
         _keep_heap()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = MODELS["llama"][1]()
-    batch = make_batch("llama", model.config.vocab_size, args.batch, args.seq)
+    model = zoo.make_model("llama", "quick")
+    batch = zoo.make_batch("llama", args.batch, args.seq, size="quick")
     steps = {m: _step_fn(build(m, model, "llama", batch), batch) for m in (args.against, args.method)}
     for step in steps.values():
         step(), step()

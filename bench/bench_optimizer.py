@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lorafa_fx
-from lorafa_fx.optim import create_lorafa_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
+import lorafa_fx  # noqa: E402
+from lorafa_fx.optim import create_lorafa_optimizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -57,20 +60,6 @@ def _peft_model(model: torch.nn.Module, gm: torch.fx.GraphModule, r: int, alpha:
             layer.lora_A["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_A.weight"))
             layer.lora_B["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_B.weight"))
     return ref
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(_timed(fn))
-    return times
 
 
 def main() -> None:
@@ -126,23 +115,23 @@ def main() -> None:
 
     gm(**batch).loss.backward()
     ref(**batch).loss.backward()
-    cold_s = _timed(ours.step)  # first step: computes and caches every (A A^T)^-1
+    cold_s = H.timed(ours.step)  # first step: computes and caches every (A A^T)^-1
     step_fns = {"ours": ours.step, "peft_bf16": peft_step(peft_bf16, True), "peft_fp32": peft_step(peft_fp32, False)}
-    _interleaved(step_fns, 2)  # warm-up
-    steps = _interleaved(step_fns, args.step_reps)
+    H.interleaved(step_fns, 2)  # warm-up
+    steps = H.interleaved(step_fns, args.step_reps)
     train_fns = {
         "ours": train_step(gm, ours), "peft_bf16": train_step(ref, peft_bf16, True),
         "peft_fp32": train_step(ref, peft_fp32, False),
     }
-    _interleaved(train_fns, 1)
-    trains = _interleaved(train_fns, args.train_reps)
+    H.interleaved(train_fns, 1)
+    trains = H.interleaved(train_fns, args.train_reps)
     set_peft_bf16(True)
 
     med = {f"{k}_step_ms": 1e3 * statistics.median(v) for k, v in steps.items()}
     med |= {f"{k}_train_ms": 1e3 * statistics.median(v) for k, v in trains.items()}
     result = {
         "config": vars(args) | {"lora_alpha": alpha, "adapters": n_adapters},
-        "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "env": H.env_info(),
         "transform_s": transform_s,
         "ours_first_step_ms": 1e3 * cold_s,
         "median": med,

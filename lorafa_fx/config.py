@@ -1,10 +1,21 @@
-"""`LoraFAConfig`: what to adapt and how, in PEFT's `LoraConfig` vocabulary."""
+"""What to adapt (`LoraFAConfig`, in PEFT's `LoraConfig` vocabulary) and how to plan the
+training step (`PlanSettings`, shared by `transform` and `estimate`)."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
+import torch
+
+from .errors import ConfigError, DistributedPlanError
+from .units import parse_budget
+
 INIT_LORA_A = ("kaiming_uniform", "gaussian", "orthogonal", "ones")
+SHARDING_CHOICES = ("full", "none")
+#: accelerate's names for the precision a step runs in, and the autocast dtype of each.
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,10 @@ class LoraFAConfig:
             ``"ones"`` (the paper's Table 6 options).
         seed: seed of the generator that draws every ``lora_A``, so a transform is reproducible
             without touching the global RNG.
+
+    Two fields are the planner's levers rather than PEFT's; they live here because they change
+    what is trained and what the model returns, which a saved config must describe:
+
         min_r: under a memory budget, the planner may lower the rank of adapters not named in
             ``rank_pattern`` down to ``min_r`` before it recomputes anything (0: it may drop
             them). ``None`` (default): ranks are as configured.
@@ -64,21 +79,35 @@ class LoraFAConfig:
         for pattern, r in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", r)
         if self.min_r is not None and (not isinstance(self.min_r, int) or isinstance(self.min_r, bool) or not 0 <= self.min_r <= self.r):
-            raise ValueError(
+            raise ConfigError(
                 f"min_r={self.min_r!r} must be an int in [0, r={self.r}] (0 lets the planner drop adapters), "
                 "or None to keep every rank as configured."
             )
-        if not self.lora_alpha > 0 or any(not a > 0 for a in self.alpha_pattern.values()):
-            raise ValueError("lora_alpha and alpha_pattern values must be > 0; scaling is lora_alpha / r.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1); use 0.0 to disable it.")
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1); use 0.0 to disable it.")
         if self.init_lora_weights is not True and self.init_lora_weights not in INIT_LORA_A:
-            raise ValueError(
+            raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; LoRA-FA needs a random "
                 f"frozen lora_A: use one of {INIT_LORA_A} (True means 'kaiming_uniform')."
             )
         if not self.target_modules:
-            raise ValueError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
+            raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed={self.seed!r} must be an int (it seeds the generator that draws every lora_A).")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}={value!r} must be module-name suffixes (strings), or a regex string.")
+        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
+            _check_regex("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, name):
+                _check_regex(f"{name} key", pattern)
 
     @property
     def init_lora_A(self) -> str:
@@ -87,4 +116,74 @@ class LoraFAConfig:
 
 def _check_rank(name: str, r: object) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"{name}={r!r} must be a positive int (the adapter rank).")
+        raise ConfigError(f"{name}={r!r} must be a positive int (the adapter rank).")
+
+
+def _check_alpha(name: str, alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ConfigError(f"{name}={alpha!r} must be a finite number > 0; scaling is lora_alpha / r (PEFT's "
+                          "default lora_alpha is 8).")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e}); escape special "
+                          "characters (re.escape) or pass module-name suffixes as a list.") from None
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How a training step is planned; `transform` and `estimate` take the same settings.
+
+    Attributes:
+        budget_bytes: memory budget of one step, or None (no planning, only the prediction).
+        world_size: plan one rank of a data-parallel job of this many processes, or None (one
+            process).
+        sharding: with `world_size`: "full" (FSDP2) or "none" (DDP).
+        mixed_precision: the precision the step runs in, accelerate's names: "no" (the
+            weights' dtype), "bf16" or "fp16" (forward under autocast to that dtype).
+    """
+
+    budget_bytes: int | None = None
+    world_size: int | None = None
+    sharding: str = "full"
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"mixed_precision={self.mixed_precision!r}: use one of {tuple(MIXED_PRECISION)} (accelerate's names)."
+            )
+        if self.sharding not in SHARDING_CHOICES:
+            raise DistributedPlanError(f"sharding={self.sharding!r}: use one of {SHARDING_CHOICES}.")
+        if self.world_size is not None and (
+            not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1
+        ):
+            raise DistributedPlanError(f"world_size={self.world_size!r} must be a positive int (the number of ranks).")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return MIXED_PRECISION[self.mixed_precision]
+
+    @classmethod
+    def from_arguments(
+        cls, budget: int | str | None, world_size: int | None, sharding: str, mixed_precision: str | None = None
+    ) -> PlanSettings:
+        """The settings of a `transform`/`estimate` call (`budget`: bytes or a size string;
+        `mixed_precision` None: the autocast in force at the call, else "no")."""
+        try:
+            budget_bytes = parse_budget(budget)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return cls(budget_bytes, world_size, sharding, mixed_precision or autocast_in_force())
+
+
+def autocast_in_force() -> str:
+    """accelerate's name of the autocast the caller runs under ("no" outside autocast)."""
+    for device in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return next((name for name, d in MIXED_PRECISION.items() if d == dtype), "no")
+    return "no"

@@ -5,9 +5,16 @@
 
 - ``forward``'s signature: already the batch's keyword names (export keeps them), so
   ``Trainer``'s column removal and label-name discovery (``find_labels``) work unchanged.
-- ``config``, ``name_or_path``, ``main_input_name``, ``loss_type``: the model's; ``Trainer``
-  sets ``config.use_cache``, counts tokens by ``main_input_name``; `save_adapter` records
-  ``name_or_path``.
+- ``config``, ``name_or_path``, ``main_input_name``, ``loss_type``, ``generation_config``: the
+  model's; ``Trainer`` sets ``config.use_cache``, counts tokens by ``main_input_name``;
+  `save_adapter` records ``name_or_path``; TRL's ``SFTTrainer`` writes the tokenizer's eos/pad
+  ids into ``generation_config``.
+- ``add_model_tags(tags)``: records them in ``model_tags``, as ``PreTrainedModel`` does
+  (``SFTTrainer`` tags the model it trains).
+- ``base_model`` and ``get_output_embeddings()`` (causal LMs, `backbone.py`): the graph up to the
+  last hidden state and the output projection's weight/bias, which TRL's ``SFTTrainer`` fused
+  LM head calls in place of the model's head and loss. ``base_model`` is kept out of ``gm``'s
+  submodules, so ``state_dict()`` and ``modules()`` are unchanged.
 - ``accepts_loss_kwargs = False``: the captured forward takes no ``num_items_in_batch``, so
   ``Trainer`` divides each micro-batch loss by the accumulation steps itself.
 - ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` / ``quantization_method`` / ``hf_device_map``:
@@ -36,34 +43,57 @@ import types
 import torch.fx as fx
 import torch.nn as nn
 
-from .adapter_io import _adapter_tensors, save_adapter
+from .backbone import causal_lm_backbone
 from .errors import LoraFAError
+from .passes._graph import set_attributes
+from .peft_files import adapter_tensors, save_adapter
 
 #: Attributes copied from the model when it has them.
 _MIRRORED = (
-    "config", "name_or_path", "main_input_name", "loss_type",
+    "config", "name_or_path", "main_input_name", "loss_type", "generation_config",
     "is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method", "hf_device_map",
 )
 
 
 def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Give `gm` (from `transform`, with ``lorafa_adapters`` set) what ``Trainer`` needs of `model`."""
-    for name in _MIRRORED:
-        if getattr(model, name, None) is not None:
-            setattr(gm, name, getattr(model, name))
-    gm.accepts_loss_kwargs = False
-    gm.is_activation_checkpointing = False
-    gm.is_gradient_checkpointing = False
-    gm.supports_gradient_checkpointing = False
-    gm.activation_checkpointing_enable = _no_activation_checkpointing
-    gm.gradient_checkpointing_enable = _no_activation_checkpointing
-    gm.can_generate = _cannot_generate
-    gm._keys_to_ignore_on_save = None
-    gm.save_pretrained = types.MethodType(_save_pretrained, gm)
+    """Give `gm` (from `transform`, with ``lorafa_adapters`` set) what ``Trainer`` needs of `model`.
+    Everything set here survives ``copy.deepcopy(gm)``."""
+    set_attributes(
+        gm,
+        **{name: getattr(model, name) for name in _MIRRORED if getattr(model, name, None) is not None},
+        accepts_loss_kwargs=False,
+        is_activation_checkpointing=False,
+        is_gradient_checkpointing=False,
+        supports_gradient_checkpointing=False,
+        activation_checkpointing_enable=_no_activation_checkpointing,
+        gradient_checkpointing_enable=_no_activation_checkpointing,
+        can_generate=_cannot_generate,
+        _keys_to_ignore_on_save=None,
+        save_pretrained=types.MethodType(_save_pretrained, gm),
+        model_tags=list(getattr(model, "model_tags", None) or []),
+        add_model_tags=types.MethodType(_add_model_tags, gm),
+    )
+    backbone = causal_lm_backbone(gm, model)
+    if backbone is not None:
+        gm.meta[_BACKBONE] = backbone
+        _attach_backbone(gm)
+        # GraphModule's deepcopy copies meta (the backbone, re-rooted at the copy) but rebuilds the module.
+        gm._register_deepcopy_hook(_attach_backbone)
 
-    trained = frozenset(_adapter_tensors(gm))
+    trained = frozenset(adapter_tensors(gm))
     gm.register_state_dict_post_hook(_TrainedOnly(trained))
     gm.register_load_state_dict_post_hook(_ForgiveFrozen(trained))
+
+
+_BACKBONE = "lorafa_backbone"
+
+
+def _attach_backbone(gm: fx.GraphModule) -> None:
+    backbone = gm.meta[_BACKBONE]
+    # Not through nn.Module.__setattr__: as gm's child (gm being the backbone's root) it would add its keys to
+    # gm.state_dict() and make the module tree a cycle.
+    object.__setattr__(gm, "base_model", backbone)
+    gm.get_output_embeddings = backbone.output_embeddings
 
 
 def _no_activation_checkpointing(*args, **kwargs) -> None:
@@ -84,6 +114,12 @@ def _save_pretrained(gm: fx.GraphModule, save_directory: str | os.PathLike, *, i
     """``gm.save_pretrained(dir)``: the adapter, in PEFT's format (``Trainer``'s keywords accepted)."""
     if is_main_process:
         save_adapter(gm, save_directory)
+
+
+def _add_model_tags(gm: fx.GraphModule, tags: list[str] | str) -> None:
+    for tag in [tags] if isinstance(tags, str) else tags:
+        if tag not in gm.model_tags:
+            gm.model_tags.append(tag)
 
 
 class _TrainedOnly:

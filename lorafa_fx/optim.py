@@ -46,7 +46,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
+
+from .errors import ConfigError, DistributedPlanError
 
 __all__ = ["LoraFAOptimizer", "create_lorafa_optimizer"]
 
@@ -209,11 +212,7 @@ def create_lorafa_optimizer(
         a `LoraFAOptimizer`: group 0 the ``lora_B`` weights, group 1 (if any) the
         ``modules_to_save`` parameters.
     """
-    from torch.distributed.tensor import DTensor
-
     if any(isinstance(p, DTensor) for p in gm.parameters()):
-        from .errors import DistributedPlanError
-
         raise DistributedPlanError(
             "create_lorafa_optimizer does not support FSDP2-sharded parameters (sharding='full'): train them "
             "with torch.optim.AdamW, or use sharding='none' (DDP) for the LoRA-FA optimizer."
@@ -294,11 +293,15 @@ def _adapter_pairs(gm: nn.Module) -> dict[torch.Tensor, _Pair]:
 
 
 def _check_hyperparameters(lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"lr={lr} must be >= 0.")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay={weight_decay} must be >= 0 (0 disables it).")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas={betas} must be two floats in [0, 1), e.g. (0.9, 0.999).")
-    if not eps >= 0.0:
-        raise ValueError(f"eps={eps} must be >= 0, e.g. 1e-6 (PEFT's default).")
+    if not _finite_at_least_0(lr):
+        raise ConfigError(f"lr={lr!r} must be a finite number >= 0, e.g. 1e-4.")
+    if not _finite_at_least_0(weight_decay):
+        raise ConfigError(f"weight_decay={weight_decay!r} must be a finite number >= 0 (0 disables it).")
+    if len(betas) != 2 or not all(_finite_at_least_0(b) and b < 1.0 for b in betas):
+        raise ConfigError(f"betas={betas!r} must be two floats in [0, 1), e.g. (0.9, 0.999).")
+    if not _finite_at_least_0(eps):
+        raise ConfigError(f"eps={eps!r} must be a finite number >= 0, e.g. 1e-6 (PEFT's default).")
+
+
+def _finite_at_least_0(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x < math.inf

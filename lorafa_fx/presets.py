@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig
 
+from .errors import ConfigError
+
 
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int,
            **extra) -> LlamaConfig:
@@ -35,11 +37,16 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or directory."
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); pass a transformers config.json.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a transformers config (a JSON object).")
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise ValueError(f"{path} has no 'model_type'; it is not a transformers config.json.")
+        raise ConfigError(f"{path} has no 'model_type'; it is not a transformers config.json.")
     return AutoConfig.for_model(model_type, **data)

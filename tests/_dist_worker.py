@@ -19,7 +19,7 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
 
 import lorafa_fx  # noqa: E402
-from lorafa_fx.adapter_io import _full_tensor  # noqa: E402
+from lorafa_fx.peft_files import _full_tensor  # noqa: E402
 from lorafa_fx.distributed import prepare  # noqa: E402
 from lorafa_fx.measure import measure_peak_bytes  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tiny seeded models built from configs (no downloads), and the PEFT reference."""
+"""The PEFT reference and test helpers; the models and batches are `lorafa_fx.zoo`'s."""
 
 from __future__ import annotations
 
@@ -7,74 +7,30 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
-VOCAB = 96
+import lorafa_fx
+from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
+from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
+
+_TRANSFORMED: dict[str, tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
 
 
-def _llama():
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128))
+def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, **config):
+    """``(model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
+    config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``.
 
-
-def _qwen2():
-    return Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128))
-
-
-def _gpt2():
-    return GPT2LMHeadModel(GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
-        bos_token_id=0, eos_token_id=0))
-
-
-def _roberta():
-    return RobertaForSequenceClassification(RobertaConfig(
-        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=130, num_labels=3, pad_token_id=1))
-
-
-def _t5():
-    return T5ForConditionalGeneration(T5Config(
-        d_model=64, d_ff=112, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-
-
-MODELS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2, "roberta": _roberta, "t5": _t5}
-
-#: Arguments each architecture needs beyond the defaults (RoBERTa trains its head in full).
-CONFIG_KWARGS = {"roberta": {"modules_to_save": ["classifier"]}}
-
-
-def make_model(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return MODELS[name]()
-
-
-def make_batch(name: str, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if name == "roberta":
-        out["labels"] = torch.randint(0, 3, (batch,), generator=g)
-    elif name == "t5":
-        out["labels"] = torch.randint(2, VOCAB, (batch, max(seq // 2, 2)), generator=g)
-    else:
-        out["labels"] = ids.clone()
-    return out
+    Capturing (torch.export) is most of a test's time, and transform is deterministic: each
+    argument set is transformed once per session and every caller gets a deep copy of the pair
+    (copied together, so the copy of gm still shares the copy of the model's weights). Tests
+    that check what transform itself warns or raises call it directly.
+    """
+    key = repr((name, shape, budget, model_fn, sorted(config.items())))
+    if key not in _TRANSFORMED:
+        model = (model_fn or make_model)(name)
+        config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
+        batch = make_batch(name, *shape)
+        _TRANSFORMED[key] = model, lorafa_fx.transform(model, budget, example_inputs=batch, config=config)
+    return copy.deepcopy(_TRANSFORMED[key])
 
 
 def peft_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, lora_A_trainable: bool = False):

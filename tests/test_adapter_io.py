@@ -1,4 +1,4 @@
-"""adapter_io: save/load in PEFT's format and merge, against PEFT (from_pretrained, save_pretrained,
+"""peft_files and merge: save/load in PEFT's format and merge, against PEFT (from_pretrained, save_pretrained,
 merge_and_unload) and against the transformed module itself."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model, peft_reference, randomize_lora_B
+from conftest import CONFIG_KWARGS, make_batch, make_model, peft_reference, randomize_lora_B, transformed
 
 import lorafa_fx
 from lorafa_fx import LoraFAConfig
-from lorafa_fx.adapter_io import AdapterMismatchError, load_adapter, merge, save_adapter
+from lorafa_fx import AdapterMismatchError, load_adapter, merge, save_adapter
 from lorafa_fx.errors import LoraFAError
 
 EXAMPLE_SHAPE = (2, 12)
@@ -22,9 +22,11 @@ OTHER_SHAPE = (3, 9)
 
 
 def _transform(name: str, model=None, **config):
-    model = model if model is not None else make_model(name)
-    config = LoraFAConfig(**{"r": 4, "lora_alpha": 8, **CONFIG_KWARGS.get(name, {}), **config})
-    gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
+    if model is None:
+        model, gm = transformed(name, EXAMPLE_SHAPE, **{"r": 4, "lora_alpha": 8, **config})
+    else:
+        config = LoraFAConfig(**{"r": 4, "lora_alpha": 8, **CONFIG_KWARGS.get(name, {}), **config})
+        gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
     randomize_lora_B(gm)
     _perturb_modules_to_save(gm)
     return model, gm
@@ -135,12 +137,12 @@ def _half_write(tensors, filename, metadata=None):
 
 def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     """Reference: the directory as it was before the failed save (absent, or byte-identical)."""
-    import lorafa_fx.adapter_io as adapter_io
+    import lorafa_fx.peft_files as peft_files
 
     _, gm = _transform("llama", target_modules=["q_proj"])
     target = tmp_path / "adapter"
     with monkeypatch.context() as m:
-        m.setattr(adapter_io, "save_file", _half_write)
+        m.setattr(peft_files, "save_file", _half_write)
         with pytest.raises(OSError, match="simulated"):
             save_adapter(gm, target)
     assert os.listdir(tmp_path) == []
@@ -150,7 +152,7 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     before = {f: (target / f).read_bytes() for f in os.listdir(target)}
     randomize_lora_B(gm, seed=11)
     with monkeypatch.context() as m:
-        m.setattr(adapter_io, "save_file", _half_write)
+        m.setattr(peft_files, "save_file", _half_write)
         with pytest.raises(OSError, match="simulated"):
             save_adapter(gm, target)
     assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before

@@ -9,6 +9,7 @@ from conftest import make_batch, make_model
 
 import lorafa_fx
 from lorafa_fx import AlreadyTransformedError, CaptureError, LoraFAConfig
+from lorafa_fx.errors import ExampleInputsError, InputShapeError
 
 
 def test_base_weights_are_shared_not_copied():
@@ -53,9 +54,14 @@ def test_one_capture_serves_other_shapes(shape):
 
 
 def test_sequence_longer_than_the_position_limit_is_rejected():
+    """Export's own check raises `AssertionError: Guard failed: input_ids.size()[1] <= 128`; the
+    error names the input, the size given, the bound, and the config field to raise."""
     gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 12))
-    with pytest.raises(Exception, match=r"input_ids.size\(\)\[1\] <= 128"):
+    with pytest.raises(InputShapeError) as e:
         gm(**make_batch("llama", 1, 129))
+    msg = str(e.value)
+    assert "'input_ids' has size 129 in dim 1" in msg and "max_position_embeddings = 128" in msg
+    assert "max_position_embeddings is at least 129" in msg
 
 
 def test_padded_batch_matches_the_model():
@@ -81,7 +87,8 @@ class _NeedsThreeTokens(nn.Module):
 def test_guarded_dims_capture_without_user_dims():
     torch.manual_seed(0)
     model = _NeedsThreeTokens()
-    gm = lorafa_fx.transform(model, example_inputs={"x": torch.randn(2, 5, 8)})
+    with pytest.warns(UserWarning, match=r"bounds dim 1 of input 'x' to sizes 3\.\.any"):
+        gm = lorafa_fx.transform(model, example_inputs={"x": torch.randn(2, 5, 8)})
     for shape in [(1, 3), (4, 11)]:
         x = torch.randn(*shape, 8)
         torch.testing.assert_close(gm(x=x), model(x=x))
@@ -139,4 +146,64 @@ def test_a_batch_of_one_captures_a_module_for_any_batch():
     model = make_model("llama").eval()
     gm = lorafa_fx.transform(model, example_inputs=make_batch("llama", 1, 1))
     batch = make_batch("llama", 3, 7, seed=9)
+    torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+class _AtMostSixteenTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._check(x.shape[1] <= 16)
+        return self.proj(x)
+
+
+def test_a_bound_the_models_code_sets_is_warned_and_enforced_by_name():
+    """The code's bound (16) is narrower than the one capture asked for (none): capture says so,
+    and a longer batch is refused naming the input, the size and the bound. Reference: the
+    model itself within the bound."""
+    torch.manual_seed(0)
+    model = _AtMostSixteenTokens()
+    with pytest.warns(UserWarning, match=r"bounds dim 1 of input 'x' to sizes 2\.\.16"):
+        gm = lorafa_fx.transform(model, example_inputs={"x": torch.randn(2, 5, 8)})
+    x = torch.randn(3, 16, 8)
+    torch.testing.assert_close(gm(x=x), model(x=x))
+    with pytest.raises(InputShapeError, match=r"input 'x' has size 17 in dim 1; this module was captured for at most 16"):
+        gm(x=torch.randn(3, 17, 8))
+
+
+def test_example_key_the_model_does_not_take_is_refused():
+    batch = make_batch("llama", 2, 8) | {"row_id": torch.arange(2)}
+    with pytest.raises(ExampleInputsError, match=r"example_inputs has 'row_id', which LlamaForCausalLM.forward does "
+                                                 r"not take\. It takes: input_ids, attention_mask"):
+        lorafa_fx.transform(make_model("llama"), example_inputs=batch)
+    with pytest.raises(ExampleInputsError, match=r"'mask', which _NeedsThreeTokens.forward does not take\. It takes: x\."):
+        lorafa_fx.transform(_NeedsThreeTokens(), example_inputs={"x": torch.randn(2, 5, 8), "mask": torch.ones(2, 5)})
+
+
+def test_example_key_only_kwargs_would_take_is_refused():
+    """GPT-2's forward takes **kwargs; torch.export cannot pass an example through them."""
+    batch = make_batch("gpt2", 2, 8) | {"output_attentions": False}
+    with pytest.raises(ExampleInputsError, match=r"'output_attentions', which GPT2LMHeadModel.forward takes only "
+                                                 r"through \*\*kwargs"):
+        lorafa_fx.transform(make_model("gpt2"), example_inputs=batch)
+
+
+@pytest.mark.parametrize(("key", "value", "fix"), [
+    ("use_cache", True, "remove 'use_cache' from example_inputs"),
+    ("return_dict", False, "remove 'return_dict' from example_inputs"),
+])
+def test_flags_a_training_graph_cannot_honour_are_refused(key, value, fix):
+    batch = make_batch("llama", 2, 8) | {key: value}
+    with pytest.raises(ExampleInputsError) as e:
+        lorafa_fx.transform(make_model("llama"), example_inputs=batch)
+    assert f"example_inputs['{key}'] = {value} cannot be captured" in str(e.value) and fix in str(e.value)
+
+
+def test_use_cache_false_is_captured_and_taken_by_the_module():
+    """Reference: the unmodified model called with the same keyword (B = 0)."""
+    model = make_model("llama").eval()
+    batch = make_batch("llama", 2, 8) | {"use_cache": False}
+    gm = lorafa_fx.transform(model, example_inputs=batch).eval()
     torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)

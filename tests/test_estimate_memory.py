@@ -1,39 +1,39 @@
-"""estimate_memory (the cost model): predictions against measured steps and closed forms."""
+"""memory/cost_model.py (the cost model): predictions against measured steps and closed forms."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model
+from conftest import CONFIG_KWARGS, make_batch, make_model, transformed
 
 import lorafa_fx
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import measure_peak_bytes, module_state, saved_activation_bytes
-from lorafa_fx.passes.estimate_memory import EstimateMemory
+from lorafa_fx.memory.cost_model import CostModel
 
 
 def _transform(name: str, r: int = 8):
-    config = LoraFAConfig(r=r, **CONFIG_KWARGS.get(name, {}))
-    return lorafa_fx.transform(make_model(name), example_inputs=make_batch(name, 2, 8), config=config)
+    return transformed(name, (2, 8), r=r)[1]
 
 
 def _estimate(gm, batch):
-    cost = EstimateMemory(batch)
-    cost(gm)
-    return cost.estimate
+    return CostModel(batch)(gm)
 
 
-def _measured(gm, batch):
+def _measured(gm, batch, autocast_dtype=None):
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        gm(**batch).loss.backward()
+        with torch.autocast("cpu", autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = gm(**batch).loss
+        loss.backward()
         opt.step()
 
     step()  # the measured step is the second: AdamW's states exist
     peak = measure_peak_bytes(step, gm, opt, batch)
-    saved = saved_activation_bytes(lambda: gm(**batch).loss, module_state(gm))
+    with torch.autocast("cpu", autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        saved = saved_activation_bytes(lambda: gm(**batch).loss, module_state(gm))
     return peak, saved
 
 
@@ -48,6 +48,30 @@ def test_predicted_peak_and_saved_bytes_match_a_measured_step(name, shape):
     peak, saved = _measured(gm, batch)
     assert estimate.peak == pytest.approx(peak, rel=0.05)
     assert estimate.saved_activations == pytest.approx(saved, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+def test_an_autocast_step_is_predicted_within_5pct(name):
+    """Reference: MemTracker's peak of a real step whose forward runs under bf16 autocast (as
+    Trainer(bf16=True) runs it) and its saved bytes; the plan says which precision it assumed."""
+    config = LoraFAConfig(r=8, **CONFIG_KWARGS.get(name, {}))
+    gm = lorafa_fx.transform(make_model(name), example_inputs=make_batch(name, 2, 8), config=config,
+                             mixed_precision="bf16")
+    assert gm.lorafa_plan.mixed_precision == "bf16" and "mixed bf16" in str(gm.lorafa_plan)
+    batch = make_batch(name, 2, 8)
+    peak, saved = _measured(gm.train(), batch, torch.bfloat16)
+    assert gm.lorafa_plan.predicted_peak_bytes == pytest.approx(peak, rel=0.05)
+    assert gm.lorafa_plan.saved_activation_bytes == pytest.approx(saved, rel=0.02)
+    # Without autocast in the simulation the same step is mispredicted: autocast keeps bf16 copies of
+    # the weights each linear reads (for the input's gradient) and bf16 activations.
+    assert _estimate(gm, batch).peak != pytest.approx(peak, rel=0.05)
+
+
+def test_mixed_precision_defaults_to_the_autocast_in_force():
+    with torch.autocast("cpu", torch.bfloat16):
+        gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 8))
+    assert gm.lorafa_plan.mixed_precision == "bf16"
+    assert _transform("llama").lorafa_plan.mixed_precision == "no"
 
 
 def test_static_terms_are_closed_form():

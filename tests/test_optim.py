@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
+from conftest import make_batch, peft_lora_B, peft_reference, randomize_lora_B, transformed
 
-import lorafa_fx
-from lorafa_fx import LoraFAConfig
 from lorafa_fx.optim import LoraFAOptimizer, create_lorafa_optimizer
 
 LR = 1e-2
@@ -31,9 +29,7 @@ def peft_fp32(monkeypatch):
 
 
 def _transformed(name: str = "llama", **config):
-    model = make_model(name)
-    config = LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
-    gm = lorafa_fx.transform(model, example_inputs=make_batch(name, 2, 12), config=config)
+    model, gm = transformed(name, (2, 12), **config)
     randomize_lora_B(gm)
     gm.eval()  # no dropout: both sides must see the same function
     return model, gm

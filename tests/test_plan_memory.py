@@ -6,24 +6,27 @@ import functools
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B
+from conftest import make_batch, make_model, randomize_lora_B, transformed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx import InfeasibleBudgetError
 from lorafa_fx.measure import measure_peak_bytes
-from lorafa_fx.transform import parse_budget
+from lorafa_fx.units import parse_budget
 
 SHAPE = (4, 32)
 
 
+def _llama4(_name: str = "llama4"):
+    """Four layers, so budgets between the extremes recompute 1..3 of them."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=96, max_position_embeddings=128))
+
+
 def _model(name: str):
-    if name == "llama4":  # four layers, so budgets between the extremes recompute 1..3 of them
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(
-            hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-            vocab_size=96, max_position_embeddings=128))
-    return make_model(name)
+    return _llama4() if name == "llama4" else make_model(name)
 
 
 def _batch(name: str):
@@ -31,7 +34,8 @@ def _batch(name: str):
 
 
 def _transform(name: str, budget=None):
-    gm = lorafa_fx.transform(_model(name), budget=budget, example_inputs=_batch(name))
+    _, gm = transformed("llama" if name == "llama4" else name, SHAPE, budget=budget,
+                        model_fn=_llama4 if name == "llama4" else None)
     randomize_lora_B(gm)
     return gm.train()
 
@@ -118,12 +122,16 @@ def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():
     assert gm.lorafa_plan.predicted_peak_bytes == e.value.min_budget_bytes
 
 
-@pytest.mark.parametrize("budget,expected", [("40GB", 40 * 10**9), ("40GiB", 40 * 2**30), (123, 123), ("1.5GB", 1_500_000_000)])
+@pytest.mark.parametrize("budget,expected", [
+    ("40GB", 40 * 10**9), ("40GiB", 40 * 2**30), (123, 123), ("1.5GB", 1_500_000_000), ("367840", 367840),
+    # a lowercase b is bytes here, never accelerate's bits (which would make "40Gb" 5 GB)
+    ("40gb", 40 * 10**9), ("40Gb", 40 * 10**9), ("40gib", 40 * 2**30),
+])
 def test_budget_uses_accelerate_units(budget, expected):
     assert parse_budget(budget) == expected
 
 
-@pytest.mark.parametrize("bad", ["forty", "-3GB", "12XB", -5, 0, True, 3.5])
+@pytest.mark.parametrize("bad", ["forty", "-3GB", "12XB", -5, 0, "0", True, 3.5, "40Gbit", "40 bits"])
 def test_bad_budget_names_the_accepted_forms(bad):
     with pytest.raises(ValueError, match="'40GB'.*'40GiB'"):
         parse_budget(bad)

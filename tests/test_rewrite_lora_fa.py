@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, MODELS, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
+from conftest import MODELS, make_batch, peft_lora_B, peft_reference, randomize_lora_B, transformed
 
-import lorafa_fx
-from lorafa_fx import LoraFAConfig
 
 EXAMPLE_SHAPE = (2, 12)
 OTHER_SHAPE = (3, 9)  # not the captured shape: dynamic batch and sequence dims
 
 
 def _transform(name: str, **config):
-    model = make_model(name)
-    config = LoraFAConfig(**{"r": 4, "lora_alpha": 8, **CONFIG_KWARGS.get(name, {}), **config})
-    gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
+    model, gm = transformed(name, EXAMPLE_SHAPE, **{"r": 4, "lora_alpha": 8, **config})
     randomize_lora_B(gm)
     return model, gm
 

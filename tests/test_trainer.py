@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
+from conftest import VOCAB, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
 from safetensors.torch import load_file
 
 import lorafa_fx
@@ -42,13 +42,13 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _train(model, tmp_path, batch=2, accumulation=2):
+def _train(model, tmp_path, batch=2, accumulation=2, steps=STEPS, **extra):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=STEPS, per_device_train_batch_size=batch,
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, **extra)
     with warnings.catch_warnings(action="ignore"):
         trainer = Trainer(model=model, args=args, train_dataset=_Rows())
         trainer.train()
@@ -149,3 +149,129 @@ def test_model_attributes_trainer_reads():
     assert gm.accepts_loss_kwargs is False and gm.can_generate() is False
     with pytest.raises(LoraFAError, match="activation_checkpointing=False"):
         gm.activation_checkpointing_enable()
+
+
+def _lora_B(module, gm, path):
+    """`path`'s lora_B in `module`: `gm` itself or its PEFT reference."""
+    return module.get_parameter(f"{path}.lora_B.weight") if module is gm else peft_lora_B(module, path)
+
+
+def _assert_trained_alike(gm, ref, start, losses, ref_losses):
+    """3 logged losses equal to the reference's; every lora_B moved, and equal to the reference's."""
+    assert len(losses) == 3
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-3, atol=0)
+    for a in gm.lorafa_adapters:
+        b = gm.get_parameter(f"{a.path}.lora_B.weight")
+        assert (b - start[a.path]).abs().max() > 1e-3, a.path
+        torch.testing.assert_close(b, peft_lora_B(ref, a.path), rtol=1e-2, atol=1e-3, msg=a.path)
+
+
+def test_trainer_bf16_matches_peft(tmp_path):
+    """``Trainer(bf16=True, use_cpu=True)`` (bf16 autocast), 3 steps. Reference: PEFT LoRA with the
+    same A (frozen) and B under the same Trainer: same logged losses and final lora_B, moved."""
+    model, gm = _transform()
+    randomize_lora_B(gm)
+    ref = peft_reference(model, gm)
+    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    _, losses = _train(gm, tmp_path / "gm", accumulation=1, steps=3, bf16=True)
+    _, ref_losses = _train(ref, tmp_path / "peft", accumulation=1, steps=3, bf16=True)
+    _assert_trained_alike(gm, ref, start, losses, ref_losses)
+
+
+def test_sft_trainer_trains_like_peft(tmp_path):
+    """TRL's SFTTrainer (bf16, 3 steps) on a pre-tokenized dataset. Reference: PEFT LoRA with the
+    same A (frozen) and B under the same SFTTrainer: same logged losses and final lora_B, moved."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    model, gm = _transform()
+    randomize_lora_B(gm)
+    ref = peft_reference(model, gm)
+    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    rows = make_batch("llama", 8, SEQ, seed=4)["input_ids"]
+    # A word-level tokenizer over the test vocabulary: SFTTrainer wants one, nothing is downloaded.
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                        pad_token="t0", eos_token="t1")
+
+    def train(module, out):
+        # SFTConfig switches activation checkpointing on by default; gm refuses it (a budget plans recomputation).
+        args = SFTConfig(output_dir=str(out), report_to=[], use_cpu=True, bf16=True, max_steps=3,
+                         activation_checkpointing=False,
+                         per_device_train_batch_size=2, learning_rate=1e-2, lr_scheduler_type="constant",
+                         logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        with warnings.catch_warnings(action="ignore"):
+            trainer = SFTTrainer(model=module, args=args, processing_class=tokenizer,
+                                 train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}))
+            trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    backbone_calls = []
+    gm.base_model.register_forward_hook(lambda *_: backbone_calls.append(1))
+    losses, ref_losses = train(gm, tmp_path / "gm"), train(ref, tmp_path / "peft")
+    # TRL's fused LM head ran gm.base_model (the graph up to the last hidden state) and gm's output projection.
+    assert len(backbone_calls) == 3
+    _assert_trained_alike(gm, ref, start, losses, ref_losses)
+    # The backbone is no submodule of gm: gm's checkpoint is still the adapter.
+    assert set(gm.state_dict()) == {f"{a.path}.lora_{x}.weight" for a in gm.lorafa_adapters for x in "AB"}
+    assert "sft" in gm.model_tags
+
+
+def test_accelerate_bf16_prepare_matches_peft():
+    """``Accelerator(mixed_precision="bf16", cpu=True)``: prepare + 3 AdamW steps. Reference: PEFT
+    LoRA with the same A (frozen) and B through the same Accelerator: same losses and final lora_B."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model, gm = _transform()
+    randomize_lora_B(gm)
+    ref = peft_reference(model, gm)
+    loader = torch.utils.data.DataLoader([{k: v for k, v in r.items() if k != "row_id"} for r in _Rows().rows],
+                                         batch_size=4, shuffle=False)
+    # The process-wide state keeps the first Accelerator's precision; start from a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    runs = {}
+    for module in (gm, ref):
+        start = {a.path: _lora_B(module, gm, a.path).detach().clone() for a in gm.lorafa_adapters}
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+        prepared, opt, dl = accelerator.prepare(module, opt, loader)
+        losses = []
+        for step in range(3):
+            loss = prepared(**list(dl)[step % 2]).loss
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        moved = {path: (_lora_B(module, gm, path) - b).abs().max().item() for path, b in start.items()}
+        runs[module is gm] = losses, moved
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (losses, moved), (ref_losses, _) = runs[True], runs[False]
+    assert min(moved.values()) > 1e-3
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-3, atol=0)
+    for a in gm.lorafa_adapters:
+        torch.testing.assert_close(_lora_B(gm, gm, a.path), peft_lora_B(ref, a.path), rtol=1e-2, atol=1e-3,
+                                   msg=a.path)
+
+
+def test_deepcopy_keeps_what_trainers_read():
+    """Reference: the original module. GraphModule's deepcopy rebuilds the module and drops plain
+    attributes unless they are registered; EMA and TRL's reference models deep-copy the model."""
+    import copy
+
+    model = make_model("llama")
+    batch = make_batch("llama", 2, 8)
+    gm = lorafa_fx.transform(model, example_inputs=batch, config=LoraFAConfig(r=4))
+    randomize_lora_B(gm)
+    twin = copy.deepcopy(gm)
+    assert twin.lorafa_adapters == gm.lorafa_adapters and twin.lorafa_plan == gm.lorafa_plan
+    assert twin.config is not gm.config and twin.config.to_dict() == gm.config.to_dict()
+    assert twin.save_pretrained.__self__ is twin and twin.base_model.root is twin
+    assert list(twin.state_dict()) == list(gm.state_dict())
+    twin_b = twin.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
+    assert twin_b is not gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
+    torch.testing.assert_close(twin(**batch).loss, gm(**batch).loss, rtol=0, atol=0)
+    hidden = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    torch.testing.assert_close(twin.base_model(**hidden).last_hidden_state, gm.base_model(**hidden).last_hidden_state)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-#: This project's single namespaced `node.meta` key.
-META_KEY = "lorafa"
+from ..units import block_of_path
 
 #: Meta keys a new node inherits from the node it stands for, so errors, profiles and
 #: `nn_module_stack`-based matching still point at the user's module.
@@ -24,6 +24,16 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
         warnings.simplefilter("ignore", FutureWarning)
         return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def set_attributes(gm: fx.GraphModule, **attributes: object) -> None:
+    """Set plain attributes on `gm` that survive ``copy.deepcopy(gm)``: GraphModule's deepcopy
+    rebuilds the module and keeps only what ``gm.meta["_user_preserved_attributes"]`` names
+    (users deep-copy models for EMA weights and reference models)."""
+    preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    for name, value in attributes.items():
+        setattr(gm, name, value)
+        preserved[name] = value
 
 
 def new_node(
@@ -94,6 +104,41 @@ def has_target(module: torch.nn.Module, target: str) -> bool:
         return False
 
 
+def boundary(body: list[fx.Node], owned: frozenset[fx.Node] = frozenset()) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(inputs, outputs) of the node range `body`: the nodes outside it (but not in `owned`)
+    it reads, and its nodes read outside it, each in graph order."""
+    inside = set(body)
+    inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside and a not in owned))
+    outputs = [n for n in body if any(u not in inside for u in n.users)]
+    return inputs, outputs
+
+
+def extract_graph(
+    body: list[fx.Node],
+    inputs: list[fx.Node],
+    outputs: list[fx.Node],
+    attrs: Mapping[fx.Node, str] = {},
+    retarget: Callable[[fx.Node], str] | None = None,
+) -> fx.Graph:
+    """A graph that computes `outputs` (as a tuple) from placeholders for `inputs`: a copy of
+    `body` whose reads of an `attrs` node become ``get_attr(attrs[node])``, and whose
+    ``call_module`` targets `retarget` renames (the new graph's owner module differs)."""
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+    for n, target in attrs.items():
+        env[n] = sub.get_attr(target)
+        env[n].meta = dict(n.meta)
+    for n in body:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+        if n.op == "call_module" and retarget is not None:
+            env[n].target = retarget(n)
+    sub.output(tuple(env[o] for o in outputs))
+    return sub
+
+
 def call_in_place_of(
     graph: fx.Graph, body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], target: str, meta: dict
 ) -> fx.Node:
@@ -112,6 +157,23 @@ def call_in_place_of(
     return call
 
 
+def block_ranges(
+    graph: fx.Graph, block_of_node: Callable[[fx.Node], str | None] | None = None
+) -> dict[str, list[fx.Node]]:
+    """For each repeated block (`block_of_node`: a node's block or None; default
+    `repeated_block`), the contiguous node range from its first to its last node."""
+    block_of_node = block_of_node or repeated_block
+    nodes = list(graph.nodes)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        block = block_of_node(node)
+        if block is not None:
+            first.setdefault(block, i)
+            last[block] = i
+    return {b: nodes[first[b] : last[b] + 1] for b in first}
+
+
 def repeated_block(node: fx.Node) -> str | None:
     """The repeated block ("model.layers.3") an op node runs in, or None."""
     if node.op not in ("call_function", "call_module"):
@@ -122,10 +184,4 @@ def repeated_block(node: fx.Node) -> str | None:
 
 def block_of(node: fx.Node) -> str:
     """The repeated block a node belongs to ("model.layers.3"), else its top module."""
-    path, _ = owner(node)
-    parts = path.split(".") if path else ["<root>"]
-    # The first indexed segment is the layer ("model.layers.3"), even inside an MoE's experts.
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
+    return block_of_path(owner(node)[0])

@@ -7,7 +7,7 @@ afresh what to save; this pass tags each ``xa`` node with torch's own
 (`torch/_functorch/partitioners.py`: ``should_ban_recomputation``), so it cannot choose to
 rematerialise ``xa`` from the b·s·d input instead.
 
-Reads ``node.meta["lorafa"]["role"]``; writes ``node.meta["recompute"]``.
+Reads ``meta.ROLE``; writes torch's ``node.meta["recompute"]``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ._graph import META_KEY
+from .. import meta
 
 
 class AnnotateSavedTensors(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in gm.graph.nodes:
-            if node.meta.get(META_KEY, {}).get("role") == "xa":
+            if meta.lorafa_meta(node).get(meta.ROLE) == "xa":
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
                 modified = True
         return PassResult(gm, modified)

@@ -30,8 +30,8 @@ Matches ``aten.cross_entropy_loss(view(linear(h, W, b) [-> to(dtype)]), target)`
 logits may also feed the graph output. A LoRA-adapted output projection (``lm_head`` in
 ``target_modules``) or logits used elsewhere leave the graph unchanged.
 
-Reads ``node.meta["val"]``. Writes ``node.meta["lorafa"] = {"role": "chunked_ce"}`` on the
-loss node and ``{"role": "eval_logits"}`` on the logits node (a call to an `EvalLogits`
+Reads ``node.meta["val"]``. Writes ``meta.ROLE`` = "chunked_ce" on the
+loss node and "eval_logits" on the logits node (a call to an `EvalLogits`
 submodule ``<lm_head path>.eval_logits``).
 """
 
@@ -44,7 +44,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import META_KEY, add_submodule, new_node, owner
+from .. import meta
+from ._graph import add_submodule, new_node, owner
 
 aten = torch.ops.aten
 
@@ -108,7 +109,7 @@ class ChunkCrossEntropy(PassBase):
                     "dtype": dtype, "chunk_size": self.chunk_size,
                 })
             loss.meta["val"] = ce.meta.get("val")
-            loss.meta[META_KEY] = {"role": "chunked_ce"}
+            meta.annotate(loss, role="chunked_ce")
             ce.replace_all_uses_with(loss)
             if exposed is not None:
                 path, _ = owner(linear)
@@ -116,7 +117,7 @@ class ChunkCrossEntropy(PassBase):
                 with graph.inserting_before(ce):
                     logits = new_node(graph, exposed, "call_module", target_name, (h, weight, bias))
                 logits.meta["val"] = exposed.meta.get("val")
-                logits.meta[META_KEY] = {"role": "eval_logits"}
+                meta.annotate(logits, role="eval_logits")
                 exposed.replace_all_uses_with(logits, delete_user_cb=lambda user: user.op == "output")
             for node in (ce, flatten, cast, linear):
                 if node is not None:

@@ -16,8 +16,8 @@ sub-GraphModule installed at the block's own path, and replaces the range by
 
 A parameter of a layer read outside that layer cannot be sharded per layer: `OutlineError`.
 
-Reads ``node.meta["nn_module_stack"]`` and ``["lorafa"]["block"]`` (region calls). Writes
-``node.meta["lorafa"]["layer"]`` on each layer call.
+Reads ``node.meta["nn_module_stack"]`` and ``meta.BLOCK`` (region calls). Writes ``meta.LAYER``
+(the layer's path) on each layer call.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import meta
 from ..errors import OutlineError
-from ._graph import META_KEY, call_in_place_of, has_target, repeated_block
-from .recompute_regions import block_ranges
+from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, has_target, repeated_block
 
 
 class OutlineLayers(PassBase):
@@ -49,17 +49,16 @@ class OutlineLayers(PassBase):
 
 def outlined_layers(gm: fx.GraphModule) -> list[str]:
     """Paths of the layers `OutlineLayers` made into called submodules, in call order."""
-    return [n.target for n in gm.graph.nodes if n.op == "call_module" and "layer" in n.meta.get(META_KEY, {})]
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and meta.LAYER in meta.lorafa_meta(n)]
 
 
 def _layer_of(node: fx.Node) -> str | None:
-    meta = node.meta.get(META_KEY, {})
-    if node.op == "call_module" and "block" in meta:  # a recompute region
-        return meta["block"]
+    if node.op == "call_module" and meta.BLOCK in meta.lorafa_meta(node):  # a recompute region
+        return meta.lorafa_meta(node)[meta.BLOCK]
     if node.op == "call_function" and node.target is operator.getitem:
         src = node.args[0]
-        if isinstance(src, fx.Node) and "block" in src.meta.get(META_KEY, {}):
-            return src.meta[META_KEY]["block"]
+        if isinstance(src, fx.Node) and meta.BLOCK in meta.lorafa_meta(src):
+            return meta.lorafa_meta(src)[meta.BLOCK]
     return repeated_block(node)
 
 
@@ -89,33 +88,18 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
             "layer to be sharded per layer. Use sharding='none' (DDP) for this model."
         )
     owned = [n for n in owned if n.users]
-    inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside and a not in owned))
-    outputs = [n for n in body if any(u not in inside for u in n.users)]
+    inputs, outputs = boundary(body, frozenset(owned))
 
     holder = gm.get_submodule(block)
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for a in inputs:
-        env[a] = sub.placeholder(a.name)
-        env[a].meta = dict(a.meta)
-    for n in owned:
-        env[n] = sub.get_attr(n.target[len(prefix):])
-        env[n].meta = dict(n.meta)
-    moved: list[str] = []
-    for n in body:
-        if n.op == "call_module" and not n.target.startswith(prefix):
-            # A recompute region (parameter-free) defined at the root: it moves into the layer.
-            leaf = n.target.replace(".", "_")
-            holder.add_module(leaf, gm.get_submodule(n.target))
-            moved.append(n.target)
-            env[n] = sub.node_copy(n, lambda a: env[a])
-            env[n].target = leaf
-        elif n.op == "call_module":
-            env[n] = sub.node_copy(n, lambda a: env[a])
-            env[n].target = n.target[len(prefix):]
-        else:
-            env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(tuple(env[o] for o in outputs))
+    # A recompute region (parameter-free) is defined at the root: it moves into the layer.
+    moved = [n.target for n in body if n.op == "call_module" and not n.target.startswith(prefix)]
+    for target in moved:
+        holder.add_module(target.replace(".", "_"), gm.get_submodule(target))
+
+    def retarget(n: fx.Node) -> str:
+        return n.target[len(prefix):] if n.target.startswith(prefix) else n.target.replace(".", "_")
+
+    sub = extract_graph(body, inputs, outputs, {n: n.target[len(prefix):] for n in owned}, retarget)
     layer = fx.GraphModule(holder, sub, class_name="OutlinedLayer")
     # Parameters and buffers the graph does not read still belong to the layer (state_dict).
     for name, p in holder.named_parameters():
@@ -126,9 +110,10 @@ def _outline_layer(gm: fx.GraphModule, block: str, body: list[fx.Node]) -> None:
             _set(layer, name, b, buffer=True)
     layer.train(holder.training)
 
-    call_in_place_of(graph, body, inputs, outputs, block, {
-        "nn_module_stack": {block: (block, type(layer).__qualname__)}, META_KEY: {"layer": block},
+    call = call_in_place_of(graph, body, inputs, outputs, block, {
+        "nn_module_stack": {block: (block, type(layer).__qualname__)},
     })
+    meta.annotate(call, layer=block)
     for n in owned:
         graph.erase_node(n)
     parent, _, leaf = block.rpartition(".")

@@ -2,79 +2,50 @@
 
 Each planned block (a repeated layer such as ``model.layers.3``: the contiguous range of nodes
 its ``nn_module_stack`` places in it) is outlined into a parameter-free sub-GraphModule and
-called through `_Recompute`, which runs it under ``torch.utils.checkpoint(use_reentrant=False)``:
-
-* ``"full"``: the block keeps only its inputs; backward reruns its whole forward.
-* ``"selective"``: torch's selective checkpointing (`create_selective_checkpoint_contexts`)
-  keeps the outputs of matmuls and attention (`SAVED_OPS`, so ``xa`` too) and recomputes the
-  cheap ops between them (norms, activations, rotary, dropout).
+called through `Recompute`, which runs it under ``torch.utils.checkpoint(use_reentrant=False)``:
+the block keeps only its inputs, and backward reruns its whole forward.
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
 ``state_dict`` and the optimizer are unchanged. Checkpointing restores the RNG state before
 recomputing, so dropout draws the same masks. The same `torch.utils.checkpoint` call is what
-`torch.compile` traces (as its activation-checkpoint higher-order op), and the selective
-policy's ``cache_hash`` keys AOTAutograd's cache, so a cached artifact always matches the plan.
+`torch.compile` traces (as its activation-checkpoint higher-order op).
 
-Reads ``node.meta["nn_module_stack"]``. Writes ``node.meta["lorafa"]["recompute"]`` on the
-call of each region.
+Only whole blocks are recomputed: torch's selective (op-level) policy keeps every matmul
+output, more than autograd keeps around frozen linears (a frozen linear saves nothing), and
+raised the peak on the test Llama (3.7 vs 2.7 MB).
+
+Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` ("full") and ``meta.BLOCK``
+(the block's path) on the call of each region.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
-from ._graph import META_KEY, call_in_place_of, repeated_block
+from .. import meta
+from ._graph import block_ranges, boundary, call_in_place_of, extract_graph
 
-aten = torch.ops.aten
-
-#: Ops whose outputs "selective" keeps: the expensive ones to recompute.
-SAVED_OPS = frozenset({
-    aten.mm.default,
-    aten.addmm.default,
-    aten.bmm.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-})
-
-RECOMPUTE_CHOICES = ("none", "selective", "full")
+RECOMPUTE_CHOICES = ("none", "full")
 
 
-def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+class Recompute(torch.nn.Module):
+    """Calls `region` under activation checkpointing."""
 
-
-def _selective_context():
-    return create_selective_checkpoint_contexts(_keep_matmuls)
-
-
-# AOTAutograd's cache cannot hash a Python callable; this names the policy instead.
-_selective_context.cache_hash = "lorafa_fx.keep_matmuls.v1"
-
-
-class _Recompute(torch.nn.Module):
-    """Calls `region` under activation checkpointing (``mode``: "full" or "selective")."""
-
-    def __init__(self, region: fx.GraphModule, mode: str) -> None:
+    def __init__(self, region: fx.GraphModule) -> None:
         super().__init__()
-        self.region, self.mode = region, mode
+        self.region = region
 
     def forward(self, *args):
-        context = {"context_fn": _selective_context} if self.mode == "selective" else {}
-        return checkpoint(self.region, *args, use_reentrant=False, **context)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
+        return checkpoint(self.region, *args, use_reentrant=False)
 
 
 class RecomputeRegions(PassBase):
-    """`decisions`: ``{block path: "none" | "selective" | "full"}``."""
+    """`decisions`: ``{block path: "none" | "full"}``."""
 
     def __init__(self, decisions: Mapping[str, str]) -> None:
         super().__init__()
@@ -89,7 +60,7 @@ class RecomputeRegions(PassBase):
         for i, (block, mode) in enumerate(self.decisions.items()):
             if mode == "none" or block not in ranges:
                 continue
-            _outline(gm, ranges[block], f"lorafa_region_{i}", mode, block)
+            _outline(gm, ranges[block], f"lorafa_region_{i}", block)
             modified = True
         if modified:
             gm.graph.lint()
@@ -97,38 +68,17 @@ class RecomputeRegions(PassBase):
         return PassResult(gm, modified)
 
 
-def block_ranges(
-    graph: fx.Graph, block_of_node: Callable[[fx.Node], str | None] = repeated_block
-) -> dict[str, list[fx.Node]]:
-    """For each repeated block (`block_of_node`: a node's block, or None), the contiguous node
-    range from its first to its last node."""
-    nodes = list(graph.nodes)
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        block = block_of_node(node)
-        if block is not None:
-            first.setdefault(block, i)
-            last[block] = i
-    return {b: nodes[first[b] : last[b] + 1] for b in first}
+def has_recompute_regions(gm: fx.GraphModule) -> bool:
+    return any(meta.RECOMPUTE in meta.lorafa_meta(n) for n in gm.graph.find_nodes(op="call_module"))
 
 
-def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, mode: str, block: str) -> None:
-    graph = gm.graph
+def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str) -> None:
     # get_attr nodes (the adapters' lora_A/lora_B) move in front of the span: parameters stay
     # owned by the outer module and enter the region as inputs.
     for node in [n for n in span if n.op == "get_attr"]:
         span[0].prepend(node)
     body = [n for n in span if n.op != "get_attr"]
-    inside = set(body)
-    inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside))
-    outputs = [n for n in body if any(u not in inside for u in n.users)]
-
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for a in inputs:
-        env[a] = sub.placeholder(a.name)
-        env[a].meta = dict(a.meta)
+    inputs, outputs = boundary(body)
     modules = torch.nn.Module()
     for n in body:
         if n.op == "call_module":
@@ -139,8 +89,7 @@ def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, mode: str, bloc
                     holder.add_module(part, torch.nn.Module())
                 holder = getattr(holder, part)
             holder.add_module(leaf, gm.get_submodule(n.target))
-        env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(tuple(env[o] for o in outputs))
-    gm.add_submodule(name, _Recompute(fx.GraphModule(modules, sub), mode))
-
-    call_in_place_of(graph, body, inputs, outputs, name, {META_KEY: {"recompute": mode, "block": block}})
+    region = fx.GraphModule(modules, extract_graph(body, inputs, outputs))
+    gm.add_submodule(name, Recompute(region))
+    call = call_in_place_of(gm.graph, body, inputs, outputs, name, {})
+    meta.annotate(call, recompute="full", block=block)

@@ -22,7 +22,7 @@ Because ``A`` does not require grad, autograd needs only ``xa = scaling * x A^T`
 ``x``) to compute ``grad_B = grad_y^T xa``; `annotate_saved_tensors` pins that choice for
 `torch.compile`'s partitioner.
 
-Writes ``node.meta["lorafa"] = {"adapter": path, "role": ROLE}`` on every node it creates,
+Writes ``meta.ADAPTER`` (the adapter's path) and ``meta.ROLE`` on every node it creates,
 ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"down"`` (``x A^T``, absent when
 ``scaling == 1``), ``"xa"`` (``scaling * x A^T``, the tensor backward keeps), ``"xab"``
 (``xa B^T``), ``"out"`` (the base output plus ``xab``); new nodes inherit
@@ -43,7 +43,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
 from ..targets import Adapter
-from ._graph import META_KEY, get_attr, new_node, set_fake_val
+from .. import meta
+from ._graph import get_attr, new_node, set_fake_val
 
 aten = torch.ops.aten
 
@@ -89,7 +90,7 @@ class RewriteLoraFA(PassBase):
 
         def emit(role: str, op: str, target, args: tuple, fake=None) -> fx.Node:
             n = new_node(graph, node, op, target, args)
-            n.meta[META_KEY] = {"adapter": path, "role": role}
+            meta.annotate(n, adapter=path, role=role)
             if fake is not None:
                 set_fake_val(n, fake, gm)
             return n
@@ -97,8 +98,8 @@ class RewriteLoraFA(PassBase):
         with graph.inserting_before(node.next):
             lora_A = get_attr(gm, node, f"{path}.lora_A.weight")
             lora_B = get_attr(gm, node, f"{path}.lora_B.weight")
-            lora_A.meta[META_KEY] = {"adapter": path, "role": "lora_A"}
-            lora_B.meta[META_KEY] = {"adapter": path, "role": "lora_B"}
+            meta.annotate(lora_A, adapter=path, role="lora_A")
+            meta.annotate(lora_B, adapter=path, role="lora_B")
             if self.config.lora_dropout:
                 x = emit("dropout", "call_module", f"{path}.lora_dropout", (x,))
                 x.meta["val"] = x.args[0].meta.get("val")

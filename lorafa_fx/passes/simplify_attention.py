@@ -6,7 +6,7 @@ heads (``repeat_kv``) before SDPA. Both are saved for backward: the expanded k/v
 (``n_rep`` x the k/v bytes) and, per layer, a float copy of the mask (b·s² values).
 
 This pass replaces each ``aten.scaled_dot_product_attention`` node with a call to an
-`_Attention` submodule that
+`SDPAttention` submodule that
 
 * takes k/v before ``repeat_kv`` and runs SDPA with ``enable_gqa=True`` (same math);
 * drops the mask at run time when it is all-true, or exactly causal over a square score
@@ -39,7 +39,7 @@ from .drop_full_slices import is_full_slice
 aten = torch.ops.aten
 
 
-class _Attention(torch.nn.Module):
+class SDPAttention(torch.nn.Module):
     """``F.scaled_dot_product_attention`` with its dropout following ``self.training``."""
 
     def __init__(self, dropout_p: float, scale: float | None, enable_gqa: bool) -> None:
@@ -122,7 +122,7 @@ class SimplifyAttention(PassBase):
                         )
                     elided[key][0].meta["val"] = mask.meta.get("val")
                 mask, is_causal = elided[key]
-            target = add_submodule(gm, path, "sdpa", _Attention(dropout_p, node.kwargs.get("scale"), gqa))
+            target = add_submodule(gm, path, "sdpa", SDPAttention(dropout_p, node.kwargs.get("scale"), gqa))
             with graph.inserting_before(node):
                 attn = new_node(graph, node, "call_module", target, (q, k, v, mask, is_causal))
             attn.meta["val"] = node.meta.get("val")

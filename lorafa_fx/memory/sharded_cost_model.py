@@ -1,9 +1,9 @@
-"""Pass (cost model, per rank): the memory of one data-parallel training step on one rank.
+"""The cost model of one rank: the memory of one data-parallel training step on one rank.
 
 ``sharding="full"`` (FSDP2): the step is simulated with torch's own FSDP2 on fake tensors and a
 fake process group of ``world_size`` ranks (``torch.distributed`` "fake" backend: collectives
 do nothing, shapes are exact), as rank 0. Each outlined layer (`outline_layers`) and the root
-get ``fully_shard``, as `lorafa_fx.distributed.prepare` does in training, so what is counted is
+get ``fully_shard``, as ``lorafa_fx.distributed.prepare`` does in training, so what is counted is
 what FSDP2 allocates, in its order:
 
     peak = sharded weights (1/N of every parameter, dim 0 padded to a multiple of N)
@@ -23,12 +23,12 @@ forward as well.
 at the rank's batch plus DDP's gradient buckets (one copy of the trainable parameters).
 
 All ranks of a data-parallel group hold the same shapes (equal batch per rank, padded shards),
-so rank 0's plan is every rank's. `ShardedSimulator` shards the fake model once and runs each
-of the planner's candidate graphs on it; AdamW steps the local shards (the same bytes as
+so rank 0's plan is every rank's. `FSDPCostModel` shards the fake model once per set of
+parameters and runs each of the planner's candidate graphs on it (outlined first: it takes the
+flat graphs the planner builds); AdamW steps the local shards (the same bytes as
 stepping the DTensors, without DTensor's per-op dispatch).
 
-Reads ``node.meta["nn_module_stack"]`` and ``["lorafa"]["layer"]`` (the outlined layer calls);
-writes no meta (`distributed.py` writes ``["lorafa"]["saved_bytes"]`` on the realised graph).
+Reads ``node.meta["nn_module_stack"]`` and ``meta.LAYER`` (the outlined layer calls); writes no meta.
 """
 
 from __future__ import annotations
@@ -43,64 +43,79 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.tensor import DTensor
 
+from ..config import SHARDING_CHOICES
 from ..errors import DistributedPlanError
-from .estimate_memory import (
+from ..passes._graph import graph_copy
+from ..passes.outline_layers import OutlineLayers, outlined_layers
+from ..passes.recompute_regions import has_recompute_regions
+from ..passes.simplify_attention import assume_unpadded
+from .cost_model import CostModel
+from .simulate import (
+    LiveBytes,
     OptimizerFactory,
+    Recorder,
+    Simulator,
     StepEstimate,
-    _allocate_optimizer_states,
-    _fake_input,
-    _fake_mode_of,
-    _fake_param,
-    _flatten_inputs,
-    _is_unpadded,
-    _LiveBytes,
-    _Recorder,
-    _step_estimate,
-    _train_step,
+    allocate_optimizer_states,
+    default_optimizer,
+    fake_input,
+    fake_mode_of,
+    fake_param,
+    flatten_inputs,
+    is_unpadded,
     size_of,
+    step_estimate,
+    train_step,
 )
-from .outline_layers import outlined_layers
-from .simplify_attention import assume_unpadded
-
-SHARDING_CHOICES = ("full", "none")
 
 
-def simulate_sharded_step(
-    gm: fx.GraphModule,
+
+def rank_cost_model(
     batch: Mapping[str, object],
     world_size: int,
-    sharding: str = "full",
+    sharding: str,
     optimizer: OptimizerFactory | None = None,
-) -> StepEstimate:
-    """Per-rank `StepEstimate` of one AdamW step of `gm` at `batch` (the rank's batch)."""
+    autocast_dtype: torch.dtype | None = None,
+) -> Simulator:
+    """The `Simulator` of one rank's step (`batch`: the rank's) under `sharding`."""
+    if sharding == "full":
+        return FSDPCostModel(batch, world_size, optimizer, autocast_dtype)
     if sharding == "none":
-        from .estimate_memory import _simulate_step
+        return DDPCostModel(batch, optimizer, autocast_dtype)
+    raise DistributedPlanError(f"sharding={sharding!r}: use one of {SHARDING_CHOICES}.")
 
-        optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        est = _simulate_step(gm, batch, optimizer)
-        est.peak += sum(size_of(p) for p in gm.parameters() if p.requires_grad)  # DDP's buckets
+
+class DDPCostModel(CostModel):
+    """DDP: the single-process step plus DDP's gradient buckets (one copy of the trainable
+    parameters)."""
+
+    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+        est = super().__call__(gm)
+        est.peak += sum(size_of(p) for p in gm.parameters() if p.requires_grad)
         return est
-    if sharding != "full":
-        raise DistributedPlanError(f"sharding={sharding!r}: use one of {SHARDING_CHOICES}.")
-    with ShardedSimulator(batch, world_size, optimizer) as simulate:
-        return simulate(gm)
 
 
 _RUNG_STATE = ("fake_mode", "twin", "inputs", "sharded", "local", "opt")
 
 
-class ShardedSimulator:
-    """Simulates FSDP2 steps of outlined graphs: the fake model is sharded once per set of
-    parameters (the planner's candidates share one per rung), each call runs a candidate's graphs
-    on it.
+class FSDPCostModel(Simulator):
+    """Simulates FSDP2 steps: each call outlines a copy of the graph's layers, the fake model
+    is sharded once per set of parameters (the planner's candidates share one per rung), and
+    the candidate's graphs run on it.
 
-    ``with ShardedSimulator(batch, world_size) as simulate: estimate = simulate(gm)``
+    ``with FSDPCostModel(batch, world_size) as simulate: estimate = simulate(gm)``
     """
 
-    def __init__(self, batch: Mapping[str, object], world_size: int, optimizer: OptimizerFactory | None = None):
-        self.batch, self.world_size = batch, world_size
-        self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        self.unpadded = _is_unpadded(batch)  # reads a real mask: outside the fake mode
+    def __init__(
+        self,
+        batch: Mapping[str, object],
+        world_size: int,
+        optimizer: OptimizerFactory | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.batch, self.world_size, self.autocast_dtype = batch, world_size, autocast_dtype
+        self.optimizer = optimizer or default_optimizer
+        self.unpadded = is_unpadded(batch)  # reads a real mask: outside the fake mode
         self._rungs: dict[tuple, dict] = {}
         self._world = contextlib.ExitStack()
 
@@ -112,11 +127,14 @@ class ShardedSimulator:
         self._world.close()
 
     def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+        # Outlining edits the graph: a planner's candidate is copied first, unless it is a copy
+        # already (the planner's recompute candidates are; its rungs are kept and reused).
+        if not outlined_layers(gm):
+            gm = OutlineLayers()(gm if has_recompute_regions(gm) else graph_copy(gm)).graph_module
         layers = outlined_layers(gm)
         if not layers:
             raise DistributedPlanError(
-                "sharding='full' needs the layers outlined (lorafa_fx.passes.outline_layers.OutlineLayers); "
-                "transform(..., world_size=N, sharding='full') does it."
+                "sharding='full' found no repeated layers to shard in this model; use sharding='none' (DDP)."
             )
         # One sharded copy per set of parameters (a rung of the planner's ladder: other ranks).
         key = tuple((n, id(p), tuple(p.shape)) for n, p in gm.named_parameters())
@@ -131,10 +149,10 @@ class ShardedSimulator:
     def _shard(self, gm: fx.GraphModule, layers: list[str]) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        self.fake_mode = _fake_mode_of(gm)
+        self.fake_mode = fake_mode_of(gm)
         with self.fake_mode:
             self.twin = _fake_twin(gm, self.fake_mode, {})
-            self.inputs = {name: _fake_input(self.fake_mode, v) for name, v in self.batch.items()}
+            self.inputs = {name: fake_input(self.fake_mode, v) for name, v in self.batch.items()}
             self.twin.train()
             for path in layers:
                 fully_shard(self.twin.get_submodule(path), mesh=self.mesh)
@@ -144,7 +162,7 @@ class ShardedSimulator:
             self.sharded = [p for p in self.twin.parameters() if p.requires_grad]
             self.local = [torch.nn.Parameter(_local(p)) for p in self.sharded]
             self.opt = self.optimizer(self.local)
-            _allocate_optimizer_states(self.opt, self.local)
+            allocate_optimizer_states(self.opt, self.local)
 
     def _run(self, gm: fx.GraphModule, layers: list[str]) -> StepEstimate:
         twin, opt = self.twin, self.opt
@@ -160,10 +178,10 @@ class ShardedSimulator:
             layer = twin.get_submodule(path)
             candidate = gm.get_submodule(path)
             layer.forward = _NestedRecorder(layer, tracker, recorder, graph=candidate.graph, fallback=candidate).run
-        flat_inputs = _flatten_inputs(gm, self.inputs)
+        flat_inputs = flatten_inputs(gm, self.inputs)
         with assume_unpadded() if self.unpadded else contextlib.nullcontext(), tracker, tracker.resizes():
-            saved_at_end_of_forward = _train_step(twin, flat_inputs, recorder, tracker, self._step)
-        return _step_estimate(
+            saved_at_end_of_forward = train_step(twin, flat_inputs, recorder, tracker, self._step, self.autocast_dtype)
+        return step_estimate(
             recorder, tracker, recorder.nodes, saved_at_end_of_forward,
             weights=sum(_local_bytes(p) for p in twin.parameters()),
             buffers=sum(_local_bytes(b) for b in twin.buffers()),
@@ -179,8 +197,8 @@ class ShardedSimulator:
         self.opt.step()
 
 
-class _NestedRecorder(_Recorder):
-    """A `_Recorder` running `graph` (a candidate's root or layer graph) on `gm` (the sharded
+class _NestedRecorder(Recorder):
+    """A `Recorder` running `graph` (a candidate's root or layer graph) on `gm` (the sharded
     twin: FSDP-managed parameters); what the twin lacks (a candidate's parameter-free recompute
     regions) comes from `fallback`. Layers share the root's bookkeeping: the saved-tensor hook is
     the root's and labels with the node running now."""
@@ -214,8 +232,8 @@ def _local_bytes(t: torch.Tensor) -> int:
     return size_of(_local(t))
 
 
-class _ResizingLiveBytes(_LiveBytes):
-    """`_LiveBytes` that also follows ``UntypedStorage.resize_`` (FSDP2 frees and re-allocates
+class _ResizingLiveBytes(LiveBytes):
+    """`LiveBytes` that also follows ``UntypedStorage.resize_`` (FSDP2 frees and re-allocates
     all-gathered parameters that way; dispatch does not see it)."""
 
     def __init__(self) -> None:
@@ -301,7 +319,7 @@ def _fake_twin(module: torch.nn.Module, mode, fakes: dict[int, torch.nn.Paramete
             twin._parameters[name] = None
             continue
         if id(p) not in fakes:  # tied weights stay one parameter
-            fakes[id(p)] = _fake_param(mode, p)
+            fakes[id(p)] = fake_param(mode, p)
         twin._parameters[name] = fakes[id(p)]
     for name, b in module._buffers.items():
         twin._buffers[name] = None if b is None else mode.from_tensor(b, static_shapes=True)

@@ -8,18 +8,21 @@ block); the predicted peak and where it happens, against the budget.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from io import StringIO
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+from .. import meta
+from ..units import block_of_path, format_bytes, natural_key
+
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from .passes.estimate_memory import StepEstimate
-    from .targets import Adapter
+    from ..targets import Adapter
+    from .simulate import StepEstimate
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,9 @@ class MemoryPlan:
     step_flops: int = 0
     dropped_adapters: tuple[str, ...] = ()  # configured, dropped by the planner
     chunked_cross_entropy: bool = False
-    world_size: int | None = None  # data parallel (distributed.py): the plan is one rank's
+    world_size: int | None = None  # data parallel: the plan is one rank's
     sharding: str | None = None  # "full" (FSDP2: every parameter 1/world_size) or "none" (DDP)
+    mixed_precision: str = "no"  # the step's forward under autocast: "bf16", "fp16", or "no"
 
     @property
     def extra_compute_pct(self) -> float:
@@ -74,20 +78,21 @@ class MemoryPlan:
         recompute_flops: int = 0,
         step_flops: int = 0,
         configured: Sequence[Adapter] = (),
+        world_size: int | None = None,
+        sharding: str | None = None,
+        mixed_precision: str = "no",
     ) -> MemoryPlan:
-        """`configured`: the adapters the config asked for, when the planner changed them."""
+        """`configured`: the adapters the config asked for, when the planner changed them;
+        `world_size`, `sharding`: the data-parallel job the plan is one rank's of."""
         decisions = dict(recompute_by_block or {})
         configured_r = {a.path: a.r for a in configured}
         kept = {a.path for a in gm.lorafa_adapters}
-        xa_bytes = {}
-        nodes = list(gm.graph.nodes)
-        for n in gm.graph.nodes:  # layers outlined for FSDP (outline_layers.py) hold their adapters
-            if n.op == "call_module" and "layer" in n.meta.get("lorafa", {}):
-                nodes += gm.get_submodule(n.target).graph.nodes
-        for node in nodes:
-            meta = node.meta.get("lorafa", {})
-            if meta.get("role") == "xa":
-                xa_bytes[meta["adapter"]] = xa_bytes.get(meta["adapter"], 0) + meta.get("saved_bytes", 0)
+        xa_bytes: dict[str, int] = {}
+        # Layers outlined for FSDP2 hold their adapters in their own graphs.
+        for node in meta.all_graph_nodes(gm):
+            info = meta.lorafa_meta(node)
+            if info.get(meta.ROLE) == "xa":
+                xa_bytes[info[meta.ADAPTER]] = xa_bytes.get(info[meta.ADAPTER], 0) + info.get(meta.SAVED_BYTES, 0)
         return cls(
             predicted_peak_bytes=estimate.peak,
             budget_bytes=budget_bytes,
@@ -101,7 +106,7 @@ class MemoryPlan:
             peak_module=estimate.peak_module,
             batch_shape={k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
             layers=tuple(
-                LayerPlan(a.path, a.r, decisions.get(_block(a.path), "none"), xa_bytes.get(a.path, 0),
+                LayerPlan(a.path, a.r, decisions.get(block_of_path(a.path), "none"), xa_bytes.get(a.path, 0),
                           configured_r[a.path] if configured_r.get(a.path, a.r) != a.r else None)
                 for a in gm.lorafa_adapters
             ),
@@ -111,11 +116,10 @@ class MemoryPlan:
             recompute_by_block=decisions,
             recompute_flops=recompute_flops,
             step_flops=step_flops,
+            world_size=world_size,
+            sharding=sharding,
+            mixed_precision=mixed_precision,
         )
-
-    def per_rank(self, world_size: int, sharding: str) -> MemoryPlan:
-        """This plan, labelled as one rank's of a `world_size`-rank data-parallel job."""
-        return replace(self, world_size=world_size, sharding=sharding)
 
     @property
     def trainable_rank_total(self) -> int:
@@ -143,6 +147,7 @@ class MemoryPlan:
         t.add_row("batch" if self.world_size is None else "batch (per rank)", shape)
         if self.world_size is not None:
             t.add_row("data parallel", _data_parallel(self.world_size, self.sharding))
+        t.add_row("precision", _PRECISION[self.mixed_precision])
         t.add_row("weights + buffers", format_bytes(self.weights_bytes + self.buffers_bytes))
         t.add_row("optimizer states", format_bytes(self.optimizer_state_bytes))
         t.add_row("saved activations (end of forward)", format_bytes(self.saved_activation_bytes))
@@ -189,14 +194,11 @@ def _data_parallel(world_size: int, sharding: str | None) -> str:
     return f"{world_size} ranks, DDP: everything replicated; peak is one rank's, with gradient buckets"
 
 
-def format_bytes(n: int) -> str:
-    """Decimal units, as accelerate and the paper's GB figures use them."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
+_PRECISION = {
+    "no": "the weights' dtype (no autocast)",
+    "bf16": "mixed bf16 (forward under autocast)",
+    "fp16": "mixed fp16 (forward under autocast)",
+}
 _SHOWN_LAYERS = 24
 
 
@@ -206,13 +208,3 @@ def _abbreviate(layers: tuple[LayerPlan, ...]) -> list[LayerPlan | None]:
         return list(layers)
     half = _SHOWN_LAYERS // 2
     return [*layers[:half], None, *layers[-half:]]
-
-
-def _block(path: str) -> str:
-    parts = path.split(".")
-    return next((".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()), parts[0])
-
-
-def natural_key(name: str) -> list[tuple[int, int, str]]:
-    """Sort key putting "layers.2" before "layers.10"."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]

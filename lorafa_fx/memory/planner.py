@@ -1,4 +1,4 @@
-"""Pass (planner): choose ranks, the loss's form and which blocks to recompute so a training
+"""The planner: choose ranks, the loss's form and which blocks to recompute so a training
 step fits a memory budget.
 
 Objective, in order: (1) predicted peak <= budget; (2) least recompute FLOPs; (3) most total
@@ -18,11 +18,10 @@ lower than the configured one's (a chunked loss with a tiny vocabulary).
 or recomputed in backward (``"full"``, see `recompute_regions`). From the cost model's
 unplanned step:
 
-    saved(b)    = bytes autograd keeps for b  (estimate_memory's saved_by_module)
+    saved(b)    = bytes autograd keeps for b  (the cost model's saved_by_module)
     kept(b)     = bytes a recomputed b still keeps: its hidden-state input
     saving(b)   = saved(b) - kept(b)
-    flops(b)    = b's forward FLOPs: 2·m·n·k per matmul, 4·b·h·s_q·s_k·d per attention,
-                  one per output element for every other op
+    flops(b)    = b's forward FLOPs (`flops.py`)
     peak(S)    ~= peak(none) - sum_{b in S} saving(b) + max_{b in S} saving(b)
 
 (the last term: a recomputed block's activations exist again while its backward runs), and
@@ -35,9 +34,9 @@ needed, and the answer is the shortest prefix whose realised graph fits by the e
 (a simulated step), found by secant steps of one block's saving. Larger budgets never recompute
 more: the candidates are nested and the search returns the shortest that fits.
 
-Torch's selective (op-level) policy is available to `recompute_regions` but not a choice
-here: it keeps every matmul output, and with frozen base weights autograd keeps fewer than
-that (a frozen linear saves nothing), so on the test Llama it raised the peak (3.7 vs 2.7 MB).
+The planner receives two objects: the candidates (`Rungs`: the lever ladder and a way to
+build each rung's graph, which the pipeline provides) and the cost model (a `Simulator`, one
+process's or one rank's). Its answer is a `Planned`; realising it is the pipeline's job.
 
 Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimate.
 """
@@ -45,20 +44,19 @@ Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.fx as fx
 
 from ..errors import InfeasibleBudgetError
-from ..plan import format_bytes, natural_key
-from ._graph import block_of, graph_copy
-from .estimate_memory import StepEstimate
-from .recompute_regions import RecomputeRegions, block_ranges
-from .simplify_attention import _Attention
-
-aten = torch.ops.aten
+from ..passes._graph import block_of, block_ranges, graph_copy, set_attributes
+from ..passes.recompute_regions import RecomputeRegions
+from ..units import format_bytes, natural_key
+from .flops import hint, node_flops
+from .simulate import Simulator, StepEstimate
 
 #: Headroom per recomputed block (plus one) for what the fake-tensor run does not see of
 #: checkpointing: its bookkeeping (RNG-state copies, Python-side temporaries). Measured
@@ -84,6 +82,15 @@ def lever_ladder(min_r: int | None, max_r: int, chunked_cross_entropy: bool | No
     return list(dict.fromkeys(ladder))
 
 
+class Rungs(Protocol):
+    """The planner's candidates: `ladder` from least memory to the configured model, and the
+    graph of each rung (a fresh graph per call; the planner may edit it)."""
+
+    ladder: list[Levers]
+
+    def build(self, levers: Levers) -> fx.GraphModule: ...
+
+
 @dataclass(frozen=True)
 class Planned:
     """`plan_memory`'s answer: the rung it chose, that rung's graph, and its recomputation."""
@@ -93,14 +100,10 @@ class Planned:
     recompute: RecomputePlan
 
 
-def plan_memory(
-    build: Callable[[Levers], fx.GraphModule],
-    ladder: list[Levers],
-    budget_bytes: int,
-    simulate: Callable[[fx.GraphModule], StepEstimate],
-) -> Planned:
+def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator) -> Planned:
     """The plan that meets `budget_bytes` by the objective in the module docstring;
     `InfeasibleBudgetError` (from the ladder's floor, every lever pulled) if none does."""
+    build, ladder = rungs.build, rungs.ladder
     configured = build(ladder[-1])
     unplanned = simulate(configured)
     if unplanned.peak > budget_bytes and len(ladder) > 1:
@@ -115,11 +118,7 @@ def plan_memory(
 
 
 def _release_levers(
-    build: Callable[[Levers], fx.GraphModule],
-    ladder: list[Levers],
-    budget_bytes: int,
-    simulate: Callable[[fx.GraphModule], StepEstimate],
-    floor: Planned,
+    build, ladder: list[Levers], budget_bytes: int, simulate: Simulator, floor: Planned
 ) -> Planned:
     """The top-most rung that fits with the floor's recomputation (bisection)."""
     recompute = floor.recompute
@@ -153,7 +152,7 @@ def plan_recompute(
     gm: fx.GraphModule,
     unplanned: StepEstimate,
     budget_bytes: int,
-    simulate: Callable[[fx.GraphModule], StepEstimate],
+    simulate: Simulator,
 ) -> RecomputePlan:
     """The cheapest recomputation that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
     ranges = block_ranges(gm.graph)
@@ -197,7 +196,7 @@ def plan_recompute(
 def evaluate(
     gm: fx.GraphModule,
     decisions: Mapping[str, str],
-    simulate: Callable[[fx.GraphModule], StepEstimate],
+    simulate: Simulator,
     unplanned: StepEstimate | None = None,
 ) -> RecomputePlan:
     """`decisions` on `gm`, priced by the exact cost model (`unplanned`: gm's own estimate,
@@ -216,33 +215,8 @@ def evaluate(
 def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
     """A copy of `gm` (sharing its parameters) with `decisions` realised."""
     twin = graph_copy(gm)
-    for name in ("lorafa_config", "lorafa_adapters"):
-        setattr(twin, name, getattr(gm, name))
+    set_attributes(twin, lorafa_config=gm.lorafa_config, lorafa_adapters=gm.lorafa_adapters)
     return RecomputeRegions(decisions)(twin).graph_module
-
-
-def node_flops(node: fx.Node) -> int:
-    """Forward FLOPs of one node at the captured example's shapes (see the module docstring)."""
-    return int(_hint(_symbolic_flops(node)))
-
-
-def _hint(n) -> int:
-    # Captured sizes are symbolic (dynamic batch/sequence); their hint is the example's size.
-    return n.node.hint if isinstance(n, torch.SymInt) else n
-
-
-def _symbolic_flops(node: fx.Node):
-    out = node.meta.get("val")
-    if node.op not in ("call_function", "call_module") or not isinstance(out, torch.Tensor):
-        return 0
-    if node.target in (aten.linear.default, aten.mm.default, aten.addmm.default):
-        x = node.args[1] if node.target == aten.addmm.default else node.args[0]
-        inner = x.meta["val"].shape[-1] if isinstance(x, fx.Node) and "val" in x.meta else 1
-        return 2 * out.numel() * int(inner)
-    if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), _Attention):
-        q, k = (a.meta["val"] for a in node.args[:2])
-        return 4 * q.numel() * int(k.shape[-2])
-    return out.numel()
 
 
 def _kept(nodes: list[fx.Node]) -> int:
@@ -255,7 +229,7 @@ def _kept(nodes: list[fx.Node]) -> int:
         if a not in inside and a.op == "call_function" and isinstance(a.meta.get("val"), torch.Tensor)
         and block_of(a) != "<root>"
     ]
-    return int(_hint(max(sizes, default=0, key=_hint)))
+    return int(hint(max(sizes, default=0, key=hint)))
 
 
 def _fewest_blocks(peak: int, budget: int, savings: list[int]) -> int:

@@ -1,20 +1,17 @@
-"""Adapters on disk, in PEFT's format, and merging them into the base model.
+"""Adapters on disk, in PEFT's format.
 
 - `save_adapter(gm, path)` writes ``adapter_config.json`` + ``adapter_model.safetensors`` as
   PEFT's ``save_pretrained`` does: keys ``base_model.model.<path>.lora_A.weight`` /
   ``.lora_B.weight`` and ``base_model.model.<module>.<param>`` for ``modules_to_save``; a
   ``LoraConfig`` with ``peft_type: "LORA"`` whose ``target_modules`` is the exact list of adapted
   paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
-  loads it. The write is atomic: everything goes to a temporary directory beside ``path``,
-  which then replaces ``path`` by rename, so a crash leaves the old adapter (or nothing), never
-  half a new one. In a distributed job every rank calls it (FSDP2 shards are gathered); rank 0 writes.
+  loads it. The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or nothing),
+  never half a new one. In a distributed job every rank calls it (FSDP2 shards are gathered);
+  rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
   listing all of them; nothing is loaded then.
-- `merge(gm, model)` folds ``W + scaling * B A`` into the weights of `model` and copies the
-  ``modules_to_save`` in: the plain Hugging Face model, ready for ``save_pretrained`` and
-  ``generate``.
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +29,9 @@ import torch.fx as fx
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
-from transformers.pytorch_utils import Conv1D
 
-from .errors import LoraFAError
+from .atomic_dir import atomic_directory, fsync_file
+from .errors import AdapterFileError, AdapterMismatchError, LoraFAError
 from .targets import _pattern_value, select_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -44,10 +39,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 #: PEFT's prefix of every key: ``PeftModel.base_model`` (the tuner) ``.model`` (the user's model).
 PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-class AdapterMismatchError(LoraFAError, ValueError):
-    """A saved adapter does not fit the transformed model (targets, shapes, rank or scaling)."""
 
 
 def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
@@ -63,32 +54,22 @@ def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name
         base_model_name_or_path: recorded in the config for ``AutoPeftModel`` loaders; defaults
             to the model's ``name_or_path`` when the model was loaded with ``from_pretrained``.
     """
-    _check_transformed(gm)
+    check_transformed(gm)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LoraFAError(f"{path} exists and is not a directory; pass a directory path for the adapter.")
     config = _peft_config(gm, base_model_name_or_path or getattr(gm, "name_or_path", None) or None)
-    tensors = {PREFIX + k: _full_tensor(v.detach()).to("cpu").contiguous() for k, v in _adapter_tensors(gm).items()}
+    tensors = {PREFIX + k: _full_tensor(v.detach()).to("cpu").contiguous() for k, v in adapter_tensors(gm).items()}
     if dist.is_initialized() and dist.get_rank() != 0:
         return
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        # mkdtemp makes a private (0700) directory; the adapter gets the mode a plain mkdir gives.
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o777 & ~_umask())
-        if path.exists():
-            _carry_over(path, tmp)
+    with atomic_directory(path, replaced=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_NAME)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_file(tmp / WEIGHTS_NAME)
 
 
 def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
@@ -98,17 +79,17 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     `gm`, every shape, rank or scaling (``lora_alpha / r``) that differs, and the
     ``modules_to_save`` parameters that do not match; nothing is loaded in that case.
     """
-    _check_transformed(gm)
+    check_transformed(gm)
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
-        raise LoraFAError(
+        raise AdapterFileError(
             f"{path} holds no adapter: expected {CONFIG_NAME} and {WEIGHTS_NAME} (PEFT's save_pretrained "
             "or lorafa_fx.save_adapter write both)."
         )
-    saved_config = json.loads(config_file.read_text())
+    saved_config = _read_config(config_file)
     _check_peft_config(saved_config, path)
-    saved = {k.removeprefix(PREFIX): v for k, v in load_file(weights_file).items()}
+    saved = {k.removeprefix(PREFIX): v for k, v in _read_weights(weights_file).items()}
 
     problems = _mismatches(gm, saved, saved_config)
     if problems:
@@ -123,75 +104,14 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
             gm.get_parameter(name).copy_(value)
 
 
-@torch.no_grad()
-def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
-    """Fold `gm`'s adapters into `model`'s weights; return `model`, a plain Hugging Face model.
-
-    Each adapted weight becomes ``W + scaling * B @ A`` (transposed for GPT-2's ``Conv1D``,
-    which stores ``W`` as ``(in, out)``), computed in float32 and cast to ``W``'s dtype;
-    ``modules_to_save`` parameters are copied from `gm`. `model` has no ``lora_`` parameters
-    and works with ``save_pretrained`` and ``generate``.
-
-    `model` is changed in place, as PEFT's ``merge_and_unload`` does (no second copy of the
-    weights is made). Usually it is the model `gm` was made from, whose weights `gm` shares:
-    then every ``lora_B`` of `gm` is zeroed as well, so `gm` keeps computing what the merged
-    model computes (instead of adding its adapter twice) and could train on from the merged
-    weights. Call `save_adapter` before `merge` to keep the adapter. `model` may also be another
-    instance of the architecture, e.g. a float copy of a model `gm` trained quantised; `gm` is
-    then left unchanged.
-    """
-    _check_transformed(gm)
-    problems, shared = [], []
-    for a in gm.lorafa_adapters:
-        try:
-            module = model.get_submodule(a.path)
-        except AttributeError:
-            problems.append(f"{a.path}: no such module in {type(model).__name__}")
-            continue
-        w = module.weight
-        expected = (a.in_features, a.out_features) if isinstance(module, Conv1D) else (a.out_features, a.in_features)
-        if not w.dtype.is_floating_point or tuple(w.shape) != expected:
-            problems.append(
-                f"{a.path}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
-                "(a quantised weight cannot hold the merged sum: merge into a float copy of the base model)"
-            )
-    if problems:
-        raise LoraFAError("merge: cannot merge into this model:\n  " + "\n  ".join(problems))
-
-    for a in gm.lorafa_adapters:
-        module = model.get_submodule(a.path)
-        lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
-        lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
-        delta = (lora_B.float() @ lora_A.float()) * a.scaling
-        if isinstance(module, Conv1D):
-            delta = delta.T
-        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
-        if _shares(gm, f"{a.path}.weight", module.weight):
-            shared.append(lora_B)
-    for name, p in _saved_module_params(gm).items():
-        target = model.get_parameter(name)
-        if target is not p:
-            target.copy_(p)
-    for lora_B in shared:
-        lora_B.zero_()
-    return model
-
-
-def _check_transformed(gm: nn.Module) -> None:
+def check_transformed(gm: nn.Module) -> None:
     if not hasattr(gm, "lorafa_adapters"):
         raise LoraFAError(
             f"{type(gm).__name__} is not a lorafa_fx module; pass the GraphModule lorafa_fx.transform returned."
         )
 
 
-def _shares(gm: fx.GraphModule, name: str, weight: torch.Tensor) -> bool:
-    try:
-        return gm.get_parameter(name) is weight
-    except AttributeError:
-        return False
-
-
-def _saved_module_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
+def saved_module_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
     # gm keeps the model's module paths, so PEFT's modules_to_save rules find the same modules.
     out = {}
     for path in select_modules_to_save(gm, gm.lorafa_config):
@@ -204,12 +124,12 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+def adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     out = {}
     for a in gm.lorafa_adapters:
         for suffix in _LORA_SUFFIXES:
             out[a.path + suffix] = gm.get_parameter(a.path + suffix)
-    out.update(_saved_module_params(gm))
+    out.update(saved_module_params(gm))
     return out
 
 
@@ -238,6 +158,26 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
     }
 
 
+def _read_config(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{file} is not valid JSON ({e}); save the adapter again (save_adapter or PEFT's "
+                               "save_pretrained write it).") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file} holds a JSON {type(config).__name__}, not a PEFT adapter config (a JSON "
+                               "object with peft_type, r, lora_alpha, target_modules); save the adapter again.")
+    return config
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own SafetensorError (not exported) or OSError
+        raise AdapterFileError(f"{file} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                               "truncated or not an adapter: save the adapter again.") from None
+
+
 def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
     unsupported = []
     if config.get("peft_type") != "LORA":
@@ -262,7 +202,7 @@ def _saved_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float, fl
 
 
 def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[str]:
-    ours = _adapter_tensors(gm)
+    ours = adapter_tensors(gm)
     adapted = {a.path: a for a in gm.lorafa_adapters}
     saved_paths = {k.removesuffix(s) for k in saved for s in _LORA_SUFFIXES if k.endswith(s)}
     problems = []
@@ -294,55 +234,3 @@ def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: M
         if tuple(saved[name].shape) != tuple(ours[name].shape):
             problems.append(f"{name}: saved shape {tuple(saved[name].shape)}, here {tuple(ours[name].shape)}")
     return problems
-
-
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: Path, tmp: Path) -> None:
-    # Files beside the adapter (a tokenizer, a README) survive the directory swap.
-    for entry in old.iterdir():
-        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), tmp / entry.name)
-        else:
-            _link_or_copy(str(entry), str(tmp / entry.name))
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    # POSIX cannot swap two directories in one rename: move the old one aside, move the new one
-    # in, then delete the old. A crash in between leaves `path` absent and the old adapter in
-    # the ".old" directory beside it, never a half-written `path`.
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.replace(path, old / path.name)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old / path.name, path)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

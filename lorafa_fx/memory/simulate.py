@@ -1,4 +1,4 @@
-"""Pass (cost model): predict the memory of one training step from the graph, without weights.
+"""The simulation engine: run one training step of a graph on fake tensors and count its bytes.
 
 The step is ``opt.zero_grad(); gm(**batch).loss.backward(); opt.step()`` with the optimizer's
 states already allocated (the second and every later step); outputs other than the loss
@@ -10,15 +10,15 @@ states already allocated (the second and every later step); outputs other than t
 
 The static terms are sums of ``size_of`` over the state; the timeline is obtained by running
 the step on **fake tensors** (`FakeTensorMode`: shapes and dtypes, no data, no FLOPs) while a
-dispatch mode keeps the bytes of every live storage. What autograd saves for backward, and
-when it frees it, is therefore decided by autograd's own derivative formulas rather than by a
-hand-written table per op: saved tensors live from their producer in forward until the
-backward of their earliest saving op, activation grads from the backward of their last user to
-the backward of their producer. The same run attributes every byte to the FX node (and so the
-module) that allocated it, and records where the peak happens.
+dispatch mode (`LiveBytes`) keeps the bytes of every live storage. What autograd saves for
+backward, and when it frees it, is therefore decided by autograd's own derivative formulas
+rather than by a hand-written table per op: saved tensors live from their producer in forward
+until the backward of their earliest saving op, activation grads from the backward of their
+last user to the backward of their producer. The same run (`Recorder`) attributes every byte to
+the FX node (and so the module) that allocated it, and records where the peak happens.
 
-Reads ``node.meta["val"]`` (placeholders: dtypes, non-batch dims) and ``["nn_module_stack"]``.
-Writes ``node.meta["lorafa"]["saved_bytes"]``: bytes of the node's output kept for backward.
+The cost models (`cost_model.py`: one process, `sharded_cost_model.py`: one rank) are
+`Simulator`s built on these pieces: ``with simulator: estimate = simulator(gm)``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._graph import META_KEY, block_of, owner
-from .simplify_attention import assume_unpadded
+from ..passes._graph import block_of, owner
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer a plan assumes: AdamW (two states per trainable parameter)."""
+    return torch.optim.AdamW(params, lr=1e-3)
 
 
 def size_of(t: torch.Tensor) -> int:
@@ -70,26 +73,22 @@ class StepEstimate:
         return self.weights + self.buffers + self.optimizer_states + self.batch
 
 
-class EstimateMemory(PassBase):
-    """Simulate one training step of `gm` at the shapes of `batch` (real or fake tensors,
-    or ``{name: (shape, dtype)}``), with `optimizer` (default `torch.optim.AdamW`)."""
+class Simulator:
+    """Predicts one training step's memory: ``with simulator: estimate = simulator(gm)``.
+    The context holds what a simulator sets up once for many candidate graphs (a fake
+    process group for a sharded one); the base class needs none."""
 
-    def __init__(self, batch: Mapping[str, object], optimizer: OptimizerFactory | None = None) -> None:
-        super().__init__()
-        self.batch = batch
-        self.optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        self.estimate: StepEstimate | None = None
+    def __enter__(self) -> Simulator:
+        return self
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        self.estimate = _simulate_step(gm, self.batch, self.optimizer)
-        for node in gm.graph.nodes:
-            saved = self.estimate.saved_by_node.get(node.name)
-            if saved:
-                node.meta.setdefault(META_KEY, {})["saved_bytes"] = saved
-        return PassResult(gm, False)
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+        raise NotImplementedError
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Bytes of every storage allocated while active, freed when its last tensor dies."""
 
     def __init__(self) -> None:
@@ -127,10 +126,10 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
-class _Recorder(fx.Interpreter):
+class Recorder(fx.Interpreter):
     """Runs the graph node by node, labelling allocations and saved tensors with their node."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: _LiveBytes) -> None:
+    def __init__(self, gm: fx.GraphModule, tracker: LiveBytes) -> None:
         super().__init__(gm)
         self.tracker = tracker
         self.producer: dict[int, fx.Node] = {}
@@ -170,44 +169,19 @@ class _Recorder(fx.Interpreter):
         return t
 
 
-def _simulate_step(gm: fx.GraphModule, batch: Mapping[str, object], optimizer: OptimizerFactory) -> StepEstimate:
-    fake_mode = _fake_mode_of(gm)
-    with fake_mode:
-        # Tied weights (GPT-2's lm_head/wte) are one parameter under two names: one fake each.
-        fakes = {id(p): _fake_param(fake_mode, p) for p in gm.parameters()}
-        state = {name: fakes[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
-        buffers = {name: fake_mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()}
-        inputs = {name: _fake_input(fake_mode, v) for name, v in batch.items()}
-    trainable = [p for p in fakes.values() if p.requires_grad]
-    opt = optimizer(trainable)
-    with fake_mode:
-        _allocate_optimizer_states(opt, trainable)
-
-    tracker = _LiveBytes()
-    recorder = _Recorder(gm, tracker)
-    flat_inputs = _flatten_inputs(gm, inputs)
-    unpadded = assume_unpadded() if _is_unpadded(batch) else contextlib.nullcontext()
-    with (
-        fake_mode,
-        torch.nn.utils.stateless._reparametrize_module(gm, {**state, **buffers}),
-        unpadded,
-        tracker,
-    ):
-        # Interpreter.run applies the graph's pytree codegen: its output is the model's output type.
-        saved_at_end_of_forward = _train_step(recorder.run, flat_inputs, recorder, tracker, opt.step)
-    return _step_estimate(
-        recorder, tracker, {n.name: n for n in gm.graph.nodes}, saved_at_end_of_forward,
-        weights=sum(size_of(p) for p in fakes.values()),
-        buffers=sum(size_of(b) for b in buffers.values()),
-        optimizer_states=sum(size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
-        batch=sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
-    )
-
-
-def _train_step(run: Callable, inputs: list, recorder: _Recorder, tracker: _LiveBytes, step: Callable[[], None]) -> int:
-    """Forward (saved tensors recorded), backward of the loss, then `step`; inside the caller's
-    fake mode and `tracker`. Returns the bytes saved for backward at the end of forward."""
-    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+def train_step(
+    run: Callable,
+    inputs: list,
+    recorder: Recorder,
+    tracker: LiveBytes,
+    step: Callable[[], None],
+    autocast_dtype: torch.dtype | None = None,
+) -> int:
+    """Forward (saved tensors recorded; under CPU autocast to `autocast_dtype` if given, as a
+    mixed-precision loop runs it), backward of the loss, then `step`; inside the caller's fake
+    mode and `tracker`. Returns the bytes saved for backward at the end of forward."""
+    autocast = torch.autocast("cpu", autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t), autocast:
         out = run(*inputs)
     loss = _loss_of(out)
     # Training loops keep only the loss: `gm(**batch).loss.backward()`, or HF Trainer's
@@ -222,8 +196,8 @@ def _train_step(run: Callable, inputs: list, recorder: _Recorder, tracker: _Live
     return saved_at_end_of_forward
 
 
-def _step_estimate(
-    recorder: _Recorder, tracker: _LiveBytes, nodes: Mapping[str, fx.Node], saved_at_end_of_forward: int, **static: int
+def step_estimate(
+    recorder: Recorder, tracker: LiveBytes, nodes: Mapping[str, fx.Node], saved_at_end_of_forward: int, **static: int
 ) -> StepEstimate:
     """The `StepEstimate` of a recorded step; `static`: weights, buffers, optimizer_states, batch."""
     by_node: dict[str, int] = defaultdict(int)
@@ -245,19 +219,19 @@ def _step_estimate(
     )
 
 
-def _fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
+def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
     # A model built under FakeTensorMode (estimate() from a config) keeps its mode; real
     # weights get a fresh one with static shapes: the batch shape is concrete here.
     mode = detect_fake_mode([p for p in gm.parameters()])
     return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=False)
 
 
-def _fake_param(mode: FakeTensorMode, p: torch.Tensor) -> torch.Tensor:
+def fake_param(mode: FakeTensorMode, p: torch.Tensor) -> torch.Tensor:
     fake = p if is_fake(p) else mode.from_tensor(p, static_shapes=True)
     return torch.nn.Parameter(fake, requires_grad=p.requires_grad)
 
 
-def _fake_input(mode: FakeTensorMode, value: object) -> object:
+def fake_input(mode: FakeTensorMode, value: object) -> object:
     if isinstance(value, torch.Tensor):
         return value if is_fake(value) else mode.from_tensor(value, static_shapes=True)
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
@@ -266,7 +240,7 @@ def _fake_input(mode: FakeTensorMode, value: object) -> object:
     return value
 
 
-def _is_unpadded(batch: Mapping[str, object]) -> bool:
+def is_unpadded(batch: Mapping[str, object]) -> bool:
     """True unless a real attention mask in `batch` masks a token (shapes alone: unpadded)."""
     return all(
         bool(v.all()) for k, v in batch.items()
@@ -274,7 +248,7 @@ def _is_unpadded(batch: Mapping[str, object]) -> bool:
     )
 
 
-def _allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+def allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
     # The step measured is a later one: states exist before it starts.
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -282,7 +256,7 @@ def _allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Te
     opt.zero_grad(set_to_none=True)
 
 
-def _flatten_inputs(gm: fx.GraphModule, inputs: Mapping[str, object]) -> list:
+def flatten_inputs(gm: fx.GraphModule, inputs: Mapping[str, object]) -> list:
     return fx_pytree.tree_flatten_spec(((), dict(inputs)), gm._in_spec)
 
 

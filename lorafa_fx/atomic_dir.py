@@ -1,0 +1,84 @@
+"""Write a directory atomically: readers see the old directory or the new one, never half.
+
+``with atomic_directory(path, replaced=names) as tmp:`` yields a fresh directory beside `path`
+holding the files of the old `path` except `replaced`; the caller writes the new files into
+it (`fsync_file` each); on success it replaces `path` by rename, on any error it is deleted
+and `path` is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, replaced: Collection[str]) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # mkdtemp makes a private (0700) directory; the result gets the mode a plain mkdir gives.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o777 & ~_umask())
+        if path.exists():
+            _carry_over(path, tmp, replaced)
+        yield tmp
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fsync_file(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, tmp: Path, replaced: Collection[str]) -> None:
+    # Files beside the adapter (a tokenizer, a README) survive the directory swap.
+    for entry in old.iterdir():
+        if entry.name in replaced:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), tmp / entry.name)
+        else:
+            _link_or_copy(str(entry), str(tmp / entry.name))
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    # POSIX cannot swap two directories in one rename: move the old one aside, move the new one
+    # in, then delete the old. A crash in between leaves `path` absent and the old adapter in
+    # the ".old" directory beside it, never a half-written `path`.
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old / path.name, path)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""The cost model of one process: the memory of one training step of a graph, from the graph.
+
+`CostModel(batch, autocast_dtype=...)` is the `Simulator` of a single-process step (its forward
+under autocast to that dtype: a mixed-precision step) at `batch`'s shapes (real or
+fake tensors, or ``{name: (shape, dtype)}``), in the mode the graph is in (the pipeline's
+graphs are in train mode: dropout keeps its masks): it runs the step on fake tensors with the
+engine of `simulate.py` and returns a `StepEstimate`. `annotate_saved_bytes` writes an
+estimate's per-node saved bytes into the graph (``meta.SAVED_BYTES``), for the report.
+
+Reads ``node.meta["val"]`` (placeholders: dtypes, non-batch dims) and ``["nn_module_stack"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+import torch.fx as fx
+
+from .. import meta
+from ..passes.simplify_attention import assume_unpadded
+from .simulate import (
+    LiveBytes,
+    OptimizerFactory,
+    Recorder,
+    Simulator,
+    StepEstimate,
+    allocate_optimizer_states,
+    default_optimizer,
+    fake_input,
+    fake_mode_of,
+    fake_param,
+    flatten_inputs,
+    is_unpadded,
+    size_of,
+    step_estimate,
+    train_step,
+)
+
+
+class CostModel(Simulator):
+    """One AdamW (or `optimizer`) training step of a graph, in one process, at `batch`."""
+
+    def __init__(
+        self,
+        batch: Mapping[str, object],
+        optimizer: OptimizerFactory | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.batch = batch
+        self.optimizer = optimizer or default_optimizer
+        self.autocast_dtype = autocast_dtype
+
+    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+        return _simulate_step(gm, self.batch, self.optimizer, self.autocast_dtype)
+
+
+def annotate_saved_bytes(gm: fx.GraphModule, estimate: StepEstimate) -> None:
+    """Write ``meta.SAVED_BYTES`` on every node (in `gm` and its outlined graphs) that the
+    estimate says keeps bytes for backward."""
+    for node in meta.all_graph_nodes(gm):
+        saved = estimate.saved_by_node.get(node.name)
+        if saved:
+            meta.annotate(node, saved_bytes=saved)
+
+
+def _simulate_step(
+    gm: fx.GraphModule, batch: Mapping[str, object], optimizer: OptimizerFactory, autocast_dtype: torch.dtype | None
+) -> StepEstimate:
+    fake_mode = fake_mode_of(gm)
+    with fake_mode:
+        # Tied weights (GPT-2's lm_head/wte) are one parameter under two names: one fake each.
+        fakes = {id(p): fake_param(fake_mode, p) for p in gm.parameters()}
+        state = {name: fakes[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
+        buffers = {name: fake_mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()}
+        inputs = {name: fake_input(fake_mode, v) for name, v in batch.items()}
+    trainable = [p for p in fakes.values() if p.requires_grad]
+    opt = optimizer(trainable)
+    with fake_mode:
+        allocate_optimizer_states(opt, trainable)
+
+    tracker = LiveBytes()
+    recorder = Recorder(gm, tracker)
+    flat_inputs = flatten_inputs(gm, inputs)
+    unpadded = assume_unpadded() if is_unpadded(batch) else contextlib.nullcontext()
+    with (
+        fake_mode,
+        torch.nn.utils.stateless._reparametrize_module(gm, {**state, **buffers}),
+        unpadded,
+        tracker,
+    ):
+        # Interpreter.run applies the graph's pytree codegen: its output is the model's output type.
+        saved_at_end_of_forward = train_step(recorder.run, flat_inputs, recorder, tracker, opt.step, autocast_dtype)
+    return step_estimate(
+        recorder, tracker, {n.name: n for n in gm.graph.nodes}, saved_at_end_of_forward,
+        weights=sum(size_of(p) for p in fakes.values()),
+        buffers=sum(size_of(b) for b in buffers.values()),
+        optimizer_states=sum(size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
+        batch=sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
+    )

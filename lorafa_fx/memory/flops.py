@@ -1,0 +1,45 @@
+"""The FLOP model: forward FLOPs of a graph node at the captured example's shapes.
+
+    matmul (linear, mm, addmm)   2·m·n·k
+    attention (SDPA)             4·b·h·s_q·s_k·d   (QK^T and PV)
+    any other op                 one per output element
+
+The planner prices recomputation with it (a recomputed block costs its forward again) and
+counts a step as forward + backward = 2 x forward (frozen weights: no weight gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..passes.simplify_attention import SDPAttention
+
+aten = torch.ops.aten
+
+_MATMULS = (aten.linear.default, aten.mm.default, aten.addmm.default)
+
+
+def node_flops(node: fx.Node) -> int:
+    """Forward FLOPs of one node (see the module docstring)."""
+    return int(hint(_symbolic_flops(node)))
+
+
+def hint(n) -> int:
+    """A size as an int: captured sizes are symbolic (dynamic batch/sequence), their hint is the
+    example's size."""
+    return n.node.hint if isinstance(n, torch.SymInt) else n
+
+
+def _symbolic_flops(node: fx.Node):
+    out = node.meta.get("val")
+    if node.op not in ("call_function", "call_module") or not isinstance(out, torch.Tensor):
+        return 0
+    if node.target in _MATMULS:
+        x = node.args[1] if node.target == aten.addmm.default else node.args[0]
+        inner = x.meta["val"].shape[-1] if isinstance(x, fx.Node) and "val" in x.meta else 1
+        return 2 * out.numel() * int(inner)
+    if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), SDPAttention):
+        q, k = (a.meta["val"] for a in node.args[:2])
+        return 4 * q.numel() * int(k.shape[-2])
+    return out.numel()
