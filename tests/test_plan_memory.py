@@ -14,7 +14,7 @@ from lorafa_fx import InfeasibleBudgetError
 from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.units import parse_budget
 
-SHAPE = (4, 32)
+SHAPE = (2, 16)
 
 
 def _llama4(_name: str = "llama4"):
@@ -72,8 +72,12 @@ def _plan_key(plan) -> tuple:
     return tuple(sorted(plan.recompute_by_block.items())), plan.chunked_cross_entropy
 
 
-@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", ["llama4", "gpt2", "t5"])
+@pytest.mark.parametrize("name,mode", [
+    ("llama4", "eager"), ("gpt2", "eager"), ("t5", "eager"),
+    # Compiled, on Llama: compiled = eager per architecture is test_compile.py's claim; here the
+    # claim is that planned graphs compile and meet their budgets (each plan is one inductor compile).
+    pytest.param("llama4", "compiled", marks=pytest.mark.slow),
+])
 def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
     """References: MemTracker's measured peak of a full step (<= budget), and the unplanned
     module's loss and lora_B grads (equal: recomputation changes memory, not math).
