@@ -156,6 +156,15 @@ def _lora_B(module, gm, path):
     return module.get_parameter(f"{path}.lora_B.weight") if module is gm else peft_lora_B(module, path)
 
 
+def _with_reference():
+    """gm with a random B, its PEFT A-frozen reference, and gm's lora_B before training."""
+    model, gm = _transform()
+    randomize_lora_B(gm)
+    ref = peft_reference(model, gm)
+    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    return gm, ref, start
+
+
 def _assert_trained_alike(gm, ref, start, losses, ref_losses):
     """3 logged losses equal to the reference's; every lora_B moved, and equal to the reference's."""
     assert len(losses) == 3
@@ -169,10 +178,7 @@ def _assert_trained_alike(gm, ref, start, losses, ref_losses):
 def test_trainer_bf16_matches_peft(tmp_path):
     """``Trainer(bf16=True, use_cpu=True)`` (bf16 autocast), 3 steps. Reference: PEFT LoRA with the
     same A (frozen) and B under the same Trainer: same logged losses and final lora_B, moved."""
-    model, gm = _transform()
-    randomize_lora_B(gm)
-    ref = peft_reference(model, gm)
-    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    gm, ref, start = _with_reference()
     _, losses = _train(gm, tmp_path / "gm", accumulation=1, steps=3, bf16=True)
     _, ref_losses = _train(ref, tmp_path / "peft", accumulation=1, steps=3, bf16=True)
     _assert_trained_alike(gm, ref, start, losses, ref_losses)
@@ -186,10 +192,7 @@ def test_sft_trainer_trains_like_peft(tmp_path):
     from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
-    model, gm = _transform()
-    randomize_lora_B(gm)
-    ref = peft_reference(model, gm)
-    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    gm, ref, start = _with_reference()
     rows = make_batch("llama", 8, SEQ, seed=4)["input_ids"]
     # A word-level tokenizer over the test vocabulary: SFTTrainer wants one, nothing is downloaded.
     vocab = {f"t{i}": i for i in range(VOCAB)}
