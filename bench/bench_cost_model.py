@@ -81,7 +81,7 @@ def plan(config, batch: int, seq: int, rank: int, dtype: torch.dtype, train_lora
         for a in gm.lorafa_adapters:
             gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad_(True)
     # The plan of the graph as it is: no budget, nothing recomputed.
-    return MemoryPlan.from_estimate(gm, CostModel(inputs)(gm), inputs, None)
+    return MemoryPlan.from_estimate(gm, CostModel(inputs)(gm), inputs)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 `torch.fx.GraphModule` that trains in eager mode and under `torch.compile`.
 """
 
-from .api import estimate, transform
+from .api import estimate, largest_batch_size, transform
 from .config import LoraFAConfig, PlanSettings
 from .errors import (
     AdapterFileError,
@@ -46,6 +46,7 @@ __all__ = [
     "TargetNotFoundError",
     "create_lorafa_optimizer",
     "estimate",
+    "largest_batch_size",
     "load_adapter",
     "merge",
     "save_adapter",

@@ -1,8 +1,12 @@
 """Command line: ``python -m lorafa_fx demo`` and ``python -m lorafa_fx plan``.
 
-Every bad input ends in one plain ``error: ...`` line on stderr and exit status 2 (with
-``plan --json``: one JSON object ``{"error": ...}`` on stdout), never a traceback. Warnings the
-planner gives (the chunked-loss notice) are printed as ``note: ...`` lines (``"notes"`` in JSON).
+``plan`` prints one plan (one --batch and --seq), a table with a row per shape (several: a
+sweep, captured once), or the largest batch that fits (--max-batch); a status line on stderr
+shows the stage and the shape being planned. Every bad input ends in one plain ``error: ...``
+line on stderr and exit status 2 (with ``plan --json``: one JSON object ``{"error": ...}`` on
+stdout), never a traceback. Warnings the planner gives (the chunked-loss notice) are printed as
+``note: ...`` lines (``"notes"`` in JSON; a sweep's JSON is the list of plans, so its notes stay
+on stderr).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import warnings
 
 PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB
+  python -m lorafa_fx plan --config llama-2-7b --batch 1 2 4 8 16 --seq 1024 --rank 64 --budget 24GB
+  python -m lorafa_fx plan --config llama-2-7b --max-batch --seq 1024 --rank 64 --budget auto --device cuda:0
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --json
   python -m lorafa_fx plan --config path/to/config.json --batch 8 --seq 2048
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
@@ -53,6 +59,17 @@ def _positive_int(flag: str, what: str, example: int):
     return parse
 
 
+def _positive_ints(flag: str, what: str, example: int):
+    """Like `_positive_int`, for a comma-separated list ("1,2,4"); with nargs="+" a flag takes both."""
+    one = _positive_int(flag, what, example)
+
+    def parse(text: str) -> list[int]:
+        return [one(piece.strip()) for piece in text.split(",")]
+
+    parse.__name__ = flag
+    return parse
+
+
 def _positive_float(flag: str, what: str, example: str):
     def parse(text: str) -> float:
         try:
@@ -69,9 +86,11 @@ def _positive_float(flag: str, what: str, example: str):
     return parse
 
 
-def _budget(text: str) -> int:
+def _budget(text: str) -> int | str:
     from .units import parse_budget
 
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return parse_budget(text)
     except ValueError as e:
@@ -130,14 +149,20 @@ def _add_plan_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a preset name or a config.json (file or directory)")
-    p.add_argument("--batch", type=_positive_int("--batch", "the number of sequences per step (per rank)", 8),
-                   required=True)
-    p.add_argument("--seq", type=_positive_int("--seq", "the tokens per sequence", 1024), required=True)
+    p.add_argument("--batch", type=_positive_ints("--batch", "the number of sequences per step (per rank)", 8),
+                   nargs="+", default=None, help="sequences per step (per rank); several (1 2 4 or 1,2,4) sweep")
+    p.add_argument("--seq", type=_positive_ints("--seq", "the tokens per sequence", 1024), nargs="+", required=True,
+                   help="tokens per sequence; several sweep (every batch with every seq)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="instead of --batch: the largest batch size whose step fits --budget, and its plan")
     p.add_argument("--rank", type=_positive_int("--rank", "the adapter rank r", 8), default=8)
     p.add_argument("--alpha", type=_positive_float("--alpha", "lora_alpha (scaling = alpha / rank)", "16"),
                    default=None, help="lora_alpha, > 0 (default: 2 x rank)")
     p.add_argument("--budget", type=_budget, default=None,
-                   help="bytes (e.g. 40000000000), or 40GB (10^9) or 40GiB (2^30)")
+                   help="bytes (e.g. 40000000000), 40GB (10^9), 40GiB (2^30), or auto: the free memory of "
+                   "--device minus a reserve")
+    p.add_argument("--device", default=None,
+                   help="with --budget auto: the device whose free memory is read (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="the step's forward under autocast (accelerate's names; e.g. --dtype fp32 --mixed-precision bf16)")
@@ -182,34 +207,98 @@ def _plan(args) -> int:
     import lorafa_fx
     from lorafa_fx.presets import load_config
 
+    batches = None if args.batch is None else [b for group in args.batch for b in group]
+    seqs = [s for group in args.seq for s in group]
+    if args.max_batch and args.budget is None:
+        return _fail("--max-batch needs --budget: pass e.g. --budget 40GB, or --budget auto", args.json)
+    if args.max_batch and (batches is not None or len(seqs) > 1):
+        return _fail("--max-batch searches the batch size at one sequence length: drop --batch, pass one --seq",
+                     args.json)
+    if not args.max_batch and batches is None:
+        return _fail("--batch is required (or --max-batch with --budget): pass e.g. --batch 8", args.json)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
     try:
         lora = lorafa_fx.LoraFAConfig(r=args.rank, lora_alpha=2 * args.rank if args.alpha is None else args.alpha)
         config = load_config(args.config)
+        kwargs = {"config": lora, "dtype": dtype, "budget": args.budget, "device": args.device,
+                  "world_size": args.world_size, "sharding": args.sharding, "mixed_precision": args.mixed_precision}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                with Console(stderr=True).status(
-                    f"capturing {args.config} with fake weights and simulating a step..."
-                ):
-                    plan = lorafa_fx.estimate(
-                        config, batch_size=args.batch, seq_len=args.seq, config=lora, dtype=dtype,
-                        budget=args.budget, world_size=args.world_size, sharding=args.sharding,
-                        mixed_precision=args.mixed_precision,
-                    )
+                with Console(stderr=True).status(f"{args.config}: starting") as status:
+                    kwargs["progress"] = lambda stage: status.update(f"{args.config}: {stage}")
+                    if args.max_batch:
+                        result = lorafa_fx.largest_batch_size(config, seq_len=seqs[0], **kwargs)
+                    elif len(batches) == 1 and len(seqs) == 1:
+                        result = lorafa_fx.estimate(config, batch_size=batches[0], seq_len=seqs[0], **kwargs)
+                    else:
+                        result = lorafa_fx.estimate(config, batch_size=batches, seq_len=seqs, **kwargs)
             finally:
                 notes = _notes(caught)
     except lorafa_fx.InfeasibleBudgetError as e:
         return _fail(e, args.json, notes, min_budget_bytes=e.min_budget_bytes)
     except (lorafa_fx.LoraFAError, ValueError, OSError) as e:
         return _fail(e, args.json, notes)
-    if args.json:
-        print(json.dumps({**plan.to_dict(), "notes": notes}, indent=2))
+    if isinstance(result, list):
+        _print_notes(notes)  # a sweep's JSON is the list of plans; its notes go where a person reads them
+        print(json.dumps([plan.to_dict() for plan in result], indent=2) if args.json else _sweep_table(args.config, result))
+    elif args.max_batch:
+        batch, plan = result
+        if args.json:
+            print(json.dumps({"max_batch_size": batch, "seq_len": seqs[0], "plan": plan.to_dict(), "notes": notes},
+                             indent=2))
+        else:
+            _print_notes(notes)
+            print(f"largest batch size that fits {_budget_text(plan)} at seq {seqs[0]}: {batch}\n{plan}")
+    elif args.json:
+        print(json.dumps({**result.to_dict(), "notes": notes}, indent=2))
     else:
         _print_notes(notes)
-        print(plan)
+        print(result)
     return 0
+
+
+def _budget_text(plan) -> str:
+    from lorafa_fx.units import format_bytes
+
+    if plan.budget_bytes is None:
+        return "no budget"
+    if plan.reserve_bytes is None:
+        return f"budget {format_bytes(plan.budget_bytes)}"
+    return (f"budget {format_bytes(plan.budget_bytes)} ({plan.budget_device}'s free memory minus a "
+            f"{format_bytes(plan.reserve_bytes)} reserve)")
+
+
+def _sweep_table(config: str, plans: list) -> str:
+    """One row per shape of a sweep: its peak, whether it fits, what the planner pulled to fit."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lorafa_fx.units import format_bytes
+
+    t = Table(title=f"lorafa_fx memory plans: {config}, {_budget_text(plans[0])}")
+    for name in ("batch", "seq", "predicted peak", "fits", "recomputed in backward", "other levers", "extra compute"):
+        t.add_column(name, justify="left" if name in ("fits", "recomputed in backward", "other levers") else "right")
+    for plan in plans:
+        batch, seq = plan.batch_shape["input_ids"]
+        recomputed = len(plan.recomputed_blocks)
+        lowered = sum(layer.configured_r is not None for layer in plan.layers)
+        levers = [text for text, used in (("chunked loss", plan.chunked_cross_entropy),
+                                          (f"{lowered} ranks lowered", lowered),
+                                          (f"{len(plan.dropped_adapters)} adapters dropped", plan.dropped_adapters))
+                  if used]
+        t.add_row(
+            str(batch), str(seq), format_bytes(plan.predicted_peak_bytes),
+            {None: "-", True: "yes", False: "no"}[plan.fits],
+            f"{recomputed} of {len(plan.recompute_by_block)} blocks" if recomputed else "none",
+            ", ".join(levers) or "none", f"{plan.extra_compute_pct:.1f}%",
+        )
+    out = StringIO()
+    Console(file=out, width=110, force_terminal=False, color_system=None).print(t)
+    return out.getvalue().rstrip()
 
 
 def _demo(args) -> int:

@@ -1,14 +1,22 @@
-"""The public entry points: `transform` (a model to a LoRA-FA GraphModule that trains) and
-`estimate` (the memory plan of a model, possibly too big for this machine, from its config).
+"""The public entry points: `transform` (a model to a LoRA-FA GraphModule that trains),
+`estimate` (the memory plan of a model, possibly too big for this machine, from its config; at
+one shape or a sweep of shapes) and `largest_batch_size` (the largest batch a budget takes).
 
-Both check their arguments, gather the planning settings into one `PlanSettings`, and hand
-over to the pipeline (`pipeline.py`), which does the same for one process and for one rank.
+Each checks its arguments, gathers the planning settings into one `PlanSettings` (resolving
+``budget="auto"`` on a device, `devices.py`), and hands over to the pipeline (`pipeline.py`),
+which does the same for one process and for one rank. A sweep or a search captures once.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import itertools
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import torch
 import torch.fx as fx
@@ -18,11 +26,16 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .capture import position_limit
 from .config import LoraFAConfig, PlanSettings
-from .errors import AlreadyTransformedError, ConfigError
+from .devices import auto_budget, resident_bytes, resolve_device
+from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
 from .hf_compat import attach_hf_attributes
 from .memory.report import MemoryPlan
-from .pipeline import Adaptable, plan_and_emit
+from .pipeline import SHALLOW_LAYERS, Adaptable, Progress, plan_and_emit
 from .presets import PRESETS, load_config
+
+#: Makes the batch of a shape, ``(batch_size, seq_len)``, in the captured model's mode.
+BatchMaker = Callable[[int, int], dict[str, torch.Tensor]]
+ModelOrConfig = nn.Module | PretrainedConfig | str | os.PathLike
 
 
 def transform(
@@ -41,7 +54,9 @@ def transform(
         model: a Hugging Face (or any `torch.export`-able) model. Its base weights are shared
             with the result, not copied, and frozen in place (as PEFT does).
         budget: memory budget of one training step (AdamW) at the example batch's shape: bytes
-            as an int, or a string with accelerate's units ("40GB" = 40e9, "40GiB" = 40*2^30).
+            as an int, a string with accelerate's units ("40GB" = 40e9, "40GiB" = 40*2^30), or
+            ``"auto"``: the free memory of the model's device (with the model's own bytes there)
+            minus a reserve for what the plan does not count (`lorafa_fx.devices.RESERVE`).
             The planner recomputes the fewest blocks in backward that make the predicted peak
             fit (first lowering ranks and chunking the loss where ``config`` allows it);
             `InfeasibleBudgetError` (with ``min_budget_bytes``) if nothing does.
@@ -72,31 +87,52 @@ def transform(
             "This module was already transformed by lorafa_fx.transform; transform the original "
             "model instead (its weights are shared with the result)."
         )
-    settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+    settings = _settings(budget, model, None, world_size, sharding, mixed_precision)
     if not isinstance(example_inputs, Mapping):
         raise TypeError(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
-    gm = plan_and_emit(Adaptable(model, example_inputs, config or LoraFAConfig()), example_inputs, settings)
+    gm = plan_and_emit(Adaptable(model, example_inputs, config or LoraFAConfig()), example_inputs, settings, _quiet)
     gm.train(model.training)
     attach_hf_attributes(gm, model)
     return gm
 
 
+@overload
 def estimate(
-    model_or_config: nn.Module | PretrainedConfig,
+    model_or_config: ModelOrConfig, *, batch_size: int, seq_len: int, config: LoraFAConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None, device: str | torch.device | None = None,
+    world_size: int | None = None, sharding: str = "full", mixed_precision: str | None = None,
+    progress: Progress | None = None,
+) -> MemoryPlan: ...
+
+
+@overload
+def estimate(
+    model_or_config: ModelOrConfig, *, batch_size: int | Sequence[int], seq_len: int | Sequence[int],
+    config: LoraFAConfig | None = None, dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None,
+    device: str | torch.device | None = None, world_size: int | None = None, sharding: str = "full",
+    mixed_precision: str | None = None, progress: Progress | None = None,
+) -> list[MemoryPlan]: ...
+
+
+def estimate(
+    model_or_config: ModelOrConfig,
     *,
-    batch_size: int,
-    seq_len: int,
+    batch_size: int | Sequence[int],
+    seq_len: int | Sequence[int],
     config: LoraFAConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     budget: int | str | None = None,
+    device: str | torch.device | None = None,
     world_size: int | None = None,
     sharding: str = "full",
     mixed_precision: str | None = None,
-) -> MemoryPlan:
-    """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``.
+    progress: Progress | None = None,
+) -> MemoryPlan | list[MemoryPlan]:
+    """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``,
+    or at every shape of a sweep.
 
     A config is built into a model under `FakeTensorMode` (parameters have shapes and dtypes,
     no storage), captured and rewritten by the same pipeline as `transform`, and the cost model
@@ -109,16 +145,108 @@ def estimate(
             `dtype`), a preset name ("llama-2-7b", see `lorafa_fx.presets`) or a config.json
             path (the same), or a model (its own weights and dtype are used).
         batch_size, seq_len: the training batch shape; labels are the input ids (causal LM)
-            or a target sequence of ``seq_len`` (encoder-decoder).
+            or a target sequence of ``seq_len`` (encoder-decoder). Lists sweep every
+            combination (batch-major); the model is captured once, at the largest shape.
         config: the LoRA-FA config (default ``LoraFAConfig()``).
-        budget: plan recomputation under this budget, as `transform` does.
+        budget: plan recomputation under this budget, as `transform` does; ``"auto"``: the
+            free memory of `device` minus a reserve (`lorafa_fx.devices.RESERVE`).
+        device: the device the step will run on, whose free memory ``budget="auto"`` reads
+            (only then used): default the model's device, and for a config the current CUDA
+            device where CUDA is available, else the CPU.
         world_size, sharding: plan one rank of a data-parallel job, as `transform` does
             (``batch_size`` is then per rank; `budget` is per rank).
         mixed_precision: as for `transform`; with a config, `dtype` is the weights' dtype and
             ``"bf16"``/``"fp16"`` the autocast of the step (fp32 weights + "bf16" is the usual
             mixed-precision setup).
+        progress: called with a short line per stage (building, capturing, simulating or
+            planning; in a sweep prefixed with the shape), e.g. to show a status line.
+
+    Returns:
+        the `MemoryPlan` of the shape when `batch_size` and `seq_len` are ints (a budget that
+        cannot be met raises `InfeasibleBudgetError`); else one per shape, in sweep order,
+        where a shape that cannot meet the budget gets its plan at the smallest budget that
+        can be met and ``plan.fits`` False (so one such shape does not end the sweep).
     """
-    settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+    model_or_config = _model_or_config(model_or_config)
+    batch_sizes, seq_lens = _sizes("batch_size", batch_size), _sizes("seq_len", seq_len)
+    _check_seq_len(model_or_config, max(seq_lens))
+    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision)
+    progress = progress or _quiet
+    adaptable, batch_of = _adaptable(
+        model_or_config, max(batch_sizes), max(seq_lens), config or LoraFAConfig(), dtype, progress
+    )
+    if isinstance(batch_size, int) and isinstance(seq_len, int):
+        return plan_and_emit(adaptable, batch_of(batch_size, seq_len), settings, progress).lorafa_plan
+    shapes = list(itertools.product(batch_sizes, seq_lens))
+    return [
+        _sweep_row(adaptable, batch_of(b, s), settings, _prefixed(progress, f"batch {b} x seq {s} ({i} of {len(shapes)})"))
+        for i, (b, s) in enumerate(shapes, 1)
+    ]
+
+
+def largest_batch_size(
+    model_or_config: ModelOrConfig,
+    *,
+    seq_len: int,
+    budget: int | str,
+    config: LoraFAConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    world_size: int | None = None,
+    sharding: str = "full",
+    mixed_precision: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[int, MemoryPlan]:
+    """The largest batch size whose training step fits `budget` at `seq_len`, and its plan.
+
+    A batch fits when the planner meets the budget for it (recomputing blocks, chunking the
+    loss or lowering ranks as `config` allows, as `estimate` with a budget does). The search
+    doubles the batch from 1 until one does not fit, then bisects between the last two, every
+    probe a plan of the one capture. Arguments as for `estimate`; `budget` is required.
+    Raises `InfeasibleBudgetError` when even a batch of 1 does not fit.
+    """
+    if budget is None:
+        raise ConfigError(
+            "largest_batch_size needs a budget: pass budget='40GB' (or bytes), or budget='auto' for the "
+            "device's free memory."
+        )
+    model_or_config = _model_or_config(model_or_config)
+    _sizes("seq_len", seq_len, sweep=False)
+    _check_seq_len(model_or_config, seq_len)
+    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision)
+    progress = progress or _quiet
+    adaptable, batch_of = _adaptable(model_or_config, 1, seq_len, config or LoraFAConfig(), dtype, progress)
+    plans: dict[int, MemoryPlan] = {}
+
+    def plan_at(b: int) -> MemoryPlan:
+        step = _prefixed(progress, f"batch {b} x seq {seq_len}")
+        return plan_and_emit(adaptable, batch_of(b, seq_len), settings, step).lorafa_plan
+
+    def fits(b: int) -> bool:
+        try:
+            plans[b] = plan_at(b)
+        except InfeasibleBudgetError:
+            return False
+        return True
+
+    try:
+        plans[1] = plan_at(1)
+    except InfeasibleBudgetError as e:
+        raise InfeasibleBudgetError(
+            e.min_budget_bytes, e.what_takes_memory, e.budget_bytes, shape=f"batch_size=1 at seq_len={seq_len}",
+            fix="lower seq_len or the rank",
+        ) from None
+    hi = 2
+    while fits(hi):
+        hi *= 2
+    lo = hi // 2  # lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, plans[lo]
+
+
+def _model_or_config(model_or_config: object) -> nn.Module | PretrainedConfig:
     if isinstance(model_or_config, (str, os.PathLike)):
         model_or_config = load_config(str(model_or_config))
     if not isinstance(model_or_config, (PretrainedConfig, nn.Module)):
@@ -127,24 +255,107 @@ def estimate(
             f"name ({', '.join(PRESETS)}) nor a config.json path; for a dict, pass "
             "transformers.AutoConfig.for_model(**d)."
         )
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive int.")
+    return model_or_config
+
+
+def _sizes(name: str, value: object, sweep: bool = True) -> list[int]:
+    """`value`, a positive int (or with `sweep`, a non-empty list of them), as a list."""
+    values = list(value) if sweep and isinstance(value, (list, tuple, range)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ConfigError(f"{name}={value!r} must be a positive int{', or a list of them to sweep' if sweep else ''}.")
+    return values
+
+
+def _check_seq_len(model_or_config: nn.Module | PretrainedConfig, seq_len: int) -> None:
     limit = position_limit(model_or_config)
     if limit is not None and seq_len > limit:
         raise ConfigError(
             f"seq_len={seq_len} is above the model's position limit {limit} (max_position_embeddings): pass "
             f"seq_len <= {limit}, or a config with a larger max_position_embeddings."
         )
+
+
+def _settings(
+    budget: int | str | None,
+    model_or_config: nn.Module | PretrainedConfig,
+    device: str | torch.device | None,
+    world_size: int | None,
+    sharding: str,
+    mixed_precision: str | None,
+) -> PlanSettings:
+    """The `PlanSettings` of a call; ``budget="auto"`` read on `device` (default: a model's own)."""
+    if not (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        return PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+    model = model_or_config if isinstance(model_or_config, nn.Module) else None
+    target = resolve_device(device if device is not None or model is None else next(model.parameters()).device)
+    auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
+    settings = PlanSettings.from_arguments(auto.budget_bytes, world_size, sharding, mixed_precision)
+    return dataclasses.replace(settings, reserve_bytes=auto.reserve_bytes, budget_device=str(target))
+
+
+def _adaptable(
+    model_or_config: nn.Module | PretrainedConfig,
+    batch_size: int,
+    seq_len: int,
+    config: LoraFAConfig,
+    dtype: torch.dtype,
+    progress: Progress,
+) -> tuple[Adaptable, BatchMaker]:
+    """`model_or_config` captured at ``(batch_size, seq_len)`` and adapted (`Adaptable`: its batch
+    and sequence dims are dynamic, so it is planned at any shape), with the maker of the batches
+    it is planned at."""
     if isinstance(model_or_config, PretrainedConfig):
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        progress("building the model with fake weights")
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        shallow_config = _shallow_config(model_or_config)
+        with mode:
             model = model_from_config(model_or_config, dtype)
-            batch = token_batch(batch_size, seq_len)
+            shallow = model_from_config(shallow_config, dtype) if shallow_config is not None else None
+
+        def batch_of(b: int, s: int) -> dict[str, torch.Tensor]:
+            with mode:  # fake like the weights, in their mode: capture and the cost model mix them
+                return token_batch(b, s)
     else:
-        model = model_or_config
-        batch = token_batch(batch_size, seq_len, next(model.parameters()).device)
-    # Dynamic dims: capturing at the target shape serves it, and the step is simulated once.
-    return plan_and_emit(Adaptable(model, batch, config or LoraFAConfig()), batch, settings).lorafa_plan
+        model, shallow = model_or_config, None
+        batch_of = functools.partial(token_batch, device=next(model.parameters()).device)
+    return Adaptable(model, batch_of(batch_size, seq_len), config, progress, shallow), batch_of
+
+
+def _shallow_config(config: PretrainedConfig) -> PretrainedConfig | None:
+    """`config` with `SHALLOW_LAYERS` layers, for a decoder with more whose config holds
+    nothing that differs per layer (`Adaptable` then captures it, and checks the rest)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if getattr(config, "is_encoder_decoder", False) or not isinstance(layers, int) or layers <= SHALLOW_LAYERS:
+        return None
+    per_layer = {k: v for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == layers}
+    if any(len({repr(x) for x in v}) > 1 for v in per_layer.values()):
+        return None
+    shallow = copy.deepcopy(config)
+    shallow.num_hidden_layers = SHALLOW_LAYERS
+    for k, v in per_layer.items():
+        setattr(shallow, k, type(v)(v[:SHALLOW_LAYERS]))
+    return shallow
+
+
+def _sweep_row(
+    adaptable: Adaptable, batch: Mapping[str, object], settings: PlanSettings, progress: Progress
+) -> MemoryPlan:
+    try:
+        return plan_and_emit(adaptable, batch, settings, progress).lorafa_plan
+    except InfeasibleBudgetError as e:
+        with warnings.catch_warnings():
+            # This plan does not fit anyway: its chunked loss is no advice to the user.
+            warnings.simplefilter("ignore")
+            smallest = plan_and_emit(adaptable, batch, dataclasses.replace(settings, budget_bytes=e.min_budget_bytes), progress)
+        return dataclasses.replace(smallest.lorafa_plan, budget_bytes=settings.budget_bytes)
+
+
+def _prefixed(progress: Progress, prefix: str) -> Progress:
+    return lambda stage: progress(f"{prefix}: {stage}")
+
+
+def _quiet(stage: str) -> None:
+    return None
 
 
 def model_from_config(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:

@@ -144,12 +144,16 @@ class PlanSettings:
         sharding: with `world_size`: "full" (FSDP2) or "none" (DDP).
         mixed_precision: the precision the step runs in, accelerate's names: "no" (the
             weights' dtype), "bf16" or "fp16" (forward under autocast to that dtype).
+        reserve_bytes, budget_device: with ``budget="auto"``, the reserve kept out of
+            `budget_device`'s free memory (`devices.py`); None for a budget given in bytes.
     """
 
     budget_bytes: int | None = None
     world_size: int | None = None
     sharding: str = "full"
     mixed_precision: str = "no"
+    reserve_bytes: int | None = None
+    budget_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -28,13 +28,21 @@ class AlreadyTransformedError(LoraFAError, TypeError):
 class InfeasibleBudgetError(LoraFAError, ValueError):
     """No plan fits the budget. ``min_budget_bytes`` is the smallest budget that does."""
 
-    def __init__(self, min_budget_bytes: int, what_takes_memory: str, budget_bytes: int) -> None:
+    def __init__(
+        self,
+        min_budget_bytes: int,
+        what_takes_memory: str,
+        budget_bytes: int,
+        shape: str = "this batch",
+        fix: str = "lower the batch size, sequence length or rank",
+    ) -> None:
         self.min_budget_bytes = min_budget_bytes
+        self.what_takes_memory = what_takes_memory
+        self.budget_bytes = budget_bytes
         super().__init__(
-            f"budget {format_bytes(budget_bytes)} cannot be met: the smallest feasible budget for this batch "
+            f"budget {format_bytes(budget_bytes)} cannot be met: the smallest feasible budget for {shape} "
             f"is {format_bytes(min_budget_bytes)} ({min_budget_bytes} bytes, every block recomputed). "
-            f"At that peak the memory goes to: {what_takes_memory}. Pass budget >= {min_budget_bytes}, or "
-            "lower the batch size, sequence length or rank."
+            f"At that peak the memory goes to: {what_takes_memory}. Pass budget >= {min_budget_bytes}, or {fix}."
         )
 
 

@@ -18,12 +18,16 @@ passes.follow_param_dtype             val, nn_module_stack                      
 passes.drop_full_slices               (nothing)                                   (nothing)
 passes.gate_dropout                   nn_module_stack                             new nodes inherit nn_module_stack
 passes.simplify_attention             nn_module_stack, val                        new nodes inherit nn_module_stack, val
+passes.lean_norms                     nn_module_stack, val                        new nodes inherit nn_module_stack, val
+passes.lean_gated_mlp                 val                                         new nodes inherit nn_module_stack, val
 passes.rewrite_lora_fa                val                                         ADAPTER, ROLE (every node it adds), val
 passes.annotate_saved_tensors         ROLE                                        torch's "recompute" = MUST_SAVE on xa
 passes.chunk_cross_entropy            val                                         ROLE (chunked_ce, eval_logits)
+passes.expand_layers                  nn_module_stack, ADAPTER, val               both, moved to each copy's path
 passes.recompute_regions              nn_module_stack                             RECOMPUTE, BLOCK (on each region call)
 passes.outline_layers                 nn_module_stack, BLOCK (region calls)       LAYER (on each layer call)
 memory.cost_model / sharded           val, nn_module_stack, LAYER                 (nothing; returns a StepEstimate)
+memory.compose                        val, nn_module_stack, BLOCK, LAYER          (nothing; composes StepEstimates)
 pipeline (emit)                       the estimate                                SAVED_BYTES (`annotate_saved_bytes`)
 memory.report                         ROLE, ADAPTER, SAVED_BYTES, LAYER           (nothing; builds the MemoryPlan)
 ====================================  ==========================================  =========================================

@@ -17,8 +17,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 import torch.fx as fx
@@ -27,6 +28,7 @@ import torch.nn as nn
 from .bnb_layers import traceable
 from .capture import capture
 from .config import LoraFAConfig, PlanSettings
+from .memory.compose import ComposedSimulator
 from .memory.cost_model import CostModel, annotate_saved_bytes
 from .memory.planner import Levers, lever_ladder, plan_memory
 from .memory.report import MemoryPlan
@@ -37,6 +39,7 @@ from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.drop_full_slices import DropFullSlices
 from .passes.drop_metadata_asserts import DropMetadataAsserts
+from .passes.expand_layers import ExpandLayers, repeats_cleanly
 from .passes.follow_input_device import FollowInputDevice
 from .passes.follow_param_dtype import FollowParamDtype
 from .passes.gate_dropout import GateDropout
@@ -47,22 +50,43 @@ from .passes.simplify_attention import SimplifyAttention
 from .targets import Adapter, cap_ranks, planned_config, rank_is_fixed, select_adapters, select_modules_to_save
 from .units import format_bytes
 
+#: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
+Progress = Callable[[str], None]
+
+
+def _silent(stage: str) -> None:
+    return None
+
 
 class Adaptable:
     """The captured model, adapted as a rung of the planner's lever ladder asks (`Levers`):
     capture and the graph-level passes run once, the adapter passes once per rung (the
-    planner's `Rungs`)."""
+    planner's `Rungs`).
 
-    def __init__(self, model: nn.Module, example_inputs: Mapping[str, torch.Tensor], config: LoraFAConfig) -> None:
+    `shallow`: the same model with fewer layers (`estimate` builds one from the config). It is
+    captured instead of `model` when `model`'s extra layers repeat its last one (same
+    parameters, adapters and graph), and `build` grows the graph to `model`'s depth
+    (`expand_layers.py`): capture time no longer grows with depth.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Mapping[str, torch.Tensor],
+        config: LoraFAConfig,
+        progress: Progress = _silent,
+        shallow: nn.Module | None = None,
+    ) -> None:
         adapters = select_adapters(model, config)
         self.saved_modules = select_modules_to_save(model, config)
-        with traceable(model):
-            base = capture(model, example_inputs)
-        self.adapters = _drop_unused(adapters, linear_nodes(base))
-        causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
-        for p in (DropMetadataAsserts(), FollowInputDevice(), FollowParamDtype(), DropFullSlices(), GateDropout(),
-                  SimplifyAttention(causal)):
-            base = p(base).graph_module
+        self.depths = _repeated_stacks(shallow, model, config) if shallow is not None else {}
+        progress("capturing the model (torch.export)" + (f", {_depth_note(self.depths)}" if self.depths else ""))
+        base = self._capture(shallow if self.depths else model, example_inputs)
+        if self.depths and not all(repeats_cleanly(base.graph, stack) for stack in self.depths):
+            self.depths = {}
+            base = self._capture(model, example_inputs)
+        linears = linear_nodes(base)
+        self.adapters = _drop_unused(adapters, {a.path for a in adapters if _shallow_path(a.path, self.depths) in linears})
         self.base, self.config = base, config
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
         adjustable = [a.r for a in self.adapters if not rank_is_fixed(config, a.path)]
@@ -72,17 +96,30 @@ class Adaptable:
         min_r = 1 if config.min_r == 0 and not keeps_some else config.min_r
         self.ladder = lever_ladder(min_r, max_r, config.chunked_cross_entropy, chunk_applies)
 
+    @staticmethod
+    def _capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+        with traceable(model):
+            base = capture(model, example_inputs)
+        causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
+        for p in (DropMetadataAsserts(), FollowInputDevice(), FollowParamDtype(), DropFullSlices(), GateDropout(),
+                  SimplifyAttention(causal)):
+            base = p(base).graph_module
+        return base
+
     def build(self, levers: Levers | None = None) -> fx.GraphModule:
         """The adapted graph at `levers` (default: the configured model, the ladder's top)."""
         levers = levers or self.ladder[-1]
         gm = graph_copy(self.base)
         adapters = cap_ranks(self.adapters, self.config, levers.rank_cap)
-        for p in (RewriteLoraFA(adapters, self.config), AnnotateSavedTensors()):
+        captured = [a for a in adapters if _shallow_path(a.path, self.depths) == a.path]
+        for p in (RewriteLoraFA(captured, self.config), AnnotateSavedTensors()):
             gm = p(gm).graph_module
         chunked = False
         if levers.chunked_cross_entropy:  # an adapted output projection is not chunked
             result = ChunkCrossEntropy()(gm)
             gm, chunked = result.graph_module, result.modified
+        if self.depths:
+            gm = ExpandLayers(self.depths)(gm).graph_module
         _set_trainable(gm, adapters, self.saved_modules)
         set_attributes(
             gm, lorafa_chunked_cross_entropy=chunked, lorafa_config=planned_config(self.config, self.adapters, adapters),
@@ -91,21 +128,80 @@ class Adaptable:
         return gm
 
 
-def plan_and_emit(adaptable: Adaptable, batch: Mapping[str, object], settings: PlanSettings) -> fx.GraphModule:
+#: Layers per stack of the shallow model `estimate` captures: the last is copied, reading its
+#: outputs as it read the one before; the first may differ (it reads the embeddings).
+SHALLOW_LAYERS = 3
+
+
+def _repeated_stacks(shallow: nn.Module, model: nn.Module, config: LoraFAConfig) -> dict[str, int]:
+    """``{stack: depth}`` of `model`'s layer stacks that `shallow` has `SHALLOW_LAYERS` of, if
+    every extra layer repeats `shallow`'s last one (modules, parameters, adapters, modules to
+    save); else ``{}``."""
+    depths = {}
+    for path, stack in model.named_modules():
+        if isinstance(stack, nn.ModuleList):
+            short = _submodule(shallow, path)
+            if not isinstance(short, nn.ModuleList):
+                return {}
+            if len(short) < len(stack):
+                if len(short) != SHALLOW_LAYERS:
+                    return {}
+                depths[path] = len(stack)
+    last = {path: _layout(shallow.get_submodule(f"{path}.{SHALLOW_LAYERS - 1}")) for path in depths}
+    if any(_layout(model.get_submodule(f"{path}.{i}")) != last[path]
+           for path, depth in depths.items() for i in range(SHALLOW_LAYERS - 1, depth)):
+        return {}
+    short = {a.path: a for a in select_adapters(shallow, config)}
+    deep = [dataclasses.replace(a, path=_shallow_path(a.path, depths)) for a in select_adapters(model, config)]
+    if not depths or {a.path for a in deep} != set(short) or any(a != short[a.path] for a in deep):
+        return {}
+    modules = {_shallow_path(m, depths) for m in select_modules_to_save(model, config)}
+    return depths if modules == set(select_modules_to_save(shallow, config)) else {}
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _layout(module: nn.Module) -> list[tuple]:
+    return [(n, type(m).__name__) for n, m in module.named_modules()] + [
+        (n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()
+    ]
+
+
+def _shallow_path(path: str, depths: Mapping[str, int]) -> str:
+    """Where `path` of the deep model is in the shallow one: a layer past the shallow stack's
+    last is that last layer (the one `ExpandLayers` copies)."""
+    for stack in depths:
+        if path.startswith(stack + "."):
+            index, _, rest = path[len(stack) + 1 :].partition(".")
+            if index.isdigit() and int(index) >= SHALLOW_LAYERS:
+                return f"{stack}.{SHALLOW_LAYERS - 1}" + (f".{rest}" if rest else "")
+    return path
+
+
+def _depth_note(depths: Mapping[str, int]) -> str:
+    return ", ".join(f"{SHALLOW_LAYERS} of {n} {stack}" for stack, n in depths.items())
+
+
+def plan_and_emit(
+    adaptable: Adaptable, batch: Mapping[str, object], settings: PlanSettings, progress: Progress = _silent
+) -> fx.GraphModule:
     """The adapted graph planned under ``settings.budget_bytes`` (the configured one without a
     budget), its recomputation realised (and its layers outlined for FSDP2), with its
     `MemoryPlan` on ``gm.lorafa_plan``. `batch`: one process's, or one rank's with
     ``settings.world_size``."""
+    progress("simulating a training step" if settings.budget_bytes is None else "planning under the budget")
     with _cost_model(batch, settings) as simulate:
         gm, estimate, decisions, recompute_flops, step_flops = _plan(adaptable, settings, simulate)
     if settings.world_size is not None and settings.sharding == "full":
         gm = OutlineLayers()(gm).graph_module
     annotate_saved_bytes(gm, estimate)
     plan = MemoryPlan.from_estimate(
-        gm, estimate, batch, settings.budget_bytes, decisions, recompute_flops, step_flops,
-        configured=adaptable.adapters, world_size=settings.world_size,
-        sharding=settings.sharding if settings.world_size is not None else None,
-        mixed_precision=settings.mixed_precision,
+        gm, estimate, batch, settings, decisions, recompute_flops, step_flops, configured=adaptable.adapters
     )
     set_attributes(gm, lorafa_plan=plan)
     return gm
@@ -113,8 +209,10 @@ def plan_and_emit(adaptable: Adaptable, batch: Mapping[str, object], settings: P
 
 def _cost_model(batch: Mapping[str, object], settings: PlanSettings) -> Simulator:
     if settings.world_size is None:
-        return CostModel(batch, autocast_dtype=settings.autocast_dtype)
-    return rank_cost_model(batch, settings.world_size, settings.sharding, autocast_dtype=settings.autocast_dtype)
+        whole = CostModel(batch, autocast_dtype=settings.autocast_dtype)
+    else:
+        whole = rank_cost_model(batch, settings.world_size, settings.sharding, autocast_dtype=settings.autocast_dtype)
+    return ComposedSimulator(whole)
 
 
 def _plan(
@@ -136,15 +234,15 @@ def _plan(
     return gm, plan.estimate, plan.decisions, plan.recompute_flops, plan.step_flops
 
 
-def _drop_unused(adapters: list[Adapter], linears: Mapping[str, list[fx.Node]]) -> list[Adapter]:
-    unused = [a.path for a in adapters if a.path not in linears]
+def _drop_unused(adapters: list[Adapter], called: Collection[str]) -> list[Adapter]:
+    unused = [a.path for a in adapters if a.path not in called]
     if unused:
         warnings.warn(
             f"{len(unused)} targeted modules are not called in the model's forward and get no adapter: "
             f"{', '.join(unused)}.",
             stacklevel=4,
         )
-    return [a for a in adapters if a.path in linears]
+    return [a for a in adapters if a.path in called]
 
 
 def _set_trainable(gm: fx.GraphModule, adapters: list[Adapter], saved_modules: list[str]) -> None:

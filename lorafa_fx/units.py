@@ -12,7 +12,10 @@ from accelerate.utils import convert_file_size_to_int
 #: A budget string: a number and a unit in accelerate's spelling. A lowercase ``b`` means bits to
 #: accelerate ("40Gb" = 5 GB), which nobody means for a memory budget, so units are matched here.
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", re.IGNORECASE)
-_ACCEPTED = "an int number of bytes, or a string such as '40GB' (40*10^9 bytes) or '40GiB' (40*2^30 bytes)"
+_ACCEPTED = (
+    "an int number of bytes, a string such as '40GB' (40*10^9 bytes) or '40GiB' (40*2^30 bytes), or 'auto' "
+    "(the device's free memory minus a reserve)"
+)
 
 
 def format_bytes(n: int) -> str:
@@ -26,7 +29,7 @@ def format_bytes(n: int) -> str:
 def parse_budget(budget: int | str | None) -> int | None:
     """Bytes from an int, a digit string, or a size with accelerate's units ("40GB" = 40e9,
     "40GiB" = 40*2^30). Units are read case-insensitively as bytes ("40gb" = "40GB"); a bare
-    "b" is never bits."""
+    "b" is never bits. ("auto" is resolved before, by its callers: it needs a device.)"""
     if budget is None:
         return None
     if isinstance(budget, int) and not isinstance(budget, bool):

@@ -4,6 +4,7 @@ is one plain error line (or one JSON object with --json) and exit status 2."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import LlamaConfig
 
 import lorafa_fx
 from lorafa_fx.__main__ import main
+from lorafa_fx.units import format_bytes
 
 
 def _tiny_config(tmp_path, vocab_size: int = 96) -> str:
@@ -80,6 +82,76 @@ def test_the_chunked_loss_warning_is_a_plain_note(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["notes"]) == 1 and "computes the loss in chunks" in printed["notes"][0]
     assert printed["chunked_cross_entropy"] is True
+
+
+def test_a_sweep_prints_one_row_per_shape_each_the_single_shape_plan(tmp_path, capsys):
+    """Reference: estimate() at each shape alone (the sweep captures once, at the largest shape)."""
+    path = _tiny_config(tmp_path)
+    args = ["plan", "--config", path, "--batch", "1,3", "--seq", "16", "--dtype", "fp32"]
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    cfg = LlamaConfig.from_pretrained(path)
+    for row, (batch, seq) in zip(rows, [(1, 16), (3, 16)], strict=True):
+        alone = lorafa_fx.estimate(cfg, batch_size=batch, seq_len=seq, dtype=torch.float32)
+        assert row["batch_shape"]["input_ids"] == [batch, seq]
+        assert row["predicted_peak_bytes"] == alone.predicted_peak_bytes and row["fits"] is None
+
+    assert main(args) == 0
+    table = [line.split("│")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [[c.strip() for c in cells[:4]] for cells in table] == [
+        [str(r["batch_shape"]["input_ids"][0]), str(r["batch_shape"]["input_ids"][1]),
+         format_bytes(r["predicted_peak_bytes"]), "-"] for r in rows
+    ]
+
+
+def test_max_batch_answers_a_batch_that_fits_where_one_more_does_not(tmp_path, capsys):
+    """Reference: estimate() under the same budget at the answer + 1. (650 kB takes one sequence of
+    16 tokens, and two need 687 kB: a short search; test_sweep.py checks one that bisects.)"""
+    path = _tiny_config(tmp_path)
+    args = ["plan", "--config", path, "--max-batch", "--seq", "16", "--dtype", "fp32", "--budget", "650kB", "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    batch, plan = printed["max_batch_size"], printed["plan"]
+    assert plan["batch_shape"]["input_ids"] == [batch, 16] and plan["predicted_peak_bytes"] <= 650_000
+    assert plan["fits"] is True and printed["seq_len"] == 16
+    with pytest.raises(lorafa_fx.InfeasibleBudgetError):
+        lorafa_fx.estimate(LlamaConfig.from_pretrained(path), batch_size=batch + 1, seq_len=16, budget=650_000,
+                           dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--max-batch", "--seq", "16"], "--max-batch needs --budget"),
+    (["--max-batch", "--seq", "16", "--budget", "1GB", "--batch", "2"], "drop --batch"),
+    (["--max-batch", "--seq", "8", "16", "--budget", "1GB"], "one --seq"),
+    (["--batch", "1,x", "--seq", "8"], "'x'"),
+])
+def test_max_batch_and_sweep_misuse_is_one_line(extra, named, capsys):
+    assert main(["plan", "--config", "llama-2-7b", *extra]) == 2
+    assert named in _one_error_line(capsys.readouterr().err)
+    assert main(["plan", "--config", "llama-2-7b", *extra, "--json"]) == 2
+    assert named in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_budget_auto_plans_against_the_available_ram_minus_the_reserve(tmp_path, monkeypatch, capsys):
+    """Reference: a mocked reading of free RAM and the CPU reserve of lorafa_fx.devices."""
+    import psutil
+
+    from lorafa_fx.devices import RESERVE
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * 10**9))
+    assert main(["plan", "--config", _tiny_config(tmp_path), "--batch", "2", "--seq", "16", "--budget", "auto",
+                 "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["reserve_bytes"] == RESERVE["cpu"].fixed_bytes and printed["budget_device"] == "cpu"
+    assert printed["budget_bytes"] == 3 * 10**9 - printed["reserve_bytes"]
+
+
+def test_budget_auto_on_a_missing_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["plan", "--config", "llama-2-7b", "--batch", "1", "--seq", "8", "--budget", "auto",
+                 "--device", "cuda:0"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "device='cuda:0'" in line and "CUDA is not available" in line
 
 
 def test_a_sequence_above_the_position_limit_names_the_limit(tmp_path, capsys):

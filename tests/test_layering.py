@@ -1,7 +1,7 @@
 """The package's layers, read from its source: imports only go down, no cycles, small files.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-leaves (units, meta, errors, config) -> model-side helpers (targets, capture, bnb_layers,
+leaves (units, meta, errors, config, devices) -> model-side helpers (targets, capture, bnb_layers,
 presets) -> passes/ -> memory/ -> pipeline -> api; the training-side modules (optim,
 peft_files, merge, hf_compat, backbone, distributed, measure) sit beside the pipeline and never import
 it; the package root, the CLI, the demo and the zoo may import anything.
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lorafa_fx"
 
 LAYERS = [
-    {"units", "meta", "errors", "config", "atomic_dir"},
+    {"units", "meta", "errors", "config", "atomic_dir", "devices"},
     {"targets", "capture", "bnb_layers", "presets"},
     {"passes"},
     {"memory"},

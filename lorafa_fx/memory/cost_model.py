@@ -33,8 +33,10 @@ from .simulate import (
     fake_param,
     flatten_inputs,
     is_unpadded,
+    parameter_layout,
     size_of,
     step_estimate,
+    symbol_sizes,
     train_step,
 )
 
@@ -51,9 +53,36 @@ class CostModel(Simulator):
         self.batch = batch
         self.optimizer = optimizer or default_optimizer
         self.autocast_dtype = autocast_dtype
+        self._states: dict[tuple, _FakeState] = {}
 
-    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
-        return _simulate_step(gm, self.batch, self.optimizer, self.autocast_dtype)
+    def sizes(self, gm: fx.GraphModule) -> dict:
+        return symbol_sizes(gm, self.batch)
+
+    def step(self, gm: fx.GraphModule) -> StepEstimate:
+        # The planner's candidates share their parameters' layout: fake copies and optimizer
+        # states are made once for all of them.
+        key = parameter_layout(gm)
+        if key not in self._states:
+            self._states[key] = _FakeState(gm, self.batch, self.optimizer)
+        return _simulate_step(gm, self._states[key], self.batch, self.autocast_dtype)
+
+
+class _FakeState:
+    """Fake copies of a graph's parameters, buffers and `batch`, with AdamW's states allocated."""
+
+    def __init__(self, gm: fx.GraphModule, batch: Mapping[str, object], optimizer: OptimizerFactory) -> None:
+        self.mode = mode = fake_mode_of(gm)
+        with mode:
+            # Tied weights (GPT-2's lm_head/wte) are one parameter under two names: one fake each.
+            fakes = {id(p): fake_param(mode, p) for p in gm.parameters()}
+            self.by_name = {name: fakes[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
+            self.fakes = list(fakes.values())
+            self.buffers = {name: mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()}
+            self.inputs = {name: fake_input(mode, v) for name, v in batch.items()}
+        self.trainable = [p for p in self.fakes if p.requires_grad]
+        self.opt = optimizer(self.trainable)
+        with mode:
+            allocate_optimizer_states(self.opt, self.trainable)
 
 
 def annotate_saved_bytes(gm: fx.GraphModule, estimate: StepEstimate) -> None:
@@ -66,36 +95,27 @@ def annotate_saved_bytes(gm: fx.GraphModule, estimate: StepEstimate) -> None:
 
 
 def _simulate_step(
-    gm: fx.GraphModule, batch: Mapping[str, object], optimizer: OptimizerFactory, autocast_dtype: torch.dtype | None
+    gm: fx.GraphModule, fake: _FakeState, batch: Mapping[str, object], autocast_dtype: torch.dtype | None
 ) -> StepEstimate:
-    fake_mode = fake_mode_of(gm)
-    with fake_mode:
-        # Tied weights (GPT-2's lm_head/wte) are one parameter under two names: one fake each.
-        fakes = {id(p): fake_param(fake_mode, p) for p in gm.parameters()}
-        state = {name: fakes[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
-        buffers = {name: fake_mode.from_tensor(b, static_shapes=True) for name, b in gm.named_buffers()}
-        inputs = {name: fake_input(fake_mode, v) for name, v in batch.items()}
-    trainable = [p for p in fakes.values() if p.requires_grad]
-    opt = optimizer(trainable)
-    with fake_mode:
-        allocate_optimizer_states(opt, trainable)
-
+    for p in fake.trainable:
+        p.grad = None
     tracker = LiveBytes()
     recorder = Recorder(gm, tracker)
-    flat_inputs = flatten_inputs(gm, inputs)
+    flat_inputs = flatten_inputs(gm, fake.inputs)
     unpadded = assume_unpadded() if is_unpadded(batch) else contextlib.nullcontext()
     with (
-        fake_mode,
-        torch.nn.utils.stateless._reparametrize_module(gm, {**state, **buffers}),
+        fake.mode,
+        torch.nn.utils.stateless._reparametrize_module(gm, {**fake.by_name, **fake.buffers}),
         unpadded,
         tracker,
     ):
         # Interpreter.run applies the graph's pytree codegen: its output is the model's output type.
-        saved_at_end_of_forward = train_step(recorder.run, flat_inputs, recorder, tracker, opt.step, autocast_dtype)
+        saved_at_end_of_forward = train_step(recorder.run, flat_inputs, recorder, tracker, fake.opt.step, autocast_dtype)
+    opt = fake.opt
     return step_estimate(
         recorder, tracker, {n.name: n for n in gm.graph.nodes}, saved_at_end_of_forward,
-        weights=sum(size_of(p) for p in fakes.values()),
-        buffers=sum(size_of(b) for b in buffers.values()),
+        weights=sum(size_of(p) for p in fake.fakes),
+        buffers=sum(size_of(b) for b in fake.buffers.values()),
         optimizer_states=sum(size_of(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
-        batch=sum(size_of(t) for t in inputs.values() if isinstance(t, torch.Tensor)),
+        batch=sum(size_of(t) for t in fake.inputs.values() if isinstance(t, torch.Tensor)),
     )

@@ -1,4 +1,4 @@
-"""The FLOP model: forward FLOPs of a graph node at the captured example's shapes.
+"""The FLOP model: forward FLOPs of a graph node, at the batch planned for.
 
     matmul (linear, mm, addmm)   2·m·n·k
     attention (SDPA)             4·b·h·s_q·s_k·d   (QK^T and PV)
@@ -10,6 +10,9 @@ counts a step as forward + backward = 2 x forward (frozen weights: no weight gra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import sympy
 import torch
 import torch.fx as fx
 
@@ -20,15 +23,22 @@ aten = torch.ops.aten
 _MATMULS = (aten.linear.default, aten.mm.default, aten.addmm.default)
 
 
-def node_flops(node: fx.Node) -> int:
-    """Forward FLOPs of one node (see the module docstring)."""
-    return int(hint(_symbolic_flops(node)))
+def node_flops(node: fx.Node, sizes: Mapping[sympy.Symbol, int] | None = None) -> int:
+    """Forward FLOPs of one node (see the module docstring) at `sizes`."""
+    return concrete(_symbolic_flops(node), sizes)
 
 
-def hint(n) -> int:
-    """A size as an int: captured sizes are symbolic (dynamic batch/sequence), their hint is the
-    example's size."""
-    return n.node.hint if isinstance(n, torch.SymInt) else n
+def concrete(n, sizes: Mapping[sympy.Symbol, int] | None = None) -> int:
+    """A size as an int: captured sizes are symbolic (dynamic batch/sequence); `sizes` binds
+    their symbols (`simulate.symbol_sizes`: the batch planned for), else the captured example's
+    sizes are used."""
+    if not isinstance(n, torch.SymInt):
+        return int(n)
+    if sizes:
+        expr = sympy.sympify(n.node.expr.xreplace(sizes))
+        if expr.is_number:
+            return int(expr)
+    return int(n.node.hint)
 
 
 def _symbolic_flops(node: fx.Node):

@@ -52,10 +52,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import InfeasibleBudgetError
-from ..passes._graph import block_of, block_ranges, graph_copy, set_attributes
-from ..passes.recompute_regions import RecomputeRegions
+from ..passes._graph import block_of, block_ranges
 from ..units import format_bytes, natural_key
-from .flops import hint, node_flops
+from .flops import concrete, node_flops
 from .simulate import Simulator, StepEstimate
 
 #: Headroom per recomputed block (plus one) for what the fake-tensor run does not see of
@@ -155,9 +154,9 @@ def plan_recompute(
     simulate: Simulator,
 ) -> RecomputePlan:
     """The cheapest recomputation that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
-    ranges = block_ranges(gm.graph)
-    flops = {b: sum(node_flops(n) for n in nodes) for b, nodes in ranges.items()}
-    saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes) for b, nodes in ranges.items()}
+    ranges, sizes = block_ranges(gm.graph), simulate.sizes(gm)
+    flops = {b: sum(node_flops(n, sizes) for n in nodes) for b, nodes in ranges.items()}
+    saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes, sizes) for b, nodes in ranges.items()}
     order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
 
     def realise(k: int) -> RecomputePlan:
@@ -204,32 +203,27 @@ def evaluate(
     ranges = block_ranges(gm.graph)
     recomputed = [b for b, d in decisions.items() if d != "none" and b in ranges]
     if recomputed:
-        estimate = simulate(with_recompute(gm, decisions))
+        estimate = simulate(gm, decisions)
         estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + len(recomputed)))
     else:
         estimate = unplanned or simulate(gm)
-    recompute_flops = sum(node_flops(n) for b in recomputed for n in ranges[b])
-    return RecomputePlan(dict(decisions), estimate, recompute_flops, 2 * sum(node_flops(n) for n in gm.graph.nodes))
+    sizes = simulate.sizes(gm)
+    recompute_flops = sum(node_flops(n, sizes) for b in recomputed for n in ranges[b])
+    step_flops = 2 * sum(node_flops(n, sizes) for n in gm.graph.nodes)
+    return RecomputePlan(dict(decisions), estimate, recompute_flops, step_flops)
 
 
-def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
-    """A copy of `gm` (sharing its parameters) with `decisions` realised."""
-    twin = graph_copy(gm)
-    set_attributes(twin, lorafa_config=gm.lorafa_config, lorafa_adapters=gm.lorafa_adapters)
-    return RecomputeRegions(decisions)(twin).graph_module
-
-
-def _kept(nodes: list[fx.Node]) -> int:
+def _kept(nodes: list[fx.Node], sizes: Mapping) -> int:
     # A recomputed block keeps its inputs; the residual stream is the large one (rotary
     # tables and masks are shared by every block and stay saved anyway).
     inside = set(nodes)
-    sizes = [
+    nbytes = [
         a.meta["val"].untyped_storage().nbytes()
         for n in nodes for a in n.all_input_nodes
         if a not in inside and a.op == "call_function" and isinstance(a.meta.get("val"), torch.Tensor)
         and block_of(a) != "<root>"
     ]
-    return int(hint(max(sizes, default=0, key=hint)))
+    return max((concrete(n, sizes) for n in nbytes), default=0)
 
 
 def _fewest_blocks(peak: int, budget: int, savings: list[int]) -> int:

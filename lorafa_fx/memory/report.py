@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import meta
+from ..config import PlanSettings
 from ..units import block_of_path, format_bytes, natural_key
 
 if TYPE_CHECKING:
@@ -61,6 +62,13 @@ class MemoryPlan:
     world_size: int | None = None  # data parallel: the plan is one rank's
     sharding: str | None = None  # "full" (FSDP2: every parameter 1/world_size) or "none" (DDP)
     mixed_precision: str = "no"  # the step's forward under autocast: "bf16", "fp16", or "no"
+    reserve_bytes: int | None = None  # budget="auto": kept out of budget_device's free memory
+    budget_device: str | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the predicted peak is within the budget (None without a budget)."""
+        return None if self.budget_bytes is None else self.predicted_peak_bytes <= self.budget_bytes
 
     @property
     def extra_compute_pct(self) -> float:
@@ -73,17 +81,15 @@ class MemoryPlan:
         gm: fx.GraphModule,
         estimate: StepEstimate,
         batch: Mapping[str, object],
-        budget_bytes: int | None,
+        settings: PlanSettings | None = None,
         recompute_by_block: Mapping[str, str] | None = None,
         recompute_flops: int = 0,
         step_flops: int = 0,
         configured: Sequence[Adapter] = (),
-        world_size: int | None = None,
-        sharding: str | None = None,
-        mixed_precision: str = "no",
     ) -> MemoryPlan:
-        """`configured`: the adapters the config asked for, when the planner changed them;
-        `world_size`, `sharding`: the data-parallel job the plan is one rank's of."""
+        """`settings`: the budget and the step planned (default: none, one process);
+        `configured`: the adapters the config asked for, when the planner changed them."""
+        settings = settings or PlanSettings()
         decisions = dict(recompute_by_block or {})
         configured_r = {a.path: a.r for a in configured}
         kept = {a.path for a in gm.lorafa_adapters}
@@ -95,7 +101,7 @@ class MemoryPlan:
                 xa_bytes[info[meta.ADAPTER]] = xa_bytes.get(info[meta.ADAPTER], 0) + info.get(meta.SAVED_BYTES, 0)
         return cls(
             predicted_peak_bytes=estimate.peak,
-            budget_bytes=budget_bytes,
+            budget_bytes=settings.budget_bytes,
             weights_bytes=estimate.weights,
             buffers_bytes=estimate.buffers,
             optimizer_state_bytes=estimate.optimizer_states,
@@ -116,10 +122,17 @@ class MemoryPlan:
             recompute_by_block=decisions,
             recompute_flops=recompute_flops,
             step_flops=step_flops,
-            world_size=world_size,
-            sharding=sharding,
-            mixed_precision=mixed_precision,
+            world_size=settings.world_size,
+            sharding=settings.sharding if settings.world_size is not None else None,
+            mixed_precision=settings.mixed_precision,
+            reserve_bytes=settings.reserve_bytes,
+            budget_device=settings.budget_device,
         )
+
+    @property
+    def recomputed_blocks(self) -> list[str]:
+        """The blocks backward recomputes, in model order."""
+        return sorted((b for b, d in self.recompute_by_block.items() if d != "none"), key=natural_key)
 
     @property
     def trainable_rank_total(self) -> int:
@@ -129,6 +142,7 @@ class MemoryPlan:
         """JSON-serialisable form (plain dicts, lists, ints and strings)."""
         d = asdict(self)
         d["batch_shape"] = {k: list(v) for k, v in self.batch_shape.items()}
+        d["fits"] = self.fits
         return d
 
     def __str__(self) -> str:
@@ -154,8 +168,14 @@ class MemoryPlan:
         t.add_row("predicted peak", format_bytes(self.predicted_peak_bytes))
         t.add_row("peak happens in", f"{self.peak_phase} at {self.peak_node} ({self.peak_module or 'root'})")
         budget = "none" if self.budget_bytes is None else format_bytes(self.budget_bytes)
-        t.add_row("budget", budget)
-        recomputed = sorted((b for b, d in self.recompute_by_block.items() if d != "none"), key=natural_key)
+        if self.reserve_bytes is None:
+            t.add_row("budget", budget)
+        else:
+            t.add_row("budget", f"{budget} (auto: {self.budget_device}'s free memory minus the reserve)")
+            t.add_row("reserve (memory the plan does not count)", format_bytes(self.reserve_bytes))
+        if self.fits is False:
+            t.add_row("fits the budget", "no: shown is the plan at the smallest budget that can be met")
+        recomputed = self.recomputed_blocks
         t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
         t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
         lowered = sum(layer.configured_r is not None for layer in self.layers)

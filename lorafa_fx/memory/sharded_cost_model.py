@@ -63,8 +63,10 @@ from .simulate import (
     fake_param,
     flatten_inputs,
     is_unpadded,
+    parameter_layout,
     size_of,
     step_estimate,
+    symbol_sizes,
     train_step,
 )
 
@@ -89,13 +91,13 @@ class DDPCostModel(CostModel):
     """DDP: the single-process step plus DDP's gradient buckets (one copy of the trainable
     parameters)."""
 
-    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
-        est = super().__call__(gm)
+    def step(self, gm: fx.GraphModule) -> StepEstimate:
+        est = super().step(gm)
         est.peak += sum(size_of(p) for p in gm.parameters() if p.requires_grad)
         return est
 
 
-_RUNG_STATE = ("fake_mode", "twin", "inputs", "sharded", "local", "opt")
+_RUNG_STATE = ("fake_mode", "twin", "inputs", "sharded", "local", "opt", "static")
 
 
 class FSDPCostModel(Simulator):
@@ -126,9 +128,13 @@ class FSDPCostModel(Simulator):
     def __exit__(self, *exc) -> None:
         self._world.close()
 
-    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+    def sizes(self, gm: fx.GraphModule) -> dict:
+        return symbol_sizes(gm, self.batch)
+
+    def step(self, gm: fx.GraphModule) -> StepEstimate:
         # Outlining edits the graph: a planner's candidate is copied first, unless it is a copy
         # already (the planner's recompute candidates are; its rungs are kept and reused).
+        every_layer = getattr(gm, "lorafa_blocks", ())
         if not outlined_layers(gm):
             gm = OutlineLayers()(gm if has_recompute_regions(gm) else graph_copy(gm)).graph_module
         layers = outlined_layers(gm)
@@ -136,22 +142,31 @@ class FSDPCostModel(Simulator):
             raise DistributedPlanError(
                 "sharding='full' found no repeated layers to shard in this model; use sharding='none' (DDP)."
             )
-        # One sharded copy per set of parameters (a rung of the planner's ladder: other ranks).
-        key = tuple((n, id(p), tuple(p.shape)) for n, p in gm.named_parameters())
+        # One sharded copy per parameter layout and set of called layers (the planner's
+        # candidates share them: other ranks, another loss, are other layouts).
+        key = (parameter_layout(gm), tuple(layers))
         if key not in self._rungs:
-            self._shard(gm, layers)
+            self._shard(gm, layers, [b for b in every_layer if b not in layers])
             self._rungs[key] = {k: getattr(self, k) for k in _RUNG_STATE}
         for k, v in self._rungs[key].items():
             setattr(self, k, v)
         with self.fake_mode:
             return self._run(gm, layers)
 
-    def _shard(self, gm: fx.GraphModule, layers: list[str]) -> None:
+    def _shard(self, gm: fx.GraphModule, layers: list[str], uncalled: list[str]) -> None:
+        """Shard a fake twin of `gm` as `distributed.prepare` does. The `uncalled` layers of a
+        composed sample (`compose.py`) are left out of it: each holds what a called layer of
+        the same parameters holds (its shards and their optimizer states), counted in
+        `static` instead of sharding them one by one."""
         from torch.distributed.fsdp import fully_shard
 
         self.fake_mode = fake_mode_of(gm)
         with self.fake_mode:
             self.twin = _fake_twin(gm, self.fake_mode, {})
+            like = {path: _same_layer(self.twin, path, layers) for path in uncalled}
+            for path in uncalled:
+                parent, _, leaf = path.rpartition(".")
+                delattr(self.twin.get_submodule(parent), leaf)
             self.inputs = {name: fake_input(self.fake_mode, v) for name, v in self.batch.items()}
             self.twin.train()
             for path in layers:
@@ -159,10 +174,20 @@ class FSDPCostModel(Simulator):
             fully_shard(self.twin, mesh=self.mesh)
             # The optimizer steps the local shards (same storages, states and temporaries as
             # stepping the DTensors, without DTensor's per-op dispatch).
-            self.sharded = [p for p in self.twin.parameters() if p.requires_grad]
+            named = [(n, p) for n, p in self.twin.named_parameters() if p.requires_grad]
+            self.sharded = [p for _, p in named]
             self.local = [torch.nn.Parameter(_local(p)) for p in self.sharded]
             self.opt = self.optimizer(self.local)
             allocate_optimizer_states(self.opt, self.local)
+        held = {
+            path: (
+                sum(_local_bytes(p) for p in self.twin.get_submodule(path).parameters()),
+                sum(_local_bytes(t) for (n, _), q in zip(named, self.local) if n.startswith(path + ".")
+                    for t in self.opt.state[q].values() if isinstance(t, torch.Tensor)),
+            )
+            for path in set(like.values())
+        }
+        self.static = tuple(sum(held[like[path]][i] for path in uncalled) for i in range(2))
 
     def _run(self, gm: fx.GraphModule, layers: list[str]) -> StepEstimate:
         twin, opt = self.twin, self.opt
@@ -183,9 +208,9 @@ class FSDPCostModel(Simulator):
             saved_at_end_of_forward = train_step(twin, flat_inputs, recorder, tracker, self._step, self.autocast_dtype)
         return step_estimate(
             recorder, tracker, recorder.nodes, saved_at_end_of_forward,
-            weights=sum(_local_bytes(p) for p in twin.parameters()),
+            weights=sum(_local_bytes(p) for p in twin.parameters()) + self.static[0],
             buffers=sum(_local_bytes(b) for b in twin.buffers()),
-            optimizer_states=sum(
+            optimizer_states=self.static[1] + sum(
                 _local_bytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
             ),
             batch=sum(size_of(t) for t in self.inputs.values() if isinstance(t, torch.Tensor)),
@@ -204,8 +229,7 @@ class _NestedRecorder(Recorder):
     the root's and labels with the node running now."""
 
     def __init__(self, gm, tracker, root: _NestedRecorder | None = None, *, graph: fx.Graph, fallback) -> None:
-        super().__init__(gm, tracker)
-        fx.Interpreter.__init__(self, gm, graph=graph)
+        super().__init__(gm, tracker, graph)
         self.fallback = fallback
         self.root = root or self
         if root is not None:
@@ -222,6 +246,18 @@ class _NestedRecorder(Recorder):
     def run_node(self, n: fx.Node):
         self.root.current = n
         return super().run_node(n)
+
+
+def _same_layer(twin: torch.nn.Module, path: str, layers: list[str]) -> str:
+    """The first of `layers` whose parameters are `path`'s (names, shapes, dtypes, training)."""
+    def layout(p: str) -> list:
+        return [(n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in twin.get_submodule(p).named_parameters()]
+
+    mine = layout(path)
+    match = next((layer for layer in layers if layout(layer) == mine), None)
+    if match is None:
+        raise DistributedPlanError(f"the uncalled layer {path} has no called layer like it to be counted as.")
+    return match
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -261,10 +297,8 @@ class _ResizingLiveBytes(LiveBytes):
                 self._seen.add(key)  # parameters), freed by resize_(0): re-allocated now
                 self._size[key] = 0
             if key in self._size:
-                self.live += int(size) - self._size[key]
+                self.grow(int(size) - self._size[key])
                 self._size[key] = int(size)
-                if self.live > self.peak:
-                    self.peak, self.where = self.live, self.label
             return out
 
         torch.UntypedStorage.resize_ = resize_

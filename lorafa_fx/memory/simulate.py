@@ -24,11 +24,13 @@ The cost models (`cost_model.py`: one process, `sharded_cost_model.py`: one rank
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
@@ -37,7 +39,9 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..passes._graph import block_of, owner
+from .. import meta
+from ..passes._graph import block_of, graph_copy, owner, repeated_block, set_attributes
+from ..passes.recompute_regions import RecomputeRegions
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -67,6 +71,9 @@ class StepEstimate:
     saved_activations: int  # saved for backward at the end of forward, unique storages
     saved_by_module: dict[str, int] = field(default_factory=dict)
     saved_by_node: dict[str, int] = field(default_factory=dict)
+    # The live bytes over the step, one piece per node (`compose.py` reads it); the last
+    # piece ("end") starts at the bytes still live after the optimizer step.
+    timeline: list[Piece] = field(default_factory=list, repr=False)
 
     @property
     def static(self) -> int:
@@ -74,7 +81,8 @@ class StepEstimate:
 
 
 class Simulator:
-    """Predicts one training step's memory: ``with simulator: estimate = simulator(gm)``.
+    """Predicts one training step's memory: ``with simulator: estimate = simulator(gm, decisions)``
+    (`decisions`: the planner's ``{block: "none" | "full"}``, realised on a copy of `gm`).
     The context holds what a simulator sets up once for many candidate graphs (a fake
     process group for a sharded one); the base class needs none."""
 
@@ -84,20 +92,48 @@ class Simulator:
     def __exit__(self, *exc) -> None:
         return None
 
-    def __call__(self, gm: fx.GraphModule) -> StepEstimate:
+    def __call__(self, gm: fx.GraphModule, decisions: Mapping[str, str] | None = None) -> StepEstimate:
+        if decisions and any(d != "none" for d in decisions.values()):
+            gm = with_recompute(gm, decisions)
+        return self.step(gm)
+
+    def step(self, gm: fx.GraphModule) -> StepEstimate:
+        """The estimate of `gm`'s step, as it is."""
         raise NotImplementedError
+
+    def sizes(self, gm: fx.GraphModule) -> dict[sympy.Symbol, int]:
+        """The sizes `gm`'s symbolic dims take in the step simulated (`symbol_sizes`)."""
+        return {}
+
+
+def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
+    """A copy of `gm` (sharing its parameters) with `decisions` realised."""
+    twin = graph_copy(gm)
+    set_attributes(twin, **{k: v for k, v in vars(gm).items() if k.startswith("lorafa_")})
+    return RecomputeRegions(decisions)(twin).graph_module
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of every storage allocated while active, freed when its last tensor dies."""
+    """Bytes of every storage allocated while active, freed when its last tensor dies.
+
+    It also keeps the step's timeline, one `Piece` per label (the node running, or whose
+    backward runs): the live bytes when the label was set and the most reached under it, which
+    is what `compose.py` rebuilds a deep model's step from."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self.where: tuple[str, str] = ("", "")
-        self.label: tuple[str, str] = ("forward", "")
+        self.pieces: list[Piece] = [Piece("forward", "", None, 0, 0)]
         self._seen: set[int] = set()
+
+    @property
+    def label(self) -> tuple[str, str]:
+        return self.pieces[-1].phase, self.pieces[-1].node
+
+    def set_label(self, phase: str, node: str, block: str | None) -> None:
+        self.pieces.append(Piece(phase, node, block, self.live, self.live))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -116,8 +152,14 @@ class LiveBytes(TorchDispatchMode):
             return
         self._seen.add(key)
         nbytes = int(storage.nbytes())
-        self.live += nbytes
         weakref.finalize(storage, self._free, key, nbytes)
+        self.grow(nbytes)
+
+    def grow(self, nbytes: int) -> None:
+        self.live += nbytes
+        piece = self.pieces[-1]
+        if self.live > piece.most:
+            piece.most = self.live
         if self.live > self.peak:
             self.peak, self.where = self.live, self.label
 
@@ -126,11 +168,38 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
+@dataclass
+class Piece:
+    """A stretch of the step's timeline under one label: `start` live bytes when it began,
+    `most` the highest reached in it (live bytes of the step, static state excluded)."""
+
+    phase: str  # "forward", "backward" or "optimizer"
+    node: str
+    block: str | None  # the repeated block the node runs in (`timeline_block`)
+    start: int
+    most: int
+
+
+def timeline_block(node: fx.Node) -> str | None:
+    """The repeated block `node` runs in, seen through the calls that outline blocks (a
+    recompute region's or an FSDP layer's call, and the getitems of their outputs)."""
+    info = meta.lorafa_meta(node)
+    for key in (meta.LAYER, meta.BLOCK):
+        if key in info:
+            return info[key]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source = meta.lorafa_meta(node.args[0])
+        for key in (meta.LAYER, meta.BLOCK):
+            if key in source:
+                return source[key]
+    return repeated_block(node)
+
+
 class Recorder(fx.Interpreter):
     """Runs the graph node by node, labelling allocations and saved tensors with their node."""
 
-    def __init__(self, gm: fx.GraphModule, tracker: LiveBytes) -> None:
-        super().__init__(gm)
+    def __init__(self, gm: torch.nn.Module, tracker: LiveBytes, graph: fx.Graph | None = None) -> None:
+        super().__init__(gm, graph=graph)  # `graph`: run on `gm`'s attributes (default: its own)
         self.tracker = tracker
         self.producer: dict[int, fx.Node] = {}
         self.saved: dict[int, tuple[fx.Node, int]] = {}
@@ -138,7 +207,7 @@ class Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         self.current = n
-        self.tracker.label = ("forward", n.name)
+        self.tracker.set_label("forward", n.name, timeline_block(n))
         result = super().run_node(n)
         grad_fn = None
         for t in pytree.tree_leaves(result):
@@ -151,12 +220,14 @@ class Recorder(fx.Interpreter):
                 grad_fn = grad_fn or t.grad_fn
         if grad_fn is not None and id(grad_fn) not in self._hooked:
             self._hooked.add(id(grad_fn))
-            grad_fn.register_prehook(self._backward_label(n.name))
+            grad_fn.register_prehook(self._backward_label(n))
         return result
 
-    def _backward_label(self, name: str):
+    def _backward_label(self, n: fx.Node):
+        name, block = n.name, timeline_block(n)
+
         def hook(grad_outputs):
-            self.tracker.label = ("backward", name)
+            self.tracker.set_label("backward", name, block)
 
         return hook
 
@@ -191,8 +262,9 @@ def train_step(
     recorder.env.clear()
     saved_at_end_of_forward = sum(nbytes for _, nbytes in recorder.saved.values())
     loss.backward()
-    tracker.label = ("optimizer", "step")
+    tracker.set_label("optimizer", "step", None)
     step()
+    tracker.set_label("end", "", None)
     return saved_at_end_of_forward
 
 
@@ -204,7 +276,7 @@ def step_estimate(
     by_module: dict[str, int] = defaultdict(int)
     for node, nbytes in recorder.saved.values():
         by_node[node.name] += nbytes
-        by_module[block_of(node)] += nbytes
+        by_module[timeline_block(node) or block_of(node)] += nbytes
     phase, name = tracker.where
     peak_node = nodes.get(name)
     return StepEstimate(
@@ -212,10 +284,22 @@ def step_estimate(
         peak=sum(static.values()) + tracker.peak,
         peak_phase=phase,
         peak_node=name,
-        peak_module=owner(peak_node)[0] if peak_node is not None else "",
+        # A recompute region's or FSDP layer's call runs in no module of its own: its block's.
+        peak_module=(owner(peak_node)[0] or timeline_block(peak_node) or "") if peak_node is not None else "",
         saved_activations=saved_at_end_of_forward,
         saved_by_module=dict(by_module),
         saved_by_node=dict(by_node),
+        timeline=tracker.pieces,
+    )
+
+
+def parameter_layout(gm: fx.GraphModule) -> tuple:
+    """What a fake copy of `gm`'s parameters depends on: names, shapes, dtypes, which train,
+    and which are tied (a planner's rungs that differ only in their graphs share it)."""
+    first: dict[int, str] = {}
+    return tuple(
+        (name, tuple(p.shape), p.dtype, p.requires_grad, first.setdefault(id(p), name))
+        for name, p in gm.named_parameters(remove_duplicate=False)
     )
 
 
@@ -249,11 +333,33 @@ def is_unpadded(batch: Mapping[str, object]) -> bool:
 
 
 def allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    # The step measured is a later one: states exist before it starts.
+    # The step measured is a later one: states exist before it starts. A multi-tensor step
+    # makes the same states as the per-parameter loop (torch's default on CPU) in a handful of
+    # ops instead of a dozen per parameter; the step simulated later runs as configured.
     for p in params:
         p.grad = torch.zeros_like(p)
+    configured = [group.get("foreach") for group in opt.param_groups]
+    for group in opt.param_groups:
+        if "foreach" in group:
+            group["foreach"] = True
     opt.step()
+    for group, foreach in zip(opt.param_groups, configured):
+        if "foreach" in group:
+            group["foreach"] = foreach
     opt.zero_grad(set_to_none=True)
+
+
+def symbol_sizes(gm: fx.GraphModule, batch: Mapping[str, object]) -> dict[sympy.Symbol, int]:
+    """The sizes `gm`'s symbolic dims (dynamic batch and sequence) take at `batch`."""
+    sizes: dict[sympy.Symbol, int] = {}
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), flatten_inputs(gm, batch)):
+        val = node.meta.get("val")
+        shape = value.shape if isinstance(value, torch.Tensor) else value[0] if isinstance(value, tuple) else None
+        if isinstance(val, torch.Tensor) and shape is not None:
+            for dim, size in zip(val.shape, shape):
+                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                    sizes[dim.node.expr] = int(size)
+    return sizes
 
 
 def flatten_inputs(gm: fx.GraphModule, inputs: Mapping[str, object]) -> list:

@@ -143,12 +143,15 @@ def call_in_place_of(
     graph: fx.Graph, body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], target: str, meta: dict
 ) -> fx.Node:
     """Replace the nodes `body` by ``call_module(target, inputs)`` returning the tuple of
-    `outputs` (each use rewired to a ``getitem`` carrying the output's meta); `meta` goes on
-    the call."""
+    `outputs` (each use rewired to a ``getitem`` named ``<call>_out_<i>``, carrying the output's
+    meta); `meta` goes on the call."""
     with graph.inserting_before(body[0]):
         call = graph.call_module(target, tuple(inputs))
         call.meta.update(meta)
-        results = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
+        results = [
+            graph.create_node("call_function", operator.getitem, (call, i), name=f"{call.name}_out_{i}")
+            for i in range(len(outputs))
+        ]
     for old, new in zip(outputs, results):
         new.meta = dict(old.meta)
         old.replace_all_uses_with(new)
@@ -185,3 +188,24 @@ def repeated_block(node: fx.Node) -> str | None:
 def block_of(node: fx.Node) -> str:
     """The repeated block a node belongs to ("model.layers.3"), else its top module."""
     return block_of_path(owner(node)[0])
+
+
+def block_structure(block: str, nodes: list[fx.Node]) -> tuple:
+    """What makes two blocks the same graph: ops, targets (the block's path made relative),
+    the wiring inside the block, constants, and every output's shape and dtype."""
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def arg(a: fx.Node) -> str:
+        return f"%{index[a]}" if a in index else "%in"
+
+    def target(n: fx.Node) -> object:
+        if n.op in ("get_attr", "call_module"):
+            return n.target.removeprefix(block)
+        return n.target
+
+    def val(n: fx.Node) -> str:
+        v = n.meta.get("val")
+        return f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+    return tuple((n.op, target(n), repr(fx.node.map_arg((n.args, n.kwargs), arg)), val(n)) for n in nodes)
+

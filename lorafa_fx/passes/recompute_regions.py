@@ -57,15 +57,22 @@ class RecomputeRegions(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ranges = block_ranges(gm.graph)
         modified = False
-        for i, (block, mode) in enumerate(self.decisions.items()):
+        for block, mode in self.decisions.items():
             if mode == "none" or block not in ranges:
                 continue
-            _outline(gm, ranges[block], f"lorafa_region_{i}", block)
+            _outline(gm, ranges[block], region_target(block), block)
             modified = True
         if modified:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+
+def region_target(block: str) -> str:
+    """The region module of `block`, which also names its call (and, suffixed ``_out_<i>``, the
+    call's outputs): a block's nodes are named after it, so a node of one block can be matched
+    to the same node of another (`memory/compose.py`)."""
+    return "lorafa_recompute_" + block.replace(".", "_")
 
 
 def has_recompute_regions(gm: fx.GraphModule) -> bool:

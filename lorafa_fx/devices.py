@@ -1,0 +1,128 @@
+"""What a device has free for a training step: the reading behind ``budget="auto"``.
+
+``budget = free + resident - reserve``: the memory the device has free now, plus what the
+model already holds there (the plan counts its weights, the reading does not), minus a reserve
+for what the step uses outside the tensors the plan counts. A CUDA device's free memory is the
+driver's (`torch.cuda.mem_get_info`) plus what torch's caching allocator holds unused; the
+CPU's is the kernel's MemAvailable (psutil).
+
+A leaf module: it imports only leaves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import psutil
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from .errors import ConfigError
+from .units import format_bytes
+
+_GiB = 2**30
+
+
+class Reserve(NamedTuple):
+    """Memory kept out of an automatic budget: ``fixed_bytes + fraction * free``."""
+
+    fixed_bytes: int
+    fraction: float
+
+
+#: The reserve of each device kind. Not measured in this project (its CI has no GPU): each term
+#: says what it stands for and where its size comes from; lower it where a measured step allows.
+RESERVE = {
+    # fixed: kernels CUDA loads lazily after the reading (CUDA_MODULE_LOADING=LAZY: cuBLAS,
+    # cuDNN, NCCL, Triton modules, a few hundred MB) and the cuBLAS/cuBLASLt workspaces, 32 MiB
+    # per handle and stream on Hopper (cuBLAS docs, cublasSetWorkspace; pytorch#120925), which
+    # torch allocates beside the step's tensors. The CUDA context itself is in the reading:
+    # `mem_get_info` creates it first.
+    # fraction: the caching allocator's fragmentation (blocks rounded up to 512 B / 2 MiB, large
+    # segments split and cached), which grows with the peak rather than being a fixed amount;
+    # 5% is a judgement until a measured GPU step (reserved vs allocated at the peak) replaces it.
+    "cuda": Reserve(fixed_bytes=1 * _GiB, fraction=0.05),
+    # MemAvailable already leaves the kernel's low watermarks out (Documentation/filesystems/
+    # proc.rst: "available for starting new applications, without swapping"), and glibc returns large
+    # blocks to the system when freed (mmap threshold), so no fraction; the fixed part covers
+    # what the plan does not count: autograd's graph objects and the interpreter's growth.
+    "cpu": Reserve(fixed_bytes=1 * _GiB, fraction=0.0),
+}
+
+
+class AutoBudget(NamedTuple):
+    """An automatic budget and the reading it comes from (bytes)."""
+
+    budget_bytes: int
+    free_bytes: int
+    reserve_bytes: int
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a step will run on: `device`, or (None) the current CUDA device where CUDA is
+    available, else the CPU. An indexed CUDA device that this machine lacks is refused."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:N' for budget='auto' to read."
+        ) from None
+    if resolved.type not in RESERVE:
+        raise ConfigError(
+            f"device={device!r}: budget='auto' reads the free memory of {' and '.join(RESERVE)} devices only; "
+            "pass an explicit budget such as budget='40GB'."
+        )
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__}), so "
+                "budget='auto' cannot read its free memory; pass device='cpu', or an explicit budget such as "
+                "budget='80GB' to plan for a GPU elsewhere."
+            )
+        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}); pass one of them, or an explicit budget such as budget='80GB'."
+            )
+        resolved = torch.device("cuda", index)
+    return resolved
+
+
+def auto_budget(device: torch.device, resident_bytes: int = 0) -> AutoBudget:
+    """The budget ``budget="auto"`` means on `device` (from `resolve_device`), where the model
+    already holds `resident_bytes` that the plan counts."""
+    free = _free_bytes(device)
+    kind = RESERVE[device.type]
+    reserve = kind.fixed_bytes + int(kind.fraction * free)
+    budget = free + resident_bytes - reserve
+    if budget <= 0:
+        raise ConfigError(
+            f"budget='auto': {device} has {format_bytes(free)} free (and the model {format_bytes(resident_bytes)} "
+            f"there), not more than the {format_bytes(reserve)} reserve; free memory on {device} or pass an "
+            "explicit budget such as budget='40GB'."
+        )
+    return AutoBudget(budget, free, reserve)
+
+
+def resident_bytes(model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes `model`'s weights and buffers hold on `device`: the plan counts them, a free-memory
+    reading does not (shared storages once; fake weights hold none)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in itertools.chain(model.parameters(), model.buffers())
+        if t.device == device and not is_fake(t)
+    }
+    return sum(storages.values())
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cpu":
+        return int(psutil.virtual_memory().available)
+    free, _total = torch.cuda.mem_get_info(device)
+    # Blocks the caching allocator holds but no tensor uses are free to this process's step.
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + cached)
