@@ -11,8 +11,9 @@ lorafa_fx unplanned; lorafa_fx under 0.8 x its unplanned predicted peak, so the 
 recompute or chunk the loss (if 0.8 x is infeasible, under the planner's smallest feasible
 budget); PEFT LoRA-FA (PEFT LoRA, every ``lora_A`` frozen); PEFT LoRA + HF gradient
 checkpointing (non-reentrant). Each runs eagerly, then under ``torch.compile`` (wrapping the
-eager run's module and optimizer). The row "lorafa_fx under a budget with activation offload"
-joins `METHODS` when the library has that lever.
+eager run's module and optimizer). On an A100/H100/H200 (known by its name, `lorafa_fx.devices`)
+the planner may offload blocks to host memory instead of recomputing them, whichever its time
+model predicts faster; the plan column says which it chose.
 
 One step is ``zero_grad(set_to_none); module(**batch).loss.backward(); AdamW.step()``, torch's
 AdamW over the trainable parameters for every method, so rows differ by the model step alone.
@@ -30,6 +31,7 @@ run cut short keeps its finished rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -99,7 +101,7 @@ METHODS: dict[str, tuple[str, Builder]] = {
 
 def model_config(args: argparse.Namespace) -> PretrainedConfig:
     # Smoke: the test suite's tiny Llama (2 layers, hidden 64).
-    config = zoo.make_model("llama", "test").config if args.smoke else PRESETS["llama-2-7b"]()
+    config = copy.deepcopy(zoo.make_model("llama", "test").config) if args.smoke else PRESETS["llama-2-7b"]()
     config.num_hidden_layers = args.layers or config.num_hidden_layers
     return config
 
@@ -209,7 +211,8 @@ def _plan_fields(module: torch.nn.Module, unplanned_peak: int | None) -> dict:
         return {}
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
             "budget_vs_unplanned_peak": plan.budget_bytes / unplanned_peak if plan.budget_bytes and unplanned_peak else None,
-            "recomputed_blocks": len(plan.recomputed_blocks), "chunked_cross_entropy": plan.chunked_cross_entropy,
+            "recomputed_blocks": len(plan.recomputed_blocks), "offloaded_blocks": len(plan.offloaded_blocks),
+            "chunked_cross_entropy": plan.chunked_cross_entropy, "predicted_step_seconds": plan.step_seconds,
             "extra_compute_pct": plan.extra_compute_pct}
 
 
@@ -231,7 +234,8 @@ def _cells(row: dict) -> list[str]:
 
     plan = "—"
     if "recomputed_blocks" in row:
-        plan = f"{row['recomputed_blocks']} blocks recomputed" + (", chunked CE" if row["chunked_cross_entropy"] else "")
+        plan = (f"{row['recomputed_blocks']} blocks recomputed, {row['offloaded_blocks']} offloaded"
+                + (", chunked CE" if row["chunked_cross_entropy"] else ""))
         if row["budget_bytes"]:
             plan += f"; budget {format_bytes(row['budget_bytes'])}"
             if row["budget_vs_unplanned_peak"]:

@@ -21,6 +21,7 @@ PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB
   python -m lorafa_fx plan --config llama-2-7b --batch 1 2 4 8 16 --seq 1024 --rank 64 --budget 24GB
   python -m lorafa_fx plan --config llama-2-7b --max-batch --seq 1024 --rank 64 --budget auto --device cuda:0
+  python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB --device h100
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --json
   python -m lorafa_fx plan --config path/to/config.json --batch 8 --seq 2048
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
@@ -162,7 +163,9 @@ def _add_plan_parser(sub) -> None:
                    help="bytes (e.g. 40000000000), 40GB (10^9), 40GiB (2^30), or auto: the free memory of "
                    "--device minus a reserve")
     p.add_argument("--device", default=None,
-                   help="with --budget auto: the device whose free memory is read (default: cuda if available, else cpu)")
+                   help="the card to plan for: a100, h100 or h200 (the plan times the step on it; --budget auto is "
+                   "its memory minus a reserve), or a local device (cpu, cuda:N) whose free memory --budget auto "
+                   "reads (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="the step's forward under autocast (accelerate's names; e.g. --dtype fp32 --mixed-precision bf16)")

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .capture import position_limit
 from .config import LoraFAConfig, PlanSettings
-from .devices import auto_budget, resident_bytes, resolve_device
+from .devices import PROFILES, auto_budget, device_profile, resident_bytes, resolve_device
 from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
 from .hf_compat import attach_hf_attributes
 from .memory.report import MemoryPlan
@@ -150,9 +150,11 @@ def estimate(
         config: the LoRA-FA config (default ``LoraFAConfig()``).
         budget: plan recomputation under this budget, as `transform` does; ``"auto"``: the
             free memory of `device` minus a reserve (`lorafa_fx.devices.RESERVE`).
-        device: the device the step will run on, whose free memory ``budget="auto"`` reads
-            (only then used): default the model's device, and for a config the current CUDA
-            device where CUDA is available, else the CPU.
+        device: the device the step will run on, whose free memory ``budget="auto"`` reads:
+            default the model's device, and for a config the current CUDA device where CUDA is
+            available, else the CPU. Or a card to plan for from here, a `devices.PROFILES` name
+            ("a100", "h100", "h200"): ``budget="auto"`` is then an idle card's memory minus the
+            reserve, and the plan predicts the step's time on that card.
         world_size, sharding: plan one rank of a data-parallel job, as `transform` does
             (``batch_size`` is then per rank; `budget` is per rank).
         mixed_precision: as for `transform`; with a config, `dtype` is the weights' dtype and
@@ -283,14 +285,24 @@ def _settings(
     sharding: str,
     mixed_precision: str | None,
 ) -> PlanSettings:
-    """The `PlanSettings` of a call; ``budget="auto"`` read on `device` (default: a model's own)."""
-    if not (isinstance(budget, str) and budget.strip().lower() == "auto"):
-        return PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+    """The `PlanSettings` of a call; ``budget="auto"`` read on `device` (default: a model's own;
+    a profile name: an idle card of that kind), whose profile, if any, times the step."""
     model = model_or_config if isinstance(model_or_config, nn.Module) else None
-    target = resolve_device(device if device is not None or model is None else next(model.parameters()).device)
-    auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
+    # The card timed (and offloaded to) is the one named, or the one the model is on.
+    profile = device_profile(device if device is not None or model is None else next(model.parameters()).device)
+    if not (isinstance(budget, str) and budget.strip().lower() == "auto"):
+        settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+        return dataclasses.replace(settings, device_profile=profile)
+    if isinstance(device, str) and device.strip().lower() in PROFILES:  # a card planned from here
+        target, auto = profile, auto_budget(PROFILES[profile])
+    else:
+        target = resolve_device(device if device is not None or model is None else next(model.parameters()).device)
+        auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
     settings = PlanSettings.from_arguments(auto.budget_bytes, world_size, sharding, mixed_precision)
-    return dataclasses.replace(settings, reserve_bytes=auto.reserve_bytes, budget_device=str(target))
+    return dataclasses.replace(
+        settings, reserve_bytes=auto.reserve_bytes, budget_device=str(target),
+        device_profile=profile,
+    )
 
 
 def _adaptable(

@@ -146,6 +146,7 @@ class PlanSettings:
             weights' dtype), "bf16" or "fp16" (forward under autocast to that dtype).
         reserve_bytes, budget_device: with ``budget="auto"``, the reserve kept out of
             `budget_device`'s free memory (`devices.py`); None for a budget given in bytes.
+        device_profile: the card the step is timed on (`devices.PROFILES` name), or None.
     """
 
     budget_bytes: int | None = None
@@ -154,6 +155,7 @@ class PlanSettings:
     mixed_precision: str = "no"
     reserve_bytes: int | None = None
     budget_device: str | None = None
+    device_profile: str | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

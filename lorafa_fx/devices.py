@@ -1,10 +1,12 @@
-"""What a device has free for a training step: the reading behind ``budget="auto"``.
+"""The devices a step is planned for: what one has free (``budget="auto"``) and how fast it
+computes and moves bytes (`PROFILES`, read by the step-time model).
 
 ``budget = free + resident - reserve``: the memory the device has free now, plus what the
 model already holds there (the plan counts its weights, the reading does not), minus a reserve
 for what the step uses outside the tensors the plan counts. A CUDA device's free memory is the
 driver's (`torch.cuda.mem_get_info`) plus what torch's caching allocator holds unused; the
-CPU's is the kernel's MemAvailable (psutil).
+CPU's is the kernel's MemAvailable (psutil). A profile name (``device="h100"``) plans for that
+card from this machine: its memory is the free memory of an idle card.
 
 A leaf module: it imports only leaves.
 """
@@ -51,6 +53,56 @@ RESERVE = {
 }
 
 
+class DeviceProfile(NamedTuple):
+    """What the step-time model reads of a device (datasheet figures; `source` names them)."""
+
+    name: str
+    dense_bf16_flops: float  # FLOP/s, dense (no sparsity), bf16 tensor cores
+    host_link_bytes_per_s: float  # host <-> device, one direction, nominal
+    memory_bytes: int
+    source: str
+
+
+#: Devices a plan can be made for. A training step reaches a fraction of the datasheet's FLOP/s
+#: (`ACHIEVED_FRACTION`); the fractions below are the same for all, so predicted overheads (extra
+#: FLOPs over a step's) do not depend on it.
+PROFILES = {
+    "a100": DeviceProfile("NVIDIA A100 80GB SXM", 312e12, 32e9, 80 * 10**9,
+                          "NVIDIA A100 datasheet: 312 TFLOPS BF16 dense; PCIe 4.0 x16: 32 GB/s; 80 GB HBM2e"),
+    "h100": DeviceProfile("NVIDIA H100 SXM5", 989e12, 64e9, 80 * 10**9,
+                          "NVIDIA H100 datasheet: 989 TFLOPS BF16 dense (1979 with sparsity); PCIe 5.0 x16: "
+                          "64 GB/s; 80 GB HBM3"),
+    "h200": DeviceProfile("NVIDIA H200 SXM", 989e12, 64e9, 141 * 10**9,
+                          "NVIDIA H200 datasheet: 989 TFLOPS BF16 dense (H100's compute); PCIe 5.0 x16: 64 GB/s; "
+                          "141 GB HBM3e"),
+}
+#: Model FLOPs utilisation of an eager transformers training step (matmuls at a fraction of peak,
+#: elementwise ops bound by memory): a judgement from published MFU figures (35-50% for tuned
+#: stacks); bench/gpu.py measures steps to replace it.
+ACHIEVED_FRACTION = 0.4
+
+
+def device_profile(device: object) -> str | None:
+    """The `PROFILES` key `device` names ("h100", any case), or for a local CUDA device the key
+    its name contains ("NVIDIA H100 80GB HBM3" -> "h100"); None for anything else."""
+    key = device.strip().lower() if isinstance(device, str) else None
+    if key in PROFILES:
+        return key
+    try:
+        local = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        return None
+    if local is None or local.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if local.index is not None and local.index >= torch.cuda.device_count():
+        return None  # no such device: `resolve_device` says so where it matters
+    try:
+        name = torch.cuda.get_device_name(local).lower()
+    except (RuntimeError, AssertionError):  # torch raises AssertionError on a build without CUDA
+        return None
+    return next((k for k in PROFILES if k in name), None)
+
+
 class AutoBudget(NamedTuple):
     """An automatic budget and the reading it comes from (bytes)."""
 
@@ -68,7 +120,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(
-            f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:N' for budget='auto' to read."
+            f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:N' for budget='auto' to read, or a "
+            f"card to plan for: one of {', '.join(PROFILES)}."
         ) from None
     if resolved.type not in RESERVE:
         raise ConfigError(
@@ -92,11 +145,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def auto_budget(device: torch.device, resident_bytes: int = 0) -> AutoBudget:
-    """The budget ``budget="auto"`` means on `device` (from `resolve_device`), where the model
-    already holds `resident_bytes` that the plan counts."""
-    free = _free_bytes(device)
-    kind = RESERVE[device.type]
+def auto_budget(device: torch.device | DeviceProfile, resident_bytes: int = 0) -> AutoBudget:
+    """The budget ``budget="auto"`` means on `device` (from `resolve_device`, or a profile: an
+    idle card of that kind), where the model already holds `resident_bytes` that the plan counts."""
+    profiled = isinstance(device, DeviceProfile)
+    free = device.memory_bytes if profiled else _free_bytes(device)
+    kind = RESERVE["cuda" if profiled else device.type]
     reserve = kind.fixed_bytes + int(kind.fraction * free)
     budget = free + resident_bytes - reserve
     if budget <= 0:

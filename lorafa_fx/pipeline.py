@@ -2,7 +2,8 @@
 
     capture (capture.py)
       -> drop_metadata_asserts -> follow_input_device -> follow_param_dtype
-      -> drop_full_slices -> gate_dropout -> simplify_attention        once per model (`Adaptable`)
+      -> drop_full_slices -> gate_dropout -> simplify_attention
+      -> lean_norms -> lean_gated_mlp                                  once per model (`Adaptable`)
       -> rewrite_lora_fa -> annotate_saved_tensors [-> chunk_cross_entropy]
                                                                         once per rung of the
                                                                         planner's lever ladder
@@ -28,12 +29,13 @@ import torch.nn as nn
 from .bnb_layers import traceable
 from .capture import capture
 from .config import LoraFAConfig, PlanSettings
+from .devices import PROFILES
 from .memory.compose import ComposedSimulator
 from .memory.cost_model import CostModel, annotate_saved_bytes
-from .memory.planner import Levers, lever_ladder, plan_memory
+from .memory.planner import Levers, RecomputePlan, evaluate, lever_ladder, plan_memory
 from .memory.report import MemoryPlan
 from .memory.sharded_cost_model import rank_cost_model
-from .memory.simulate import Simulator, StepEstimate
+from .memory.simulate import Simulator
 from .passes._graph import graph_copy, set_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
@@ -43,12 +45,18 @@ from .passes.expand_layers import ExpandLayers, repeats_cleanly
 from .passes.follow_input_device import FollowInputDevice
 from .passes.follow_param_dtype import FollowParamDtype
 from .passes.gate_dropout import GateDropout
+from .passes.lean_gated_mlp import LeanGatedMLP
+from .passes.lean_norms import LeanNorms
 from .passes.outline_layers import OutlineLayers
 from .passes.recompute_regions import RecomputeRegions
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
 from .targets import Adapter, cap_ranks, planned_config, rank_is_fixed, select_adapters, select_modules_to_save
 from .units import format_bytes
+
+#: Exact rewrites that keep less for backward than eager PyTorch keeps: free memory, applied
+#: to every model before anything is planned (after `follow_param_dtype`, whose casts they read).
+LEAN_PASSES = (LeanNorms, LeanGatedMLP)
 
 #: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
 Progress = Callable[[str], None]
@@ -102,7 +110,7 @@ class Adaptable:
             base = capture(model, example_inputs)
         causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
         for p in (DropMetadataAsserts(), FollowInputDevice(), FollowParamDtype(), DropFullSlices(), GateDropout(),
-                  SimplifyAttention(causal)):
+                  SimplifyAttention(causal), *(lean() for lean in LEAN_PASSES)):
             base = p(base).graph_module
         return base
 
@@ -196,12 +204,13 @@ def plan_and_emit(
     ``settings.world_size``."""
     progress("simulating a training step" if settings.budget_bytes is None else "planning under the budget")
     with _cost_model(batch, settings) as simulate:
-        gm, estimate, decisions, recompute_flops, step_flops = _plan(adaptable, settings, simulate)
+        gm, planned = _plan(adaptable, settings, simulate)
     if settings.world_size is not None and settings.sharding == "full":
         gm = OutlineLayers()(gm).graph_module
-    annotate_saved_bytes(gm, estimate)
+    annotate_saved_bytes(gm, planned.estimate)
     plan = MemoryPlan.from_estimate(
-        gm, estimate, batch, settings, decisions, recompute_flops, step_flops, configured=adaptable.adapters
+        gm, planned.estimate, batch, settings, planned.decisions, planned.recompute_flops, planned.step_flops,
+        configured=adaptable.adapters, offload_seconds=planned.offload_seconds,
     )
     set_attributes(gm, lorafa_plan=plan)
     return gm
@@ -215,13 +224,12 @@ def _cost_model(batch: Mapping[str, object], settings: PlanSettings) -> Simulato
     return ComposedSimulator(whole)
 
 
-def _plan(
-    adaptable: Adaptable, settings: PlanSettings, simulate: Simulator
-) -> tuple[fx.GraphModule, StepEstimate, dict[str, str], int, int]:
+def _plan(adaptable: Adaptable, settings: PlanSettings, simulate: Simulator) -> tuple[fx.GraphModule, RecomputePlan]:
     if settings.budget_bytes is None:
         gm = adaptable.build()
-        return gm, simulate(gm), {}, 0, 0
-    planned = plan_memory(adaptable, settings.budget_bytes, simulate)
+        return gm, evaluate(gm, {}, simulate)
+    profile = PROFILES[settings.device_profile] if settings.device_profile else None
+    planned = plan_memory(adaptable, settings.budget_bytes, simulate, profile)
     plan = planned.recompute
     gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
     if gm.lorafa_chunked_cross_entropy and adaptable.config.chunked_cross_entropy is None:
@@ -231,7 +239,7 @@ def _plan(
             "keep them.",
             stacklevel=4,
         )
-    return gm, plan.estimate, plan.decisions, plan.recompute_flops, plan.step_flops
+    return gm, plan
 
 
 def _drop_unused(adapters: list[Adapter], called: Collection[str]) -> list[Adapter]:

@@ -9,6 +9,7 @@ trained gradient, bit for bit where the op order is the same), PEFT LoRA with A 
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.passes._graph import owner
 from lorafa_fx.passes.lean_gated_mlp import LeanGatedMLP, gated_activation
 from lorafa_fx.passes.lean_norms import LeanNorms, rms_norm
+from lorafa_fx import pipeline
 from lorafa_fx.pipeline import Adaptable
 
 B, S = 2, 8
@@ -48,15 +50,13 @@ _MODELS = {"llama": lambda: make_model("llama"), "gemma": _make_gemma}
 
 @functools.cache
 def _graphs(name: str, dtype: torch.dtype, modules_to_save: tuple[str, ...] = ()):
-    """(model, plain, lean): the model in `dtype` and its adapted graph built from one capture
-    without and with the two passes, both with the same random lora_B."""
+    """(model, plain, lean): the model in `dtype` and its adapted graph captured without and
+    with the two passes (the pipeline's `LEAN_PASSES`), both with the same random lora_B."""
     model = _MODELS[name]().to(dtype)
     config = LoraFAConfig(r=R, lora_alpha=ALPHA, modules_to_save=list(modules_to_save) or None)
-    adaptable = Adaptable(model, _batch(), config)
-    plain = adaptable.build()
-    adaptable.base = LeanNorms()(adaptable.base).graph_module
-    adaptable.base = LeanGatedMLP()(adaptable.base).graph_module
-    lean = adaptable.build()
+    with mock.patch.object(pipeline, "LEAN_PASSES", ()):
+        plain = Adaptable(model, _batch(), config).build()
+    lean = Adaptable(model, _batch(), config).build()
     for gm in (plain, lean):
         randomize_lora_B(gm)
     return model, plain, lean

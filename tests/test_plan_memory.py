@@ -126,6 +126,19 @@ def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():
     assert gm.lorafa_plan.predicted_peak_bytes == e.value.min_budget_bytes
 
 
+def test_the_minimum_is_the_least_plan_when_recomputing_costs_more_than_it_frees():
+    """At r=64 on the 2-layer Llama a checkpoint's own bytes outweigh what it frees: the
+    smallest budget is the unplanned step's, never more."""
+    config = lorafa_fx.LoraFAConfig(r=64, lora_alpha=128)
+    unplanned = lorafa_fx.transform(_model("llama"), example_inputs=_batch("llama"), config=config)
+    peak = unplanned.lorafa_plan.predicted_peak_bytes
+    with pytest.raises(InfeasibleBudgetError) as e:
+        lorafa_fx.transform(_model("llama"), budget=int(0.8 * peak), example_inputs=_batch("llama"), config=config)
+    assert e.value.min_budget_bytes <= peak
+    gm = lorafa_fx.transform(_model("llama"), budget=e.value.min_budget_bytes, example_inputs=_batch("llama"), config=config)
+    assert gm.lorafa_plan.predicted_peak_bytes == e.value.min_budget_bytes
+
+
 @pytest.mark.parametrize("budget,expected", [
     ("40GB", 40 * 10**9), ("40GiB", 40 * 2**30), (123, 123), ("1.5GB", 1_500_000_000), ("367840", 367840),
     # a lowercase b is bytes here, never accelerate's bits (which would make "40Gb" 5 GB)

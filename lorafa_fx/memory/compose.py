@@ -8,11 +8,11 @@ all 32 layers of a 7B model to learn what one layer does is the planner's main c
 `ComposedSimulator` wraps a whole-graph `Simulator`. For a graph and the planner's decisions
 it groups the repeated blocks into *runs* (consecutive blocks that are structurally the same
 graph, up to names, and get the same decision), keeps the first, second and last block of
-each run and drops the others (the *sample*: the last block rewired to read the second's
-outputs), simulates the sample once, and composes the deep step's timeline from it: every
-dropped block repeats the timeline of its run's second block (a block with blocks alike on
-either side), forward and backward, with the live bytes shifted by what the blocks before it
-left. The peak, its phase and block, and the saved bytes per block and per node are read off
+each run (offloaded runs: the first three and the last; `_lead`) and drops the others (the
+*sample*: the last block rewired to read the stand-in's outputs), simulates the sample once,
+and composes the deep step's timeline from it: every dropped block repeats the timeline of its
+run's stand-in (a block with blocks alike on either side), forward and backward, with the live
+bytes shifted by what the blocks before it left. The peak, its phase and block, and the saved bytes per block and per node are read off
 the composed timeline. A sample is cached per graph and run layout, so the planner's search
 over how many blocks to recompute costs one simulation per layout, not one per candidate.
 
@@ -40,9 +40,11 @@ from ..passes._graph import block_ranges, block_structure, owner, set_attributes
 from ..passes.recompute_regions import region_target
 from .simulate import Piece, Simulator, StepEstimate
 
-#: Blocks sampled from a run: its first, its second (which every block between the second and
-#: the last repeats: a block with a block alike on either side) and its last.
-_SAMPLED_PER_RUN = 3
+def _lead(decision: str) -> int:
+    """Blocks sampled at the head of a run; the last of them is the one every dropped block
+    repeats, a block with blocks alike on either side. An offloaded block's backward also
+    fetches its predecessor's tensors: its stand-in needs two alike before it."""
+    return 3 if decision == "offload" else 2
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,17 @@ class ComposedSimulator(Simulator):
         decisions = dict(decisions or {})
         layout = self._layout(gm)
         runs = layout.runs(decisions) if layout is not None else []
-        if all(len(run) <= _SAMPLED_PER_RUN for run in runs):
+        leads = [_lead(decisions.get(run[0], "none")) for run in runs]
+        if all(len(run) <= lead + 1 for run, lead in zip(runs, leads)):
             return self.inner(gm, decisions)
-        shape = tuple((layout._key(run[0], decisions), min(len(run), _SAMPLED_PER_RUN)) for run in runs)
+        shape = tuple((layout._key(run[0], decisions), min(len(run), lead + 1)) for run, lead in zip(runs, leads))
         key = (id(gm), shape)
         if key not in self._samples:
             self._samples[key] = self._sample(gm, layout, runs, decisions)
         sample = self._samples[key]
         if sample is None:
             return self.inner(gm, decisions)
-        return _compose(sample, runs, layout)
+        return _compose(sample, runs, leads, layout)
 
     def step(self, gm: fx.GraphModule) -> StepEstimate:
         return self(gm)
@@ -151,12 +154,12 @@ class ComposedSimulator(Simulator):
     def _sample(
         self, gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], decisions: Mapping[str, str]
     ) -> _Sample | None:
-        sample = _sample_graph(gm, layout, runs)
+        sample = _sample_graph(gm, layout, runs, [_lead(decisions.get(run[0], "none")) for run in runs])
         if sample is None:
             return None
         estimate = self.inner(sample, decisions)
         groups = _groups(estimate.timeline)
-        sampled = tuple(_sampled(run) for run in runs)
+        sampled = tuple(_sampled(run, _lead(decisions.get(run[0], "none"))) for run in runs)
         # Each sampled block must be one stretch of forward and one of backward, or there is
         # no single place to repeat it at.
         for block in (b for run in sampled for b in run):
@@ -166,8 +169,8 @@ class ComposedSimulator(Simulator):
         return _Sample(estimate, groups, sampled)
 
 
-def _sampled(run: list[str]) -> tuple[str, ...]:
-    return tuple(run) if len(run) <= _SAMPLED_PER_RUN else (run[0], run[1], run[-1])
+def _sampled(run: list[str], lead: int) -> tuple[str, ...]:
+    return tuple(run) if len(run) <= lead + 1 else (*run[:lead], run[-1])
 
 
 def _layout_of(gm: fx.GraphModule) -> _Layout | None:
@@ -184,7 +187,7 @@ def _layout_of(gm: fx.GraphModule) -> _Layout | None:
     )
 
 
-def _sample_graph(gm: fx.GraphModule, layout: _Layout, runs: list[list[str]]) -> fx.GraphModule | None:
+def _sample_graph(gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], leads: list[int]) -> fx.GraphModule | None:
     """A copy of `gm` keeping of each run its `_sampled` blocks, the run's last block reading
     the second's outputs where it read its predecessor's; None if anything else reads a
     dropped block. Only the kept nodes are copied (the graph may have thousands)."""
@@ -192,14 +195,15 @@ def _sample_graph(gm: fx.GraphModule, layout: _Layout, runs: list[list[str]]) ->
     # Parameter reads stay (unused): a copy of the sample (recompute regions realised on it)
     # then still holds every parameter, so weights and optimizer states are the whole model's.
     dropped = {
-        node[name] for run in runs for b in run[2:-1] for name in layout.names[b] if node[name].op != "get_attr"
+        node[name] for run, lead in zip(runs, leads) for b in run[lead:-1] for name in layout.names[b]
+        if node[name].op != "get_attr"
     }
     stand_in: dict[fx.Node, fx.Node] = {}
-    for run in runs:
-        if len(run) > _SAMPLED_PER_RUN:
-            before_last, second = run[-2], run[1]
+    for run, lead in zip(runs, leads):
+        if len(run) > lead + 1:
+            before_last, repeated = run[-2], run[lead - 1]
             for name in layout.names[before_last]:
-                stand_in[node[name]] = node[layout.counterpart(name, before_last, second)]
+                stand_in[node[name]] = node[layout.counterpart(name, before_last, repeated)]
     if any(u not in dropped and n not in stand_in for n in dropped for u in n.users):
         return None
     graph = fx.Graph()
@@ -237,15 +241,15 @@ def _groups(pieces: list[Piece]) -> tuple[_Group, ...]:
     return tuple(groups)
 
 
-def _compose(sample: _Sample, runs: list[list[str]], layout: _Layout) -> StepEstimate:
+def _compose(sample: _Sample, runs: list[list[str]], leads: list[int], layout: _Layout) -> StepEstimate:
     """The estimate of the graph whose blocks form `runs`, from `sample` (same run layout)."""
     est = sample.estimate
     standing: dict[str, str] = {}  # sampled block -> the block it stands for
-    repeats: dict[str, list[str]] = {}  # a run's second sampled block -> the blocks it repeats as
-    for sampled, run in zip(sample.runs, runs):
+    repeats: dict[str, list[str]] = {}  # a run's stand-in -> the blocks it repeats as
+    for sampled, run, lead in zip(sample.runs, runs, leads):
         if len(sampled) < len(run):
-            standing.update(zip(sampled, (run[0], run[1], run[-1])))
-            repeats[sampled[1]] = run[2:-1]
+            standing.update(zip(sampled, (*run[:lead], run[-1])))
+            repeats[sampled[lead - 1]] = run[lead:-1]
         else:
             standing.update(zip(sampled, run))
     timeline: list[tuple[_Group, str | None]] = []

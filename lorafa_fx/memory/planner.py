@@ -34,6 +34,14 @@ needed, and the answer is the shortest prefix whose realised graph fits by the e
 (a simulated step), found by secant steps of one block's saving. Larger budgets never recompute
 more: the candidates are nested and the search returns the shortest that fits.
 
+**Offload** (with a GPU profile, `devices.PROFILES`: a CUDA step): a block's saved tensors
+wait in host memory instead (``"offload"``, `passes/_offload.py`). Its cost is time, not
+FLOPs: each offloaded block's bytes cross the host link twice, hidden behind the next block's
+forward and a later block's backward where they fit (`_exposed_transfer`). The planner finds
+the shortest prefix of the same order that fits offloaded, and keeps it when its exposed
+transfer time is below the recompute plan's FLOPs time on the card; plans mixing the two per
+block are not searched. Without a profile (a CPU step, or no card named) nothing is offloaded.
+
 The planner receives two objects: the candidates (`Rungs`: the lever ladder and a way to
 build each rung's graph, which the pipeline provides) and the cost model (a `Simulator`, one
 process's or one rank's). Its answer is a `Planned`; realising it is the pipeline's job.
@@ -44,6 +52,7 @@ Reads ``node.meta["val"]``, ``["nn_module_stack"]`` and the cost model's estimat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,6 +60,7 @@ from typing import Protocol
 import torch
 import torch.fx as fx
 
+from ..devices import ACHIEVED_FRACTION, DeviceProfile
 from ..errors import InfeasibleBudgetError
 from ..passes._graph import block_of, block_ranges
 from ..units import format_bytes, natural_key
@@ -99,10 +109,11 @@ class Planned:
     recompute: RecomputePlan
 
 
-def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator) -> Planned:
+def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator, profile: DeviceProfile | None = None) -> Planned:
     """The plan that meets `budget_bytes` by the objective in the module docstring;
     `InfeasibleBudgetError` (from the ladder's floor, every lever pulled) if none does."""
-    build, ladder = rungs.build, rungs.ladder
+    # A rung's graph is built once (the search releases levers back to the configured rung).
+    build, ladder = functools.cache(rungs.build), rungs.ladder
     configured = build(ladder[-1])
     unplanned = simulate(configured)
     if unplanned.peak > budget_bytes and len(ladder) > 1:
@@ -111,9 +122,9 @@ def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator) -> Planned
         # A chunked loss can cost more than it saves (a vocabulary no larger than the hidden
         # size: it keeps a hidden-size gradient from forward); then the levers are not used.
         if floor_unplanned.peak < unplanned.peak:
-            recompute = plan_recompute(floor, floor_unplanned, budget_bytes, simulate)
+            recompute = plan_recompute(floor, floor_unplanned, budget_bytes, simulate, profile)
             return _release_levers(build, ladder, budget_bytes, simulate, Planned(floor, ladder[0], recompute))
-    return Planned(configured, ladder[-1], plan_recompute(configured, unplanned, budget_bytes, simulate))
+    return Planned(configured, ladder[-1], plan_recompute(configured, unplanned, budget_bytes, simulate, profile))
 
 
 def _release_levers(
@@ -126,7 +137,9 @@ def _release_levers(
     def fits(i: int) -> bool:
         if i not in chosen:
             gm = build(ladder[i])
-            plan = evaluate(gm, recompute.decisions, simulate)
+            # The rungs differ in ranks and the loss, not in the blocks' activations: the
+            # floor's offload transfer time stands for theirs.
+            plan = dataclasses.replace(evaluate(gm, recompute.decisions, simulate), offload_seconds=recompute.offload_seconds)
             if plan.estimate.peak > budget_bytes:
                 return False
             chosen[i] = Planned(gm, ladder[i], plan)
@@ -145,6 +158,7 @@ class RecomputePlan:
     estimate: StepEstimate  # exact cost model of the realised graph
     recompute_flops: int
     step_flops: int  # forward + backward, backward ~ forward (frozen weights: no weight grads)
+    offload_seconds: float = 0.0  # transfers of offloaded blocks not hidden behind compute
 
 
 def plan_recompute(
@@ -152,20 +166,55 @@ def plan_recompute(
     unplanned: StepEstimate,
     budget_bytes: int,
     simulate: Simulator,
+    profile: DeviceProfile | None = None,
 ) -> RecomputePlan:
-    """The cheapest recomputation that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
+    """The cheapest recomputation, or with a GPU `profile` the cheapest of it and offloading
+    (by predicted time), that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
     ranges, sizes = block_ranges(gm.graph), simulate.sizes(gm)
     flops = {b: sum(node_flops(n, sizes) for n in nodes) for b, nodes in ranges.items()}
     saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes, sizes) for b, nodes in ranges.items()}
     order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
+    recompute = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "full")
+    if profile is None:
+        return recompute
+    try:
+        offload = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "offload")
+    except InfeasibleBudgetError:
+        return recompute
+    rate = profile.dense_bf16_flops * ACHIEVED_FRACTION
+    offload = dataclasses.replace(offload, offload_seconds=sum(
+        _exposed_transfer(unplanned.saved_by_module.get(b, 0), flops[b] / rate, profile)
+        for b, d in offload.decisions.items() if d == "offload"
+    ))
+    return offload if offload.offload_seconds < recompute.recompute_flops / rate else recompute
+
+
+def _exposed_transfer(nbytes: int, forward_seconds: float, profile: DeviceProfile) -> float:
+    """Seconds a block's offload adds to a step: its copy to the host overlaps the next block's
+    forward, its copy back the following block's backward (about twice a forward); what does
+    not fit behind them is waited for."""
+    transfer = nbytes / profile.host_link_bytes_per_s
+    return max(0.0, transfer - forward_seconds) + max(0.0, transfer - 2 * forward_seconds)
+
+
+def _shortest_prefix(
+    gm: fx.GraphModule,
+    unplanned: StepEstimate,
+    budget_bytes: int,
+    simulate: Simulator,
+    order: list[str],
+    saving: Mapping[str, int],
+    mode: str,
+) -> RecomputePlan:
+    """The shortest prefix of `order` whose blocks, `mode` ("full" or "offload"), fit."""
 
     def realise(k: int) -> RecomputePlan:
-        decisions = {b: ("full" if b in order[:k] else "none") for b in sorted(ranges, key=natural_key)}
+        decisions = {b: (mode if b in order[:k] else "none") for b in sorted(order, key=natural_key)}
         return evaluate(gm, decisions, simulate, unplanned if k == 0 else None)
 
-    # The shortest prefix whose realised plan fits. peak(k) falls by about one block's saving
-    # per block (nested prefixes), so a secant step on the simulated peaks lands on it in a
-    # few simulations; k-1 is then checked so the answer is the shortest.
+    # peak(k) falls by about one block's saving per block (nested prefixes), so a secant step
+    # on the simulated peaks lands on the shortest prefix that fits in a few simulations; k-1
+    # is then checked so the answer is the shortest.
     plans: dict[int, RecomputePlan] = {0: realise(0)}
 
     def peak(k: int) -> int:
@@ -183,7 +232,10 @@ def plan_recompute(
         else:
             lo = k + 1
         if lo > n:
-            raise InfeasibleBudgetError(peak(n), _dominant_terms(plans[n].estimate), budget_bytes)
+            # Recomputing everything is not always the least (on small models a checkpoint's
+            # own bytes outweigh what it frees): the smallest budget is the least plan seen.
+            least = min(plans.values(), key=lambda p: p.estimate.peak)
+            raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
         if hi == lo:
             return plans[hi]
         if hi is None:
@@ -201,8 +253,8 @@ def evaluate(
     """`decisions` on `gm`, priced by the exact cost model (`unplanned`: gm's own estimate,
     reused when nothing is recomputed)."""
     ranges = block_ranges(gm.graph)
-    recomputed = [b for b, d in decisions.items() if d != "none" and b in ranges]
-    if recomputed:
+    recomputed = [b for b, d in decisions.items() if d == "full" and b in ranges]
+    if any(d != "none" and b in ranges for b, d in decisions.items()):
         estimate = simulate(gm, decisions)
         estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + len(recomputed)))
     else:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .. import meta
 from ..config import PlanSettings
+from ..devices import ACHIEVED_FRACTION, PROFILES
 from ..units import block_of_path, format_bytes, natural_key
 
 if TYPE_CHECKING:
@@ -64,11 +65,30 @@ class MemoryPlan:
     mixed_precision: str = "no"  # the step's forward under autocast: "bf16", "fp16", or "no"
     reserve_bytes: int | None = None  # budget="auto": kept out of budget_device's free memory
     budget_device: str | None = None
+    device_profile: str | None = None  # the card the step is timed on (`devices.PROFILES`)
+    offload_seconds: float = 0.0  # offloaded blocks' transfers not hidden behind compute
 
     @property
     def fits(self) -> bool | None:
         """Whether the predicted peak is within the budget (None without a budget)."""
         return None if self.budget_bytes is None else self.predicted_peak_bytes <= self.budget_bytes
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Predicted time of the step (forward, backward, recomputation) on `device_profile`:
+        its FLOPs at `devices.ACHIEVED_FRACTION` of the card's dense bf16 FLOP/s."""
+        if self.device_profile is None or not self.step_flops:
+            return None
+        rate = PROFILES[self.device_profile].dense_bf16_flops * ACHIEVED_FRACTION
+        return (self.step_flops + self.recompute_flops) / rate + self.offload_seconds
+
+    @property
+    def overhead_pct(self) -> float | None:
+        """The step's predicted time over the same step with nothing recomputed or offloaded, in %."""
+        if self.step_seconds is None:
+            return None
+        rate = PROFILES[self.device_profile].dense_bf16_flops * ACHIEVED_FRACTION
+        return 100.0 * (self.step_seconds / (self.step_flops / rate) - 1)
 
     @property
     def extra_compute_pct(self) -> float:
@@ -86,6 +106,7 @@ class MemoryPlan:
         recompute_flops: int = 0,
         step_flops: int = 0,
         configured: Sequence[Adapter] = (),
+        offload_seconds: float = 0.0,
     ) -> MemoryPlan:
         """`settings`: the budget and the step planned (default: none, one process);
         `configured`: the adapters the config asked for, when the planner changed them."""
@@ -127,12 +148,19 @@ class MemoryPlan:
             mixed_precision=settings.mixed_precision,
             reserve_bytes=settings.reserve_bytes,
             budget_device=settings.budget_device,
+            device_profile=settings.device_profile,
+            offload_seconds=offload_seconds,
         )
 
     @property
     def recomputed_blocks(self) -> list[str]:
         """The blocks backward recomputes, in model order."""
-        return sorted((b for b, d in self.recompute_by_block.items() if d != "none"), key=natural_key)
+        return sorted((b for b, d in self.recompute_by_block.items() if d == "full"), key=natural_key)
+
+    @property
+    def offloaded_blocks(self) -> list[str]:
+        """The blocks whose saved tensors wait in host memory, in model order."""
+        return sorted((b for b, d in self.recompute_by_block.items() if d == "offload"), key=natural_key)
 
     @property
     def trainable_rank_total(self) -> int:
@@ -143,6 +171,8 @@ class MemoryPlan:
         d = asdict(self)
         d["batch_shape"] = {k: list(v) for k, v in self.batch_shape.items()}
         d["fits"] = self.fits
+        d["step_seconds"] = self.step_seconds
+        d["overhead_pct"] = self.overhead_pct
         return d
 
     def __str__(self) -> str:
@@ -177,7 +207,15 @@ class MemoryPlan:
             t.add_row("fits the budget", "no: shown is the plan at the smallest budget that can be met")
         recomputed = self.recomputed_blocks
         t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
+        if self.offloaded_blocks:
+            t.add_row("blocks offloaded to host memory", f"{len(self.offloaded_blocks)}: {', '.join(self.offloaded_blocks)}")
         t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
+        if self.step_seconds is not None:
+            card = PROFILES[self.device_profile]
+            t.add_row(f"predicted step time ({card.name})",
+                      f"{self.step_seconds * 1e3:.0f} ms (+{self.overhead_pct:.1f}% over the step with nothing "
+                      f"recomputed or offloaded; at {ACHIEVED_FRACTION:.0%} of {card.dense_bf16_flops / 1e12:.0f} "
+                      "TFLOP/s)")
         lowered = sum(layer.configured_r is not None for layer in self.layers)
         if lowered or self.dropped_adapters:
             t.add_row("adapters changed by the planner", f"{lowered} ranks lowered, {len(self.dropped_adapters)} dropped")

@@ -10,7 +10,7 @@ sub-GraphModule installed at the block's own path, and replaces the range by
 * the layer's ``get_attr`` nodes (base weights, ``lora_A``, ``lora_B``, norms) move inside
   with targets relative to the layer, so parameter names, ``state_dict`` keys and
   ``requires_grad`` are unchanged (``model.layers.3.self_attn.q_proj.lora_B.weight``);
-* a block that `recompute_regions` already outlined (a ``lorafa_recompute_*`` call) moves inside
+* a block that `recompute_regions` already outlined (a ``lorafa_region_*`` call) moves inside
   the layer too, so activation checkpointing runs *inside* the called layer, the nesting
   FSDP expects (its hooks stay outside the checkpointed region).
 

@@ -1,9 +1,12 @@
-"""Pass: realise the planner's recomputation decisions, identically in eager and compiled mode.
+"""Pass: realise the planner's per-block decisions: recompute a block, or offload what it saves.
 
 Each planned block (a repeated layer such as ``model.layers.3``: the contiguous range of nodes
 its ``nn_module_stack`` places in it) is outlined into a parameter-free sub-GraphModule and
-called through `Recompute`, which runs it under ``torch.utils.checkpoint(use_reentrant=False)``:
-the block keeps only its inputs, and backward reruns its whole forward.
+called through `Recompute` (decision ``"full"``), which runs it under
+``torch.utils.checkpoint(use_reentrant=False)``: the block keeps only its inputs, and backward
+reruns its whole forward; or through `_offload.Offload` (``"offload"``): the block's saved
+tensors wait in host memory between forward and backward (a CUDA step's lever; see
+`_offload.py`).
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
 ``state_dict`` and the optimizer are unchanged. Checkpointing restores the RNG state before
@@ -14,12 +17,13 @@ Only whole blocks are recomputed: torch's selective (op-level) policy keeps ever
 output, more than autograd keeps around frozen linears (a frozen linear saves nothing), and
 raised the peak on the test Llama (3.7 vs 2.7 MB).
 
-Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` ("full") and ``meta.BLOCK``
-(the block's path) on the call of each region.
+Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` ("full" or "offload") and
+``meta.BLOCK`` (the block's path) on the call of each region.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -29,8 +33,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import meta
 from ._graph import block_ranges, boundary, call_in_place_of, extract_graph
+from ._offload import Offload, Offloader
 
-RECOMPUTE_CHOICES = ("none", "full")
+RECOMPUTE_CHOICES = ("none", "full", "offload")
 
 
 class Recompute(torch.nn.Module):
@@ -56,11 +61,17 @@ class RecomputeRegions(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ranges = block_ranges(gm.graph)
+        offloader, offloaded = Offloader(), 0
         modified = False
-        for block, mode in self.decisions.items():
-            if mode == "none" or block not in ranges:
+        for block in ranges:  # in graph order: an offloaded region's position is its order in forward
+            mode = self.decisions.get(block, "none")
+            if mode == "none":
                 continue
-            _outline(gm, ranges[block], region_target(block), block)
+            if mode == "full":
+                wrap = Recompute
+            else:
+                wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
+            _outline(gm, ranges[block], region_target(block), block, mode, wrap)
             modified = True
         if modified:
             gm.graph.lint()
@@ -72,14 +83,14 @@ def region_target(block: str) -> str:
     """The region module of `block`, which also names its call (and, suffixed ``_out_<i>``, the
     call's outputs): a block's nodes are named after it, so a node of one block can be matched
     to the same node of another (`memory/compose.py`)."""
-    return "lorafa_recompute_" + block.replace(".", "_")
+    return "lorafa_region_" + block.replace(".", "_")
 
 
 def has_recompute_regions(gm: fx.GraphModule) -> bool:
     return any(meta.RECOMPUTE in meta.lorafa_meta(n) for n in gm.graph.find_nodes(op="call_module"))
 
 
-def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str) -> None:
+def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: str, wrap) -> None:
     # get_attr nodes (the adapters' lora_A/lora_B) move in front of the span: parameters stay
     # owned by the outer module and enter the region as inputs.
     for node in [n for n in span if n.op == "get_attr"]:
@@ -97,6 +108,6 @@ def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str) -> 
                 holder = getattr(holder, part)
             holder.add_module(leaf, gm.get_submodule(n.target))
     region = fx.GraphModule(modules, extract_graph(body, inputs, outputs))
-    gm.add_submodule(name, Recompute(region))
+    gm.add_submodule(name, wrap(region))
     call = call_in_place_of(gm.graph, body, inputs, outputs, name, {})
-    meta.annotate(call, recompute="full", block=block)
+    meta.annotate(call, recompute=mode, block=block)

@@ -1,0 +1,169 @@
+"""Activation offload at run time: a block's saved tensors wait in host memory for backward.
+
+`Offload` calls a region (an outlined block, see `recompute_regions.py`) under
+``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd saves in it (but parameters,
+and tensors under `MIN_BYTES`) is copied to host memory when saved, so the device copy dies
+with its last forward use; backward copies it back. On CUDA the copies run on a side stream
+into pinned memory (``record_stream`` keeps a source alive until its copy is done), and when
+backward first needs a region's tensors it also fetches the previous region's, so that transfer
+overlaps the region's backward compute (torchtune's OffloadActivations does the same). On the
+CPU the copy is a host tensor like any other: the code path is the same, the memory is not
+freed, so the planner never chooses offload for a CPU step. Under `FakeTensorMode` (the cost
+model) a saved tensor becomes a record of its shape, and fetching it allocates a fake tensor:
+the simulated step frees and re-allocates what the real one does, where it does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+#: Tensors smaller than this stay where they are: the copy's latency outweighs the bytes.
+MIN_BYTES = 1 << 20
+
+
+class _Stored:
+    """One offloaded storage (views of it saved by several ops are copied once): its host copy
+    (fake: its size), and its device copy once fetched."""
+
+    __slots__ = ("host", "nbytes", "mode", "device", "fetched", "views")
+
+    def __init__(self, t: torch.Tensor, stream) -> None:
+        storage = t.untyped_storage()
+        self.device, self.nbytes, self.fetched, self.views = t.device, storage.nbytes(), None, 0
+        self.mode = t.fake_mode if is_fake(t) else None
+        if self.mode is not None:
+            self.host = None
+            return
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=t.is_cuda)
+        if stream is None:
+            self.host.copy_(raw)
+            return
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(raw, non_blocking=True)
+        raw.record_stream(stream)  # the caching allocator keeps the storage until its copy is done
+
+    def fetch(self, stream) -> None:
+        if self.fetched is not None or self.views <= 0:
+            return
+        if self.mode is not None:
+            with self.mode:
+                self.fetched = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        elif stream is None:
+            self.fetched = self.host.to(self.device)
+        else:
+            with torch.cuda.stream(stream):
+                self.fetched = self.host.to(self.device, non_blocking=True)
+
+
+class _Region:
+    """The storages one region offloaded in one forward."""
+
+    __slots__ = ("stored", "started")
+
+    def __init__(self) -> None:
+        self.stored: list[_Stored] = []
+        self.started = False  # backward has used one of them
+
+
+class _Saved:
+    """A saved tensor: a view of an offloaded storage."""
+
+    __slots__ = ("stored", "view", "regions", "region")
+
+    def __init__(self, stored: _Stored, t: torch.Tensor, regions: list[_Region], region: int) -> None:
+        self.stored, self.regions, self.region = stored, regions, region
+        self.view = (t.dtype, t.storage_offset(), t.shape, t.stride())
+
+    def tensor(self) -> torch.Tensor:
+        dtype, offset, shape, stride = self.view
+        return self.stored.fetched.view(dtype).as_strided(shape, stride, offset)
+
+
+class Offloader:
+    """Offloads the saved tensors of a graph's `Offload` regions, one forward at a time."""
+
+    def __init__(self) -> None:
+        self.regions: list[_Region] = []
+        self._open: dict[int, tuple[torch.UntypedStorage, _Stored]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __deepcopy__(self, memo) -> Offloader:
+        return Offloader()  # streams and in-flight tensors belong to this module's steps
+
+    def pack_hook(self, position: int):
+        """The pack hook of the region at `position` (0: the first a forward runs)."""
+        if position == 0:
+            self.regions = []  # a new forward: its regions, which its backward will fetch
+        regions, region = self.regions, len(self.regions)
+        regions.append(_Region())
+
+        def pack(t: torch.Tensor):
+            if isinstance(t, torch.nn.Parameter) or t.untyped_storage().nbytes() < MIN_BYTES:
+                return t
+            storage = t.untyped_storage()
+            # The storage is held while the region runs, so its address names it alone.
+            if storage._cdata not in self._open:
+                stored = _Stored(t, self._stream(t.device, is_fake(t)))
+                self._open[storage._cdata] = (storage, stored)
+                regions[region].stored.append(stored)
+            stored = self._open[storage._cdata][1]
+            stored.views += 1
+            return _Saved(stored, t, regions, region)
+
+        return pack
+
+    def end_region(self) -> None:
+        """The region's forward is over: its saved storages now live on the host only."""
+        self._open.clear()
+
+    def unpack(self, saved):
+        if not isinstance(saved, _Saved):
+            return saved
+        region = saved.regions[saved.region]
+        if not region.started:
+            # Backward reached this region: fetch what it has not yet, and the one before it
+            # ahead of its need (so each region's fetch overlaps the backward of the next).
+            region.started = True
+            for r in (saved.region, saved.region - 1):
+                for stored in saved.regions[r].stored if r >= 0 else ():
+                    stored.fetch(self._stream(stored.device, stored.mode is not None))
+        saved.stored.fetch(self._stream(saved.stored.device, saved.stored.mode is not None))
+        t = saved.tensor()
+        saved.stored.views -= 1
+        if saved.stored.views <= 0:  # its last view is out: the device copy dies with the tensors using it
+            saved.stored.fetched = None
+        if t.is_cuda and t.device in self._streams:
+            torch.cuda.current_stream(t.device).wait_stream(self._streams[t.device])
+            t.record_stream(torch.cuda.current_stream(t.device))
+        return t
+
+    def _stream(self, device: torch.device, fake: bool) -> torch.cuda.Stream | None:
+        if device.type != "cuda" or fake:
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+class Offload(torch.nn.Module):
+    """Calls `region`, the `position`-th offloaded region of its graph, with its saved tensors
+    offloaded by `offloader` (one per graph)."""
+
+    def __init__(self, region: torch.fx.GraphModule, offloader: Offloader, position: int) -> None:
+        super().__init__()
+        self.region = region
+        self.offloader = offloader
+        self.position = position
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return self.region(*args)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack_hook(self.position),
+                                                          self.offloader.unpack):
+                return self.region(*args)
+        finally:
+            self.offloader.end_region()
