@@ -18,7 +18,7 @@ from lorafa_fx.memory.sharded_cost_model import rank_cost_model
 from lorafa_fx.passes._graph import block_ranges
 from lorafa_fx.pipeline import Adaptable
 from lorafa_fx.units import block_of_path
-from lorafa_fx.zoo import CONFIG_KWARGS, _CLASSES, _CONFIGS, make_batch
+from lorafa_fx.zoo import _CLASSES, _CONFIGS, CONFIG_KWARGS, make_batch
 
 LAYERS = 7
 SHAPE = (2, 12)

@@ -20,8 +20,8 @@ from transformers import GemmaConfig, GemmaForCausalLM
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.passes._graph import owner
-from lorafa_fx.passes.lean_gated_mlp import LeanGatedMLP, gated_activation
-from lorafa_fx.passes.lean_norms import LeanNorms, rms_norm
+from lorafa_fx.passes.lean_gated_mlp import gated_activation
+from lorafa_fx.passes.lean_norms import rms_norm
 from lorafa_fx import pipeline
 from lorafa_fx.pipeline import Adaptable
 

@@ -4,7 +4,6 @@ free-memory readings mocked to known values (so no GPU is needed)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import psutil

@@ -40,6 +40,7 @@ from ..passes._graph import block_ranges, block_structure, owner, set_attributes
 from ..passes.recompute_regions import region_target
 from .simulate import Piece, Simulator, StepEstimate
 
+
 def _lead(decision: str) -> int:
     """Blocks sampled at the head of a run; the last of them is the one every dropped block
     repeats, a block with blocks alike on either side. An offloaded block's backward also
