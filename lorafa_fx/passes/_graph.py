@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.fx.passes.infra.pass_base import PassResult
 
 from ..units import block_of_path
 
@@ -45,6 +46,31 @@ def new_node(
         if key in origin.meta:
             node.meta[key] = origin.meta[key]
     return node
+
+
+def replace_matches(
+    gm: fx.GraphModule, anchor: Callable, match: Callable[[fx.Node], tuple[fx.Node, tuple] | None], fn: Callable
+) -> PassResult:
+    """Each ``call_function(anchor)`` node that `match` accepts, as (the last node of the matched
+    pattern, `fn`'s arguments): that last node is replaced by ``fn(*arguments)`` (its module meta
+    and ``val``), and the nodes left unused are dropped."""
+    graph = gm.graph
+    modified = False
+    for node in list(graph.find_nodes(op="call_function", target=anchor)):
+        found = match(node)
+        if found is None:
+            continue
+        end, args = found
+        with graph.inserting_before(end):
+            call = new_node(graph, end, "call_function", fn, args)
+        call.meta["val"] = end.meta.get("val")
+        end.replace_all_uses_with(call)
+        modified = True
+    if modified:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
 
 
 def set_fake_val(node: fx.Node, fn: Callable, gm: fx.GraphModule) -> None:

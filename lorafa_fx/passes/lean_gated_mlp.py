@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node
+from ._graph import replace_matches
 from .lean_norms import same_shape
 
 aten = torch.ops.aten
@@ -74,32 +74,17 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, act: str, approximate
 
 class LeanGatedMLP(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
-        graph = gm.graph
-        modified = False
-        for mul in list(graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
-            match = _match(mul)
-            if match is None:
-                continue
-            with graph.inserting_before(mul):
-                call = new_node(graph, mul, "call_function", gated_activation, match)
-            call.meta["val"] = mul.meta.get("val")
-            mul.replace_all_uses_with(call)
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return replace_matches(gm, aten.mul.Tensor, _match, gated_activation)
 
 
-def _match(mul: fx.Node) -> tuple | None:
-    """`gated_activation`'s arguments if `mul` is ``act(gate) * up``, else None."""
+def _match(mul: fx.Node) -> tuple[fx.Node, tuple] | None:
+    """(`mul`, `gated_activation`'s arguments) if `mul` is ``act(gate) * up``, else None."""
     if len(mul.args) != 2 or mul.kwargs or not all(isinstance(a, fx.Node) for a in mul.args):
         return None
     for act, up in (mul.args, mul.args[::-1]):
         if act.op == "call_function" and act.target in _ACTIVATIONS and len(act.users) == 1 and len(act.args) == 1:
             approximate = act.kwargs.get("approximate", "none")
             if set(act.kwargs) <= {"approximate"} and same_shape(mul, act) and same_shape(mul, up):
-                return act.args[0], up, _ACTIVATIONS[act.target], approximate
+                return mul, (act.args[0], up, _ACTIVATIONS[act.target], approximate)
     return None
 

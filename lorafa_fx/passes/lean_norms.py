@@ -48,7 +48,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node, owner
+from ._graph import owner, replace_matches
 
 aten = torch.ops.aten
 
@@ -109,23 +109,7 @@ def rms_norm(
 
 class LeanNorms(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
-        graph = gm.graph
-        modified = False
-        for rsqrt in list(graph.find_nodes(op="call_function", target=aten.rsqrt.default)):
-            match = _match(rsqrt)
-            if match is None:
-                continue
-            end, args = match
-            with graph.inserting_before(end):
-                call = new_node(graph, end, "call_function", rms_norm, args)
-            call.meta["val"] = end.meta.get("val")
-            end.replace_all_uses_with(call)
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return replace_matches(gm, aten.rsqrt.default, _match, rms_norm)
 
 
 def _match(rsqrt: fx.Node) -> tuple[fx.Node, tuple] | None:
