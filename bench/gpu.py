@@ -9,11 +9,13 @@ GPU (no downloads), rebuilt from one seed for every method so each starts on an 
 At batch 4 and 8 x 1024, r 64, lora_alpha 128, all linears, the methods (`METHODS`) are:
 lorafa_fx unplanned; lorafa_fx under 0.8 x its unplanned predicted peak, so the planner must
 recompute or chunk the loss (if 0.8 x is infeasible, under the planner's smallest feasible
-budget); PEFT LoRA-FA (PEFT LoRA, every ``lora_A`` frozen); PEFT LoRA + HF gradient
-checkpointing (non-reentrant). Each runs eagerly, then under ``torch.compile`` (wrapping the
-eager run's module and optimizer). On an A100/H100/H200 (known by its name, `lorafa_fx.devices`)
-the planner may offload blocks to host memory instead of recomputing them, whichever its time
-model predicts faster; the plan column says which it chose.
+budget); lorafa_fx under the same budget without offload (``offload=False``: recompute only);
+PEFT LoRA-FA (PEFT LoRA, every ``lora_A`` frozen); PEFT LoRA + HF gradient checkpointing
+(non-reentrant). Each runs eagerly, then under ``torch.compile`` (wrapping the eager run's
+module and optimizer). On an A100/H100/H200 (known by its name, `lorafa_fx.devices`) the planner
+may offload blocks to host memory instead of recomputing them, whichever its time model predicts
+faster; the plan column says which it chose, and the no-offload row is the recompute plan it
+compared against (on the CPU, ``--smoke``, nothing is offloaded: the two budget rows agree).
 
 One step is ``zero_grad(set_to_none); module(**batch).loss.backward(); AdamW.step()``, torch's
 AdamW over the trainable parameters for every method, so rows differ by the model step alone.
@@ -67,14 +69,21 @@ def _lorafa(model: torch.nn.Module, batch: dict, unplanned_peak: int | None) -> 
     return lorafa_fx.transform(model, example_inputs=batch, config=LORA)
 
 
-def _lorafa_budget(model: torch.nn.Module, batch: dict, unplanned_peak: int | None) -> torch.nn.Module:
-    if unplanned_peak is None:  # the unplanned row was not run (or failed) at this batch
-        b, s = batch["input_ids"].shape
-        unplanned_peak = lorafa_fx.estimate(model, batch_size=b, seq_len=s, config=LORA).predicted_peak_bytes
-    try:
-        return lorafa_fx.transform(model, int(BUDGET_FRACTION * unplanned_peak), example_inputs=batch, config=LORA)
-    except InfeasibleBudgetError as e:
-        return lorafa_fx.transform(model, e.min_budget_bytes, example_inputs=batch, config=LORA)
+def _lorafa_budget(offload: bool) -> Builder:
+    """lorafa_fx under `BUDGET_FRACTION` x its unplanned peak (or the smallest feasible budget);
+    `offload`: whether the planner may offload blocks to host memory (on a known card)."""
+
+    def build(model: torch.nn.Module, batch: dict, unplanned_peak: int | None) -> torch.nn.Module:
+        if unplanned_peak is None:  # the unplanned row was not run (or failed) at this batch
+            b, s = batch["input_ids"].shape
+            unplanned_peak = lorafa_fx.estimate(model, batch_size=b, seq_len=s, config=LORA).predicted_peak_bytes
+        budget = int(BUDGET_FRACTION * unplanned_peak)
+        try:
+            return lorafa_fx.transform(model, budget, example_inputs=batch, config=LORA, offload=offload)
+        except InfeasibleBudgetError as e:
+            return lorafa_fx.transform(model, e.min_budget_bytes, example_inputs=batch, config=LORA, offload=offload)
+
+    return build
 
 
 def _peft(train_A: bool, grad_ckpt: bool) -> Builder:
@@ -93,7 +102,8 @@ def _peft(train_A: bool, grad_ckpt: bool) -> Builder:
 #: name -> (label, builder(model, batch, lorafa_fx's unplanned predicted peak) -> module to train).
 METHODS: dict[str, tuple[str, Builder]] = {
     "lorafa_fx": ("lorafa_fx, unplanned", _lorafa),
-    "lorafa_fx_budget": (f"lorafa_fx, budget {BUDGET_FRACTION}x", _lorafa_budget),
+    "lorafa_fx_budget": (f"lorafa_fx, budget {BUDGET_FRACTION}x", _lorafa_budget(offload=True)),
+    "lorafa_fx_budget_no_offload": (f"lorafa_fx, budget {BUDGET_FRACTION}x, no offload", _lorafa_budget(offload=False)),
     "peft_lora_fa": ("PEFT LoRA-FA (A frozen)", _peft(train_A=False, grad_ckpt=False)),
     "peft_lora_gc": ("PEFT LoRA + HF grad-ckpt", _peft(train_A=True, grad_ckpt=True)),
 }

@@ -22,6 +22,7 @@ PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 1 2 4 8 16 --seq 1024 --rank 64 --budget 24GB
   python -m lorafa_fx plan --config llama-2-7b --max-batch --seq 1024 --rank 64 --budget auto --device cuda:0
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB --device h100
+  python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB --device h100 --no-offload
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --json
   python -m lorafa_fx plan --config path/to/config.json --batch 8 --seq 2048
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
@@ -166,6 +167,9 @@ def _add_plan_parser(sub) -> None:
                    help="the card to plan for: a100, h100 or h200 (the plan times the step on it; --budget auto is "
                    "its memory minus a reserve), or a local device (cpu, cuda:N) whose free memory --budget auto "
                    "reads (default: cuda if available, else cpu)")
+    p.add_argument("--no-offload", dest="offload", action="store_false",
+                   help="never offload blocks to host memory on a card (--device a100/h100/h200): blocks that do "
+                   "not fit --budget are recomputed (host or pinned memory is short, or to see the recompute plan)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="the step's forward under autocast (accelerate's names; e.g. --dtype fp32 --mixed-precision bf16)")
@@ -225,7 +229,8 @@ def _plan(args) -> int:
         lora = lorafa_fx.LoraFAConfig(r=args.rank, lora_alpha=2 * args.rank if args.alpha is None else args.alpha)
         config = load_config(args.config)
         kwargs = {"config": lora, "dtype": dtype, "budget": args.budget, "device": args.device,
-                  "world_size": args.world_size, "sharding": args.sharding, "mixed_precision": args.mixed_precision}
+                  "world_size": args.world_size, "sharding": args.sharding, "mixed_precision": args.mixed_precision,
+                  "offload": args.offload}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

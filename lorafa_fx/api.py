@@ -47,6 +47,7 @@ def transform(
     world_size: int | None = None,
     sharding: str = "full",
     mixed_precision: str | None = None,
+    offload: bool = True,
 ) -> fx.GraphModule:
     """Capture `model` and return a GraphModule that trains it with LoRA-FA.
 
@@ -74,6 +75,10 @@ def transform(
             ``Accelerator(mixed_precision=...)`` run it) or ``"no"``. Default: the autocast in
             force when `transform` is called, else ``"no"``. The plan simulates the step so.
             The module itself follows whatever autocast it runs under.
+        offload: on an A100/H100/H200 (`devices.PROFILES`) the planner may offload blocks to
+            host memory instead of recomputing them, whichever its time model predicts faster;
+            False forbids it (host or pinned memory is short): blocks that do not fit are
+            recomputed.
 
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
@@ -87,7 +92,7 @@ def transform(
             "This module was already transformed by lorafa_fx.transform; transform the original "
             "model instead (its weights are shared with the result)."
         )
-    settings = _settings(budget, model, None, world_size, sharding, mixed_precision)
+    settings = _settings(budget, model, None, world_size, sharding, mixed_precision, offload)
     if not isinstance(example_inputs, Mapping):
         raise TypeError(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
@@ -104,7 +109,7 @@ def estimate(
     model_or_config: ModelOrConfig, *, batch_size: int, seq_len: int, config: LoraFAConfig | None = None,
     dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None, device: str | torch.device | None = None,
     world_size: int | None = None, sharding: str = "full", mixed_precision: str | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, offload: bool = True,
 ) -> MemoryPlan: ...
 
 
@@ -113,7 +118,7 @@ def estimate(
     model_or_config: ModelOrConfig, *, batch_size: int | Sequence[int], seq_len: int | Sequence[int],
     config: LoraFAConfig | None = None, dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None,
     device: str | torch.device | None = None, world_size: int | None = None, sharding: str = "full",
-    mixed_precision: str | None = None, progress: Progress | None = None,
+    mixed_precision: str | None = None, progress: Progress | None = None, offload: bool = True,
 ) -> list[MemoryPlan]: ...
 
 
@@ -130,6 +135,7 @@ def estimate(
     sharding: str = "full",
     mixed_precision: str | None = None,
     progress: Progress | None = None,
+    offload: bool = True,
 ) -> MemoryPlan | list[MemoryPlan]:
     """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``,
     or at every shape of a sweep.
@@ -162,6 +168,8 @@ def estimate(
             mixed-precision setup).
         progress: called with a short line per stage (building, capturing, simulating or
             planning; in a sweep prefixed with the shape), e.g. to show a status line.
+        offload: as for `transform`: False forbids offloading blocks to host memory on a card
+            (the plan recomputes them instead; the step is still timed on the card).
 
     Returns:
         the `MemoryPlan` of the shape when `batch_size` and `seq_len` are ints (a budget that
@@ -172,7 +180,7 @@ def estimate(
     model_or_config = _model_or_config(model_or_config)
     batch_sizes, seq_lens = _sizes("batch_size", batch_size), _sizes("seq_len", seq_len)
     _check_seq_len(model_or_config, max(seq_lens))
-    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision)
+    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
     progress = progress or _quiet
     adaptable, batch_of = _adaptable(
         model_or_config, max(batch_sizes), max(seq_lens), config or LoraFAConfig(), dtype, progress
@@ -198,6 +206,7 @@ def largest_batch_size(
     sharding: str = "full",
     mixed_precision: str | None = None,
     progress: Progress | None = None,
+    offload: bool = True,
 ) -> tuple[int, MemoryPlan]:
     """The largest batch size whose training step fits `budget` at `seq_len`, and its plan.
 
@@ -215,7 +224,7 @@ def largest_batch_size(
     model_or_config = _model_or_config(model_or_config)
     _sizes("seq_len", seq_len, sweep=False)
     _check_seq_len(model_or_config, seq_len)
-    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision)
+    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
     progress = progress or _quiet
     adaptable, batch_of = _adaptable(model_or_config, 1, seq_len, config or LoraFAConfig(), dtype, progress)
     plans: dict[int, MemoryPlan] = {}
@@ -284,15 +293,17 @@ def _settings(
     world_size: int | None,
     sharding: str,
     mixed_precision: str | None,
+    offload: bool,
 ) -> PlanSettings:
     """The `PlanSettings` of a call; ``budget="auto"`` read on `device` (default: a model's own;
-    a profile name: an idle card of that kind), whose profile, if any, times the step."""
+    a profile name: an idle card of that kind), whose profile, if any, times the step (and is
+    offloaded to, unless `offload` is False)."""
     model = model_or_config if isinstance(model_or_config, nn.Module) else None
     # The card timed (and offloaded to) is the one named, or the one the model is on.
     profile = device_profile(device if device is not None or model is None else next(model.parameters()).device)
     if not (isinstance(budget, str) and budget.strip().lower() == "auto"):
         settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
-        return dataclasses.replace(settings, device_profile=profile)
+        return dataclasses.replace(settings, device_profile=profile, offload=offload)
     if isinstance(device, str) and device.strip().lower() in PROFILES:  # a card planned from here
         target, auto = profile, auto_budget(PROFILES[profile])
     else:
@@ -301,7 +312,7 @@ def _settings(
     settings = PlanSettings.from_arguments(auto.budget_bytes, world_size, sharding, mixed_precision)
     return dataclasses.replace(
         settings, reserve_bytes=auto.reserve_bytes, budget_device=str(target),
-        device_profile=profile,
+        device_profile=profile, offload=offload,
     )
 
 

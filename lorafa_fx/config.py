@@ -147,6 +147,8 @@ class PlanSettings:
         reserve_bytes, budget_device: with ``budget="auto"``, the reserve kept out of
             `budget_device`'s free memory (`devices.py`); None for a budget given in bytes.
         device_profile: the card the step is timed on (`devices.PROFILES` name), or None.
+        offload: whether the planner may offload blocks to host memory on `device_profile`'s
+            card; False: blocks that do not fit are only recomputed (the step is still timed).
     """
 
     budget_bytes: int | None = None
@@ -156,6 +158,7 @@ class PlanSettings:
     reserve_bytes: int | None = None
     budget_device: str | None = None
     device_profile: str | None = None
+    offload: bool = True
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -168,6 +171,11 @@ class PlanSettings:
             not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1
         ):
             raise DistributedPlanError(f"world_size={self.world_size!r} must be a positive int (the number of ranks).")
+        if not isinstance(self.offload, bool):
+            raise ConfigError(
+                f"offload={self.offload!r} must be True or False: pass offload=False to forbid offloading blocks "
+                "to host memory (the planner then recomputes them), or leave the default True."
+            )
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

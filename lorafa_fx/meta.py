@@ -76,7 +76,9 @@ def annotate(node: fx.Node, **values: object) -> None:
     unknown = set(values) - set(LoraFAMeta.__annotations__)
     if unknown:
         raise KeyError(f"not a lorafa node.meta key: {sorted(unknown)}; the schema is lorafa_fx.meta.LoraFAMeta")
-    node.meta.setdefault(KEY, {}).update(values)
+    # A new dict, never an update: fx copies a graph's node.meta shallowly (`graph_copy`, deepcopy),
+    # so the old dict may be another graph's annotations too.
+    node.meta[KEY] = {**node.meta.get(KEY, {}), **values}
 
 
 def all_graph_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:

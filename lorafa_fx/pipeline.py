@@ -96,6 +96,7 @@ class Adaptable:
         linears = linear_nodes(base)
         self.adapters = _drop_unused(adapters, {a.path for a in adapters if _shallow_path(a.path, self.depths) in linears})
         self.base, self.config = base, config
+        self._by_rank_cap: dict[int | None, fx.GraphModule] = {}
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
         adjustable = [a.r for a in self.adapters if not rank_is_fixed(config, a.path)]
         max_r = max(adjustable, default=0)
@@ -117,23 +118,30 @@ class Adaptable:
     def build(self, levers: Levers | None = None) -> fx.GraphModule:
         """The adapted graph at `levers` (default: the configured model, the ladder's top)."""
         levers = levers or self.ladder[-1]
-        gm = graph_copy(self.base)
         adapters = cap_ranks(self.adapters, self.config, levers.rank_cap)
-        captured = [a for a in adapters if _shallow_path(a.path, self.depths) == a.path]
-        for p in (RewriteLoraFA(captured, self.config), AnnotateSavedTensors()):
-            gm = p(gm).graph_module
+        gm = graph_copy(self._adapted(levers.rank_cap))
         chunked = False
         if levers.chunked_cross_entropy:  # an adapted output projection is not chunked
             result = ChunkCrossEntropy()(gm)
             gm, chunked = result.graph_module, result.modified
-        if self.depths:
-            gm = ExpandLayers(self.depths)(gm).graph_module
         _set_trainable(gm, adapters, self.saved_modules)
         set_attributes(
             gm, lorafa_chunked_cross_entropy=chunked, lorafa_config=planned_config(self.config, self.adapters, adapters),
             lorafa_adapters=tuple(adapters),
         )
         return gm
+
+    def _adapted(self, rank_cap: int | None) -> fx.GraphModule:
+        """The graph with adapters at `rank_cap`, grown to depth: rungs that differ only in
+        the loss (the planner's floor and the configured model) are adapted and grown once."""
+        if rank_cap not in self._by_rank_cap:
+            gm = graph_copy(self.base)
+            adapters = cap_ranks(self.adapters, self.config, rank_cap)
+            captured = [a for a in adapters if _shallow_path(a.path, self.depths) == a.path]
+            for p in (RewriteLoraFA(captured, self.config), AnnotateSavedTensors()):
+                gm = p(gm).graph_module
+            self._by_rank_cap[rank_cap] = ExpandLayers(self.depths)(gm).graph_module if self.depths else gm
+        return self._by_rank_cap[rank_cap]
 
 
 #: Layers per stack of the shallow model `estimate` captures: the last is copied, reading its
@@ -229,7 +237,7 @@ def _plan(adaptable: Adaptable, settings: PlanSettings, simulate: Simulator) -> 
         gm = adaptable.build()
         return gm, evaluate(gm, {}, simulate)
     profile = PROFILES[settings.device_profile] if settings.device_profile else None
-    planned = plan_memory(adaptable, settings.budget_bytes, simulate, profile)
+    planned = plan_memory(adaptable, settings.budget_bytes, simulate, profile, offload=settings.offload)
     plan = planned.recompute
     gm = RecomputeRegions(plan.decisions)(planned.gm).graph_module
     if gm.lorafa_chunked_cross_entropy and adaptable.config.chunked_cross_entropy is None:

@@ -1,16 +1,23 @@
-"""Planning for a card from here (devices.PROFILES): its memory as the automatic budget, and the
-step's predicted time on it. References: closed forms (the datasheet figures in the profile,
-the FLOPs the plan reports) and the unplanned step's time."""
+"""Planning for a card from here (devices.PROFILES): its memory as the automatic budget, the
+step's predicted time on it, and ``offload=False`` (``--no-offload``). References: closed forms
+(the datasheet figures in the profile, the FLOPs the plan reports), the unplanned step's time,
+and for offload=False the plan made with no card at the same budget."""
 
 from __future__ import annotations
 
+import functools
+import json
+
 import pytest
 import torch
-from transformers import LlamaConfig
+from test_offload import _plan as _seven_b_plan
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
+from lorafa_fx.__main__ import _build_parser, main
 from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES, RESERVE
 from lorafa_fx.errors import ConfigError
+from lorafa_fx.memory import planner
 
 
 def _tiny() -> LlamaConfig:
@@ -18,6 +25,7 @@ def _tiny() -> LlamaConfig:
                        vocab_size=96, max_position_embeddings=128)
 
 
+@functools.cache
 def _plan(**kwargs):
     return lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=64, config=lorafa_fx.LoraFAConfig(r=8), **kwargs)
 
@@ -57,3 +65,69 @@ def test_a_local_card_is_known_by_its_name(monkeypatch):
     assert device_profile("cuda:0") == device_profile(torch.device("cuda", 0)) == "h100"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     assert device_profile("cuda") is None and device_profile("cpu") is None
+
+
+@functools.cache
+def _seven_b(device: str | None = None, budget: int | None = None, offload: bool = True):
+    """test_offload's 8-layer Llama-2-7B-shaped plan (fake weights), once per argument set."""
+    return _seven_b_plan(device=device, budget=budget, offload=offload)
+
+
+def _offload_budget() -> int:
+    """A budget under which the H100 plan offloads (test_offload's planner test)."""
+    return int(_seven_b("h100").predicted_peak_bytes * 0.8)
+
+
+def test_offload_false_recomputes_on_a_card_what_a_plan_without_a_card_recomputes():
+    budget = _offload_budget()
+    offloaded, forbidden, no_card = (_seven_b("h100", budget), _seven_b("h100", budget, offload=False),
+                                     _seven_b(None, budget))
+    assert offloaded.offloaded_blocks and not offloaded.recomputed_blocks  # the card's own choice here
+    assert forbidden.recomputed_blocks and not forbidden.offloaded_blocks
+    assert forbidden.fits and forbidden.predicted_peak_bytes <= budget
+    assert forbidden.recompute_by_block == no_card.recompute_by_block
+    assert forbidden.predicted_peak_bytes == no_card.predicted_peak_bytes
+    # Still timed on the card: the step plus its recomputation, slower than the offload plan.
+    unplanned = _seven_b("h100")
+    assert forbidden.offload_seconds == 0
+    assert forbidden.step_seconds == pytest.approx(unplanned.step_seconds * (1 + forbidden.extra_compute_pct / 100))
+    assert forbidden.step_seconds > offloaded.step_seconds
+    # The printout and the JSON say offload was forbidden; a plan that could offload says nothing.
+    assert (forbidden.offload, offloaded.offload, forbidden.to_dict()["offload"]) == (False, True, False)
+    assert "forbidden (offload=False)" in str(forbidden) and "offload=False" not in str(offloaded)
+
+
+def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, monkeypatch, capsys):
+    """Reference: the `offload` the planner's plan_recompute receives, and estimate()'s plan."""
+    seen = []
+    plan_recompute = planner.plan_recompute
+
+    def spy(*args, offload: bool = True, **kwargs):
+        seen.append(offload)
+        return plan_recompute(*args, offload=offload, **kwargs)
+
+    monkeypatch.setattr(planner, "plan_recompute", spy)
+    _tiny().save_pretrained(tmp_path)
+    unplanned = _plan(device="h100")
+    budget = str(int(unplanned.predicted_peak_bytes * 0.9))
+    args = ["plan", "--config", str(tmp_path), "--batch", "2", "--seq", "64", "--rank", "8", "--alpha", "8",
+            "--budget", budget, "--device", "h100"]
+    assert main([*args, "--no-offload", "--json"]) == 0
+    assert seen and set(seen) == {False}
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["offload"] is False and "offload" not in printed["recompute_by_block"].values()
+    expected = _plan(device="h100", budget=int(budget), offload=False)
+    assert printed["recompute_by_block"] == expected.recompute_by_block and expected.recomputed_blocks
+    assert _build_parser().parse_args(args).offload is True  # without the flag, offload is allowed
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+@pytest.mark.parametrize("entry", ["transform", "estimate", "largest_batch_size"])
+def test_a_non_bool_offload_is_refused_naming_the_argument(entry, value):
+    call = {
+        "transform": lambda: lorafa_fx.transform(LlamaForCausalLM(_tiny()), "1GB", example_inputs={}, offload=value),
+        "estimate": lambda: _plan(budget="1GB", offload=value),
+        "largest_batch_size": lambda: lorafa_fx.largest_batch_size(_tiny(), seq_len=64, budget="1GB", offload=value),
+    }[entry]
+    with pytest.raises(ConfigError, match=rf"offload={value!r} must be True or False: pass offload=False"):
+        call()

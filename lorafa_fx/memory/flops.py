@@ -10,6 +10,8 @@ counts a step as forward + backward = 2 x forward (frozen weights: no weight gra
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Mapping
 
 import sympy
@@ -25,7 +27,14 @@ _MATMULS = (aten.linear.default, aten.mm.default, aten.addmm.default)
 
 def node_flops(node: fx.Node, sizes: Mapping[sympy.Symbol, int] | None = None) -> int:
     """Forward FLOPs of one node (see the module docstring) at `sizes`."""
-    return concrete(_symbolic_flops(node), sizes)
+    if node not in _SYMBOLIC:
+        _SYMBOLIC[node] = _symbolic_flops(node)
+    return concrete(_SYMBOLIC[node], sizes)
+
+
+#: Each node's FLOPs as an expression of the symbolic sizes: the planner prices every candidate
+#: on the same graph's nodes, and symbolic arithmetic is slow.
+_SYMBOLIC: weakref.WeakKeyDictionary[fx.Node, object] = weakref.WeakKeyDictionary()
 
 
 def concrete(n, sizes: Mapping[sympy.Symbol, int] | None = None) -> int:
@@ -35,10 +44,18 @@ def concrete(n, sizes: Mapping[sympy.Symbol, int] | None = None) -> int:
     if not isinstance(n, torch.SymInt):
         return int(n)
     if sizes:
-        expr = sympy.sympify(n.node.expr.xreplace(sizes))
-        if expr.is_number:
-            return int(expr)
+        value = _bound(n.node.expr, tuple(sizes.items()))
+        if value is not None:
+            return value
     return int(n.node.hint)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bound(expr: sympy.Expr, bindings: tuple[tuple[sympy.Symbol, int], ...]) -> int | None:
+    # A 7B graph has ~24k nodes but a few dozen distinct size expressions: substituting
+    # each once keeps the planner's FLOP counts from dominating its run time.
+    value = sympy.sympify(expr.xreplace(dict(bindings)))
+    return int(value) if value.is_number else None
 
 
 def _symbolic_flops(node: fx.Node):

@@ -40,7 +40,9 @@ FLOPs: each offloaded block's bytes cross the host link twice, hidden behind the
 forward and a later block's backward where they fit (`_exposed_transfer`). The planner finds
 the shortest prefix of the same order that fits offloaded, and keeps it when its exposed
 transfer time is below the recompute plan's FLOPs time on the card; plans mixing the two per
-block are not searched. Without a profile (a CPU step, or no card named) nothing is offloaded.
+block are not searched. Without a profile (a CPU step, or no card named), or with
+``offload=False`` (`PlanSettings.offload`: host memory is short), nothing is offloaded; the
+profile still times the step.
 
 The planner receives two objects: the candidates (`Rungs`: the lever ladder and a way to
 build each rung's graph, which the pipeline provides) and the cost model (a `Simulator`, one
@@ -109,9 +111,17 @@ class Planned:
     recompute: RecomputePlan
 
 
-def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator, profile: DeviceProfile | None = None) -> Planned:
+def plan_memory(
+    rungs: Rungs,
+    budget_bytes: int,
+    simulate: Simulator,
+    profile: DeviceProfile | None = None,
+    *,
+    offload: bool = True,
+) -> Planned:
     """The plan that meets `budget_bytes` by the objective in the module docstring;
-    `InfeasibleBudgetError` (from the ladder's floor, every lever pulled) if none does."""
+    `InfeasibleBudgetError` (from the ladder's floor, every lever pulled) if none does.
+    ``offload=False``: blocks are never offloaded, even with a `profile`."""
     # A rung's graph is built once (the search releases levers back to the configured rung).
     build, ladder = functools.cache(rungs.build), rungs.ladder
     configured = build(ladder[-1])
@@ -122,9 +132,10 @@ def plan_memory(rungs: Rungs, budget_bytes: int, simulate: Simulator, profile: D
         # A chunked loss can cost more than it saves (a vocabulary no larger than the hidden
         # size: it keeps a hidden-size gradient from forward); then the levers are not used.
         if floor_unplanned.peak < unplanned.peak:
-            recompute = plan_recompute(floor, floor_unplanned, budget_bytes, simulate, profile)
+            recompute = plan_recompute(floor, floor_unplanned, budget_bytes, simulate, profile, offload=offload)
             return _release_levers(build, ladder, budget_bytes, simulate, Planned(floor, ladder[0], recompute))
-    return Planned(configured, ladder[-1], plan_recompute(configured, unplanned, budget_bytes, simulate, profile))
+    recompute = plan_recompute(configured, unplanned, budget_bytes, simulate, profile, offload=offload)
+    return Planned(configured, ladder[-1], recompute)
 
 
 def _release_levers(
@@ -167,26 +178,28 @@ def plan_recompute(
     budget_bytes: int,
     simulate: Simulator,
     profile: DeviceProfile | None = None,
+    *,
+    offload: bool = True,
 ) -> RecomputePlan:
-    """The cheapest recomputation, or with a GPU `profile` the cheapest of it and offloading
-    (by predicted time), that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
+    """The cheapest recomputation, or with a GPU `profile` (and `offload`) the cheapest of it
+    and offloading (by predicted time), that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
     ranges, sizes = block_ranges(gm.graph), simulate.sizes(gm)
     flops = {b: sum(node_flops(n, sizes) for n in nodes) for b, nodes in ranges.items()}
     saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes, sizes) for b, nodes in ranges.items()}
     order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
     recompute = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "full")
-    if profile is None:
+    if profile is None or not offload:
         return recompute
     try:
-        offload = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "offload")
+        offloaded = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "offload")
     except InfeasibleBudgetError:
         return recompute
     rate = profile.dense_bf16_flops * ACHIEVED_FRACTION
-    offload = dataclasses.replace(offload, offload_seconds=sum(
+    offloaded = dataclasses.replace(offloaded, offload_seconds=sum(
         _exposed_transfer(unplanned.saved_by_module.get(b, 0), flops[b] / rate, profile)
-        for b, d in offload.decisions.items() if d == "offload"
+        for b, d in offloaded.decisions.items() if d == "offload"
     ))
-    return offload if offload.offload_seconds < recompute.recompute_flops / rate else recompute
+    return offloaded if offloaded.offload_seconds < recompute.recompute_flops / rate else recompute
 
 
 def _exposed_transfer(nbytes: int, forward_seconds: float, profile: DeviceProfile) -> float:

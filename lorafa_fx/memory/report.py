@@ -67,6 +67,7 @@ class MemoryPlan:
     budget_device: str | None = None
     device_profile: str | None = None  # the card the step is timed on (`devices.PROFILES`)
     offload_seconds: float = 0.0  # offloaded blocks' transfers not hidden behind compute
+    offload: bool = True  # False: the planner was forbidden to offload (offload=False, --no-offload)
 
     @property
     def fits(self) -> bool | None:
@@ -150,6 +151,7 @@ class MemoryPlan:
             budget_device=settings.budget_device,
             device_profile=settings.device_profile,
             offload_seconds=offload_seconds,
+            offload=settings.offload,
         )
 
     @property
@@ -209,6 +211,8 @@ class MemoryPlan:
         t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
         if self.offloaded_blocks:
             t.add_row("blocks offloaded to host memory", f"{len(self.offloaded_blocks)}: {', '.join(self.offloaded_blocks)}")
+        if not self.offload:
+            t.add_row("offload to host memory", "forbidden (offload=False): blocks that do not fit are recomputed")
         t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
         if self.step_seconds is not None:
             card = PROFILES[self.device_profile]

@@ -104,13 +104,24 @@ class RewriteLoraFA(PassBase):
                 x = emit("dropout", "call_module", f"{path}.lora_dropout", (x,))
                 x.meta["val"] = x.args[0].meta.get("val")
             if adapter.scaling == 1:
-                xa = emit("xa", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
+                xa = emit("xa", "call_function", aten.linear.default, (x, lora_A), _linear_val)
             else:
-                down = emit("down", "call_function", aten.linear.default, (x, lora_A), aten.linear.default)
-                xa = emit("xa", "call_function", aten.mul.Tensor, (down, adapter.scaling), aten.mul.Tensor)
-            xab = emit("xab", "call_function", aten.linear.default, (xa, lora_B), aten.linear.default)
-            out = emit("out", "call_function", aten.add.Tensor, (node, xab), aten.add.Tensor)
+                down = emit("down", "call_function", aten.linear.default, (x, lora_A), _linear_val)
+                xa = emit("xa", "call_function", aten.mul.Tensor, (down, adapter.scaling), _same_val)
+            xab = emit("xab", "call_function", aten.linear.default, (xa, lora_B), _linear_val)
+            out = emit("out", "call_function", aten.add.Tensor, (node, xab), _same_val)
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+# The branch's values are shaped like its input: made directly, since running linear on
+# symbolic fake tensors (its decomposition, guard by guard) is ten times slower and adapting
+# is done once per planner rung.
+def _linear_val(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.result_type(x, weight))
+
+
+def _same_val(x: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.result_type(x, other))
 
 
 def _compute_dtype(weight: torch.Tensor, node: fx.Node) -> torch.dtype:
