@@ -3,7 +3,8 @@
     capture (capture.py)
       -> drop_metadata_asserts -> follow_input_device -> follow_param_dtype
       -> drop_full_slices -> gate_dropout -> simplify_attention
-      -> lean_norms -> lean_gated_mlp                                  once per model (`Adaptable`)
+      -> lean_norms -> lean_gated_mlp -> lean_pointwise -> compact_saved_views
+                                                                        once per model (`Adaptable`)
       -> rewrite_lora_fa -> annotate_saved_tensors [-> chunk_cross_entropy]
                                                                         once per rung of the
                                                                         planner's lever ladder
@@ -39,6 +40,7 @@ from .memory.simulate import Simulator
 from .passes._graph import graph_copy, set_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
+from .passes.compact_saved_views import CompactSavedViews
 from .passes.drop_full_slices import DropFullSlices
 from .passes.drop_metadata_asserts import DropMetadataAsserts
 from .passes.expand_layers import ExpandLayers, repeats_cleanly
@@ -47,6 +49,7 @@ from .passes.follow_param_dtype import FollowParamDtype
 from .passes.gate_dropout import GateDropout
 from .passes.lean_gated_mlp import LeanGatedMLP
 from .passes.lean_norms import LeanNorms
+from .passes.lean_pointwise import LeanPointwise
 from .passes.outline_layers import OutlineLayers
 from .passes.recompute_regions import RecomputeRegions
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
@@ -56,7 +59,7 @@ from .units import format_bytes
 
 #: Exact rewrites that keep less for backward than eager PyTorch keeps: free memory, applied
 #: to every model before anything is planned (after `follow_param_dtype`, whose casts they read).
-LEAN_PASSES = (LeanNorms, LeanGatedMLP)
+LEAN_PASSES = (LeanNorms, LeanGatedMLP, LeanPointwise, CompactSavedViews)
 
 #: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
 Progress = Callable[[str], None]
