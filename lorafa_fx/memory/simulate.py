@@ -43,6 +43,12 @@ from .. import meta
 from ..passes._graph import block_of, graph_copy, owner, repeated_block, set_attributes
 from ..passes.recompute_regions import RecomputeRegions
 
+#: Ops that read a tensor's metadata: they allocate nothing.
+_METADATA = frozenset({
+    torch.ops.prim.device.default, torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_numel.default, torch.ops.aten.sym_storage_offset.default,
+})
+
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -137,6 +143,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func in _METADATA:  # most calls the autograd engine makes in backward; no tensor out
+            return out
         # Views and in-place results share an input's storage: no new bytes. This also keeps
         # out the state that existed before the step (weights), which the static terms count.
         inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
@@ -333,10 +341,18 @@ def is_unpadded(batch: Mapping[str, object]) -> bool:
 
 
 def allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    # The step measured is a later one: states exist before it starts. A multi-tensor step
-    # makes the same states as the per-parameter loop (torch's default on CPU) in a handful of
-    # ops instead of a dozen per parameter; the step simulated later runs as configured.
-    for p in params:
+    # The step measured is a later one: states exist before it starts. A parameter's states
+    # depend on its shape, dtype and group only, so one step on one parameter of each kind
+    # makes them, and the others get copies: fake tensor ops cost the same at any size, and a
+    # 7B model's 224 adapters are two kinds. A multi-tensor step makes the same states as the
+    # per-parameter loop (torch's default on CPU); the step simulated later runs as configured.
+    kinds: dict[tuple, torch.Tensor] = {}
+    of_kind: list[tuple[torch.Tensor, torch.Tensor]] = []
+    trained = {id(p) for p in params}
+    for i, group in enumerate(opt.param_groups):
+        for p in (p for p in group["params"] if id(p) in trained):
+            of_kind.append((p, kinds.setdefault((i, p.shape, p.dtype, p.device), p)))
+    for p in kinds.values():
         p.grad = torch.zeros_like(p)
     configured = [group.get("foreach") for group in opt.param_groups]
     for group in opt.param_groups:
@@ -347,6 +363,9 @@ def allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Ten
         if "foreach" in group:
             group["foreach"] = foreach
     opt.zero_grad(set_to_none=True)
+    for p, kind in of_kind:
+        if p is not kind:
+            opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[kind].items()}
 
 
 def symbol_sizes(gm: fx.GraphModule, batch: Mapping[str, object]) -> dict[sympy.Symbol, int]:
