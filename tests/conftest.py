@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import copy
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 
 import lorafa_fx
+from lorafa_fx import pipeline
+from lorafa_fx.capture import capture
+from lorafa_fx.passes._graph import graph_copy
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
 
 _TRANSFORMED: dict[str, tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
+_MODELS: dict[str, torch.nn.Module] = {}
+_CAPTURED: dict[str, torch.fx.GraphModule] = {}
 
 
 def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, **config):
@@ -20,16 +26,27 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
     config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``.
 
     Capturing (torch.export) is most of a test's time, and transform is deterministic: each
-    argument set is transformed once per session and every caller gets a deep copy of the pair
-    (copied together, so the copy of gm still shares the copy of the model's weights). Tests
-    that check what transform itself warns or raises call it directly.
+    argument set is transformed once per session, budgets of one model and config share one
+    model and its capture, and every caller gets a deep copy of the pair (copied together, so
+    the copy of gm still shares the copy of the model's weights). Tests that check what
+    transform itself warns or raises call it directly.
     """
     key = repr((name, shape, budget, model_fn, sorted(config.items())))
     if key not in _TRANSFORMED:
-        model = (model_fn or make_model)(name)
+        model_key = repr((name, shape, model_fn, sorted(config.items())))
+        if model_key not in _MODELS:
+            _MODELS[model_key] = (model_fn or make_model)(name)
+        model = _MODELS[model_key]
+
+        def capture_once(model, example_inputs):
+            if model_key not in _CAPTURED:
+                _CAPTURED[model_key] = capture(model, example_inputs)
+            return graph_copy(_CAPTURED[model_key])
+
         config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
-        batch = make_batch(name, *shape)
-        _TRANSFORMED[key] = model, lorafa_fx.transform(model, budget, example_inputs=batch, config=config)
+        with mock.patch.object(pipeline, "capture", capture_once):
+            _TRANSFORMED[key] = model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
+                                                           config=config)
     return copy.deepcopy(_TRANSFORMED[key])
 
 

@@ -91,7 +91,7 @@ def _plan(**kwargs):
                               mixed_precision="bf16", **kwargs)
 
 
-def test_planner_offloads_on_a_card_when_its_transfers_cost_less_than_recomputing():
+def test_planner_offloads_on_a_card_when_its_transfers_cost_less_than_recomputing_unless_forbidden():
     unplanned = _plan(device="h100")
     budget = int(unplanned.predicted_peak_bytes * 0.8)
     plan = _plan(device="h100", budget=budget)
@@ -105,6 +105,17 @@ def test_planner_offloads_on_a_card_when_its_transfers_cost_less_than_recomputin
     assert cpu.recomputed_blocks and not cpu.offloaded_blocks
     card = PROFILES["h100"]
     assert plan.offload_seconds < cpu.recompute_flops / (card.dense_bf16_flops * ACHIEVED_FRACTION)
+    # offload=False (host or pinned memory short): on the card, what the plan without a card
+    # recomputes, timed on the card (the step plus its recomputation: slower than offloading).
+    forbidden = _plan(device="h100", budget=budget, offload=False)
+    assert forbidden.recomputed_blocks and not forbidden.offloaded_blocks and forbidden.fits
+    assert (forbidden.recompute_by_block, forbidden.predicted_peak_bytes) == (cpu.recompute_by_block,
+                                                                               cpu.predicted_peak_bytes)
+    assert forbidden.offload_seconds == 0 and forbidden.step_seconds > plan.step_seconds
+    assert forbidden.step_seconds == pytest.approx(unplanned.step_seconds * (1 + forbidden.extra_compute_pct / 100))
+    # The printout and the JSON say offload was forbidden; a plan that could offload says nothing.
+    assert (forbidden.offload, plan.offload, forbidden.to_dict()["offload"]) == (False, True, False)
+    assert "forbidden (offload=False)" in str(forbidden) and "offload=False" not in str(plan)
 
 
 def test_exposed_transfer_is_what_the_overlapping_compute_does_not_hide():

@@ -62,46 +62,42 @@ def _loss_and_grads(module, gm, batch):
 @functools.cache
 def _budgets(name: str) -> tuple[int, ...]:
     with pytest.raises(InfeasibleBudgetError) as e:
-        lorafa_fx.transform(_model(name), budget=1, example_inputs=_batch(name))
+        _transform(name, budget=1)
     low = e.value.min_budget_bytes
-    high = lorafa_fx.transform(_model(name), example_inputs=_batch(name)).lorafa_plan.predicted_peak_bytes
+    high = _transform(name).lorafa_plan.predicted_peak_bytes
     return tuple(low + (high - low) * i // 4 for i in range(5))
-
-
-def _plan_key(plan) -> tuple:
-    return tuple(sorted(plan.recompute_by_block.items())), plan.chunked_cross_entropy
 
 
 @pytest.mark.parametrize("name,mode", [
     ("llama4", "eager"), ("gpt2", "eager"), ("t5", "eager"),
     # Compiled, on Llama: compiled = eager per architecture is test_compile.py's claim; here the
-    # claim is that planned graphs compile and meet their budgets (each plan is one inductor compile).
+    # claim is that planned graphs compile and meet their budgets. Each plan is one inductor
+    # compile: the least budget (every block recomputed) and the middle one (some) are compiled.
     pytest.param("llama4", "compiled", marks=pytest.mark.slow),
 ])
 def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
     """References: MemTracker's measured peak of a full step (<= budget), and the unplanned
     module's loss and lora_B grads (equal: recomputation changes memory, not math).
-    Compiled: budgets that get the same plan get the same graph, compiled and measured once;
-    inductor draws dropout masks as eager does (`fallback_random`), so GPT-2/T5 compare too."""
+    Compiled: the least and the middle budget (the eager runs measure all five); inductor draws
+    dropout masks as eager does (`fallback_random`), so GPT-2/T5 compare too."""
     batch = _batch(name)
     reference = _transform(name)
     ref_loss, ref_grads = _loss_and_grads(reference, reference, batch)
     tol = {"atol": 1e-6, "rtol": 1e-5} if mode == "eager" else {"atol": 1e-5, "rtol": 1e-4}
-    flops, measured = [], {}
-    for budget in _budgets(name):
+    flops = []
+    for i, budget in enumerate(_budgets(name)):
         gm = _transform(name, budget)
         plan = gm.lorafa_plan
         assert plan.predicted_peak_bytes <= budget
-        key = _plan_key(plan)
-        if mode == "eager" or key not in measured:
-            module = gm if mode == "eager" else torch.compile(gm, options={"fallback_random": True})
-            loss, grads = _loss_and_grads(module, gm, batch)
-            torch.testing.assert_close(loss, ref_loss, atol=tol["atol"], rtol=0)
-            for g, r in zip(grads, ref_grads):
-                torch.testing.assert_close(g, r, **tol)
-            measured[key] = _measured_peak(module, gm, batch)  # trains: after the math checks
-        assert measured[key] <= budget
         flops.append(plan.recompute_flops)
+        if mode == "compiled" and i not in (0, 2):
+            continue
+        module = gm if mode == "eager" else torch.compile(gm, options={"fallback_random": True})
+        loss, grads = _loss_and_grads(module, gm, batch)
+        torch.testing.assert_close(loss, ref_loss, atol=tol["atol"], rtol=0)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **tol)
+        assert _measured_peak(module, gm, batch) <= budget  # trains: after the math checks
     assert flops == sorted(flops, reverse=True)  # a larger budget never recomputes more
     assert flops[0] > 0 and flops[-1] == 0
 
@@ -129,13 +125,12 @@ def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():
 def test_the_minimum_is_the_least_plan_when_recomputing_costs_more_than_it_frees():
     """At r=64 on the 2-layer Llama a checkpoint's own bytes outweigh what it frees: the
     smallest budget is the unplanned step's, never more."""
-    config = lorafa_fx.LoraFAConfig(r=64, lora_alpha=128)
-    unplanned = lorafa_fx.transform(_model("llama"), example_inputs=_batch("llama"), config=config)
-    peak = unplanned.lorafa_plan.predicted_peak_bytes
+    r64 = {"r": 64, "lora_alpha": 128}
+    peak = transformed("llama", SHAPE, **r64)[1].lorafa_plan.predicted_peak_bytes
     with pytest.raises(InfeasibleBudgetError) as e:
-        lorafa_fx.transform(_model("llama"), budget=int(0.8 * peak), example_inputs=_batch("llama"), config=config)
+        transformed("llama", SHAPE, budget=int(0.8 * peak), **r64)
     assert e.value.min_budget_bytes <= peak
-    gm = lorafa_fx.transform(_model("llama"), budget=e.value.min_budget_bytes, example_inputs=_batch("llama"), config=config)
+    gm = transformed("llama", SHAPE, budget=e.value.min_budget_bytes, **r64)[1]
     assert gm.lorafa_plan.predicted_peak_bytes == e.value.min_budget_bytes
 
 

@@ -1,7 +1,8 @@
 """Planning for a card from here (devices.PROFILES): its memory as the automatic budget, the
 step's predicted time on it, and ``offload=False`` (``--no-offload``). References: closed forms
 (the datasheet figures in the profile, the FLOPs the plan reports), the unplanned step's time,
-and for offload=False the plan made with no card at the same budget."""
+and for ``--no-offload`` the planner's argument and estimate()'s plan (the plan itself:
+test_offload.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 
 import pytest
 import torch
-from test_offload import _plan as _seven_b_plan
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -65,36 +65,6 @@ def test_a_local_card_is_known_by_its_name(monkeypatch):
     assert device_profile("cuda:0") == device_profile(torch.device("cuda", 0)) == "h100"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
     assert device_profile("cuda") is None and device_profile("cpu") is None
-
-
-@functools.cache
-def _seven_b(device: str | None = None, budget: int | None = None, offload: bool = True):
-    """test_offload's 8-layer Llama-2-7B-shaped plan (fake weights), once per argument set."""
-    return _seven_b_plan(device=device, budget=budget, offload=offload)
-
-
-def _offload_budget() -> int:
-    """A budget under which the H100 plan offloads (test_offload's planner test)."""
-    return int(_seven_b("h100").predicted_peak_bytes * 0.8)
-
-
-def test_offload_false_recomputes_on_a_card_what_a_plan_without_a_card_recomputes():
-    budget = _offload_budget()
-    offloaded, forbidden, no_card = (_seven_b("h100", budget), _seven_b("h100", budget, offload=False),
-                                     _seven_b(None, budget))
-    assert offloaded.offloaded_blocks and not offloaded.recomputed_blocks  # the card's own choice here
-    assert forbidden.recomputed_blocks and not forbidden.offloaded_blocks
-    assert forbidden.fits and forbidden.predicted_peak_bytes <= budget
-    assert forbidden.recompute_by_block == no_card.recompute_by_block
-    assert forbidden.predicted_peak_bytes == no_card.predicted_peak_bytes
-    # Still timed on the card: the step plus its recomputation, slower than the offload plan.
-    unplanned = _seven_b("h100")
-    assert forbidden.offload_seconds == 0
-    assert forbidden.step_seconds == pytest.approx(unplanned.step_seconds * (1 + forbidden.extra_compute_pct / 100))
-    assert forbidden.step_seconds > offloaded.step_seconds
-    # The printout and the JSON say offload was forbidden; a plan that could offload says nothing.
-    assert (forbidden.offload, offloaded.offload, forbidden.to_dict()["offload"]) == (False, True, False)
-    assert "forbidden (offload=False)" in str(forbidden) and "offload=False" not in str(offloaded)
 
 
 def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, monkeypatch, capsys):
