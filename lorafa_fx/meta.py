@@ -16,6 +16,7 @@ passes.drop_metadata_asserts          (nothing)                                 
 passes.follow_input_device            val (placeholders), nn_module_stack         new nodes inherit nn_module_stack; val
 passes.follow_param_dtype             val, nn_module_stack                        new nodes inherit nn_module_stack; val
 passes.drop_full_slices               (nothing)                                   (nothing)
+passes.recognize_linears             val                                         new nodes inherit nn_module_stack, val
 passes.gate_dropout                   nn_module_stack                             new nodes inherit nn_module_stack
 passes.simplify_attention             nn_module_stack, val                        new nodes inherit nn_module_stack, val
 passes.lean_norms                     nn_module_stack, val                        new nodes inherit nn_module_stack, val

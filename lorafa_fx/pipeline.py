@@ -2,7 +2,7 @@
 
     capture (capture.py)
       -> drop_metadata_asserts -> follow_input_device -> follow_param_dtype
-      -> drop_full_slices -> gate_dropout -> simplify_attention
+      -> drop_full_slices -> recognize_linears -> gate_dropout -> simplify_attention
       -> lean_norms -> lean_gated_mlp -> lean_pointwise -> compact_saved_views
                                                                         once per model (`Adaptable`)
       -> rewrite_lora_fa -> annotate_saved_tensors [-> chunk_cross_entropy]
@@ -31,6 +31,7 @@ from .bnb_layers import traceable
 from .capture import capture
 from .config import LoraFAConfig, PlanSettings
 from .devices import PROFILES
+from .errors import TargetNotFoundError
 from .memory.compose import ComposedSimulator
 from .memory.cost_model import CostModel, annotate_saved_bytes
 from .memory.planner import Levers, RecomputePlan, evaluate, lever_ladder, plan_memory
@@ -51,6 +52,7 @@ from .passes.lean_gated_mlp import LeanGatedMLP
 from .passes.lean_norms import LeanNorms
 from .passes.lean_pointwise import LeanPointwise
 from .passes.outline_layers import OutlineLayers
+from .passes.recognize_linears import RecognizeLinears
 from .passes.recompute_regions import RecomputeRegions
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
@@ -98,6 +100,13 @@ class Adaptable:
             base = self._capture(model, example_inputs)
         linears = linear_nodes(base)
         self.adapters = _drop_unused(adapters, {a.path for a in adapters if _shallow_path(a.path, self.depths) in linears})
+        if not self.adapters and not self.saved_modules:
+            raise TargetNotFoundError(
+                f"Nothing to train: none of the {len(adapters)} modules target_modules={config.target_modules!r} "
+                f"selects runs as a linear layer in the captured forward (e.g. {adapters[0].path}). lorafa_fx adapts "
+                "nn.Linear calls and matmuls with a layer's transposed weight; target the linear layers the "
+                "forward calls, or name the trained modules in modules_to_save."
+            )
         self.base, self.config = base, config
         self._by_rank_cap: dict[int | None, fx.GraphModule] = {}
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
@@ -113,8 +122,8 @@ class Adaptable:
         with traceable(model):
             base = capture(model, example_inputs)
         causal = frozenset(path for path, m in model.named_modules() if getattr(m, "is_causal", False) is True)
-        for p in (DropMetadataAsserts(), FollowInputDevice(), FollowParamDtype(), DropFullSlices(), GateDropout(),
-                  SimplifyAttention(causal), *(lean() for lean in LEAN_PASSES)):
+        for p in (DropMetadataAsserts(), FollowInputDevice(), FollowParamDtype(), DropFullSlices(), RecognizeLinears(),
+                  GateDropout(), SimplifyAttention(causal), *(lean() for lean in LEAN_PASSES)):
             base = p(base).graph_module
         return base
 
