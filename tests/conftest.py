@@ -79,6 +79,22 @@ def peft_lora_B(ref, path: str) -> torch.nn.Parameter:
     return ref.base_model.model.get_submodule(path).lora_B["default"].weight
 
 
+def compiled_step(gm: torch.fx.GraphModule, batch: dict, measure_saved) -> tuple[object, torch.Tensor]:
+    """One step of ``torch.compile(gm, backend="aot_eager", fullgraph=True)`` on `batch` from
+    zero grads: (`measure_saved(forward)` of its forward, the loss); grads land on `gm`."""
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    out = {}
+
+    def forward() -> torch.Tensor:
+        out["loss"] = compiled(**batch).loss
+        return out["loss"]
+
+    gm.zero_grad(set_to_none=True)
+    saved = measure_saved(forward)
+    out["loss"].backward()
+    return saved, out["loss"]
+
+
 def randomize_lora_B(gm: torch.fx.GraphModule, seed: int = 2) -> None:
     """B starts at zero; a random B makes the adapter's contribution visible in the outputs."""
     g = torch.Generator().manual_seed(seed)

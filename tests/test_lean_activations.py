@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import VOCAB, make_batch, make_model, peft_reference, randomize_lora_B
+from conftest import VOCAB, compiled_step, make_batch, make_model, peft_reference, randomize_lora_B
 from torch.testing import FileCheck
 from transformers import GemmaConfig, GemmaForCausalLM
 
@@ -157,16 +157,8 @@ def test_compiled_equals_eager_and_saves_the_same():
     _, _, lean = _graphs("llama", torch.float32, ("input_layernorm",))
     eager_saved = _saved(lean)
     expected, expected_grads = _step(lean)
-    compiled = torch.compile(lean, backend="aot_eager", fullgraph=True)
-    out = {}
-
-    def step():
-        out["loss"] = compiled(**_batch()).loss
-        return out["loss"]
-
-    lean.zero_grad(set_to_none=True)
-    assert saved_activation_bytes(step, exclude=module_state(lean)) == eager_saved
-    out["loss"].backward()
-    assert torch.equal(out["loss"], expected.loss)
+    saved, loss = compiled_step(lean, _batch(), lambda forward: saved_activation_bytes(forward, exclude=module_state(lean)))
+    assert saved == eager_saved
+    assert torch.equal(loss, expected.loss)
     for n, grad in expected_grads.items():
         assert torch.equal(lean.get_parameter(n).grad, grad), n

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_model, peft_reference, randomize_lora_B
+from conftest import compiled_step, make_model, peft_reference, randomize_lora_B
 from torch.testing import FileCheck
 from transformers import BloomConfig, BloomForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
 
@@ -172,17 +172,9 @@ def test_compiled_equals_eager_and_saves_the_same(name):
     _, _, lean = _graphs(name, torch.float32)
     eager_saved = _saved_activations(lambda: lean(**_batch()).loss, lean)
     expected, expected_grads = _step(lean)
-    compiled = torch.compile(lean, backend="aot_eager", fullgraph=True)
-    out = {}
-
-    def step():
-        out["loss"] = compiled(**_batch()).loss
-        return out["loss"]
-
-    lean.zero_grad(set_to_none=True)
-    assert _saved_activations(step, lean) == eager_saved
-    out["loss"].backward()
-    assert torch.equal(out["loss"], expected.loss)
+    saved, loss = compiled_step(lean, _batch(), lambda forward: _saved_activations(forward, lean))
+    assert saved == eager_saved
+    assert torch.equal(loss, expected.loss)
     for n, grad in expected_grads.items():
         assert torch.equal(lean.get_parameter(n).grad, grad), n
 

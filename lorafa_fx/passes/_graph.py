@@ -61,16 +61,23 @@ def replace_matches(
         if found is None:
             continue
         end, args = found
-        with graph.inserting_before(end):
-            call = new_node(graph, end, "call_function", fn, args)
-        call.meta["val"] = end.meta.get("val")
-        end.replace_all_uses_with(call)
+        replace_node(end, "call_function", fn, args)
         modified = True
     if modified:
         graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def replace_node(end: fx.Node, op: str, target, args: tuple) -> fx.Node:
+    """A node ``op(target, args)`` in place of `end` (before it, with its module meta and
+    ``val``), read by all of `end`'s users; `end` is left unused."""
+    with end.graph.inserting_before(end):
+        call = new_node(end.graph, end, op, target, args)
+    call.meta["val"] = end.meta.get("val")
+    end.replace_all_uses_with(call)
+    return call
 
 
 def set_fake_val(node: fx.Node, fn: Callable, gm: fx.GraphModule) -> None:

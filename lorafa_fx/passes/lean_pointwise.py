@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, new_node, owner
+from ._graph import add_submodule, owner, replace_node
 
 #: The dispatch key of each device type's autocast: an op with a kernel there is retyped.
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
@@ -88,10 +88,7 @@ class LeanPointwise(PassBase):
             end = body[-1]
             m = built[key]
             target = add_submodule(gm, owner(end)[0], "pointwise", RecomputedPointwise(m.chain, m.gradient, m.dtype, m.retyped_on))
-            with graph.inserting_before(end):
-                call = new_node(graph, end, "call_module", target, (x,))
-            call.meta["val"] = end.meta.get("val")
-            end.replace_all_uses_with(call)
+            replace_node(end, "call_module", target, (x,))
             modified = True
         if modified:
             graph.eliminate_dead_code()

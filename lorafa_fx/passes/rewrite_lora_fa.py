@@ -115,7 +115,7 @@ class RewriteLoraFA(PassBase):
 
 # The branch's values are shaped like its input: made directly, since running linear on
 # symbolic fake tensors (its decomposition, guard by guard) is ten times slower and adapting
-# is done once per planner rung.
+# is done once per rank the planner tries.
 def _linear_val(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.result_type(x, weight))
 
