@@ -38,7 +38,7 @@ from .memory.planner import Levers, RecomputePlan, evaluate, lever_ladder, plan_
 from .memory.report import MemoryPlan
 from .memory.sharded_cost_model import rank_cost_model
 from .memory.simulate import Simulator
-from .passes._graph import graph_copy, set_attributes
+from .passes._graph import generate_code, graph_copy, set_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.compact_saved_views import CompactSavedViews
@@ -233,6 +233,7 @@ def plan_and_emit(
         configured=adaptable.adapters, offload_seconds=planned.offload_seconds,
     )
     set_attributes(gm, lorafa_plan=plan)
+    generate_code(gm)
     return gm
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..passes._graph import block_ranges, block_structure, owner, set_attributes
+from ..passes._graph import block_ranges, block_structure, graph_module, owner, set_attributes
 from ..passes.recompute_regions import region_target
 from .simulate import Piece, Simulator, StepEstimate
 
@@ -215,7 +215,7 @@ def _sample_graph(gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], le
     for n in gm.graph.nodes:
         if n not in dropped:
             env[n] = graph.node_copy(n, lambda a: env[stand_in.get(a, a)])
-    twin = fx.GraphModule(gm, graph)
+    twin = graph_module(gm, graph)
     set_attributes(twin, **{k: v for k, v in vars(gm).items() if k.startswith("lorafa_")})
     set_attributes(twin, lorafa_blocks=layout.blocks)
     return twin

@@ -382,7 +382,7 @@ def symbol_sizes(gm: fx.GraphModule, batch: Mapping[str, object]) -> dict[sympy.
 
 
 def flatten_inputs(gm: fx.GraphModule, inputs: Mapping[str, object]) -> list:
-    return fx_pytree.tree_flatten_spec(((), dict(inputs)), gm._in_spec)
+    return fx_pytree.tree_flatten_spec(((), dict(inputs)), gm.graph._codegen.pytree_info.in_spec)
 
 
 def _loss_of(out: object) -> torch.Tensor:

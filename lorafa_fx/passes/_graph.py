@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -24,7 +25,20 @@ def graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with a copy of `gm`'s graph and the same parameters and submodules."""
     with warnings.catch_warnings():  # torch's own pytree specs warn when deep-copied
         warnings.simplefilter("ignore", FutureWarning)
-        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        return graph_module(gm, copy.deepcopy(gm.graph))
+
+
+def graph_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule of `graph` whose Python code is generated when first called or printed
+    (torch's `_LazyGraphModule`, as dynamo makes them): the planner makes many graphs it only
+    interprets, and generating a 32-layer model's code costs a tenth of a second each time."""
+    return _LazyGraphModule(root, graph)
+
+
+def generate_code(gm: fx.GraphModule) -> None:
+    """Generate the Python code `graph_module` deferred, for a graph handed to users: they read
+    its forward's signature (HF Trainer keeps the batch columns forward names)."""
+    _LazyGraphModule.force_recompile(gm)
 
 
 def set_attributes(gm: fx.GraphModule, **attributes: object) -> None:
