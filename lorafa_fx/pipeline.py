@@ -157,8 +157,8 @@ class Adaptable:
 
 
 #: Layers per stack of the shallow model `estimate` captures: the last is copied, reading its
-#: outputs as it read the one before; the first may differ (it reads the embeddings).
-SHALLOW_LAYERS = 3
+#: outputs as it read the one before (when the two are the same graph, `repeats_cleanly`).
+SHALLOW_LAYERS = 2
 
 
 def _repeated_stacks(shallow: nn.Module, model: nn.Module, config: LoraFAConfig) -> dict[str, int]:

@@ -12,13 +12,13 @@ import dataclasses
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import GPT2Config, LlamaConfig, MistralConfig
+from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.api import _shallow_config, model_from_config, token_batch
 from lorafa_fx.config import PlanSettings
 from lorafa_fx.memory.cost_model import CostModel
-from lorafa_fx.pipeline import Adaptable, plan_and_emit
+from lorafa_fx.pipeline import SHALLOW_LAYERS, Adaptable, plan_and_emit
 
 LAYERS = 6
 SHAPE = (2, 16)
@@ -44,8 +44,15 @@ def _parameters(gm) -> list[tuple]:
 
 
 def test_grown_graph_is_the_deep_models_graph():
+    # The shallow model's first layer reads the embeddings and is not copied; each family's
+    # second layer must be the graph every deeper layer is.
     for config in (_llama(), MistralConfig(**_llama().to_dict() | {"sliding_window": None}),
-                   GPT2Config(n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=96, n_positions=128)):
+                   GPT2Config(n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=96, n_positions=128),
+                   GPTNeoXConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                 vocab_size=96),
+                   BloomConfig(hidden_size=64, n_layer=LAYERS, n_head=4, vocab_size=96),
+                   OPTConfig(hidden_size=64, ffn_dim=112, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=96,
+                             word_embed_proj_dim=64)):
         grown, deep, batch = _adaptables(config, LoraFAConfig(r=4))
         assert grown.depths and not deep.depths
         g, d = grown.build(), deep.build()
@@ -72,11 +79,11 @@ def test_grown_graph_plans_as_the_deep_one():
 
 
 def test_layers_that_differ_are_captured_deep():
-    # Layer 4 gets another rank, so it does not repeat layer 2: the deep model is captured.
+    # Layer 4 gets another rank, so it does not repeat the shallow model's last: the deep model is captured.
     grown, _, _ = _adaptables(_llama(), LoraFAConfig(r=4, rank_pattern={r"layers\.4\.mlp\.up_proj": 2}))
     assert grown.depths == {}
     assert {a.path: a.r for a in grown.adapters}["model.layers.4.mlp.up_proj"] == 2
     # A per-layer setting that differs (attention kinds) leaves no shallow config at all.
     kinds = ["full_attention", "sliding_attention"] * (LAYERS // 2)
     assert _shallow_config(_llama(layer_types=kinds)) is None
-    assert _shallow_config(_llama(layer_types=["full_attention"] * LAYERS)).layer_types == ["full_attention"] * 3
+    assert _shallow_config(_llama(layer_types=["full_attention"] * LAYERS)).layer_types == ["full_attention"] * SHALLOW_LAYERS

@@ -2,7 +2,7 @@
 
 `torch.export` of a 7B model takes longer than planning it: capture time grows with depth,
 and every layer of a transformer is the same graph. `estimate()` therefore captures (and
-adapts) the model built from its config with three layers, and this pass makes the graph the
+adapts) the model built from its config with two layers, and this pass makes the graph the
 deep model's: for each stack of repeated blocks (``model.layers``) it appends copies of the
 stack's last block until the stack has ``depths[stack]`` blocks. A copy reads the previous
 block's outputs where the last block read its predecessor's, and what read the last block's
