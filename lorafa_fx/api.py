@@ -142,7 +142,7 @@ def estimate(
 
     A config is built into a model under `FakeTensorMode` (parameters have shapes and dtypes,
     no storage), captured and rewritten by the same pipeline as `transform`, and the cost model
-    simulates one training step: a 7B config plans in well under a minute on two CPU cores
+    simulates one training step: a 7B config plans in about ten seconds on two CPU cores
     without allocating its weights. (`accelerate.init_empty_weights` is not used: HF Llama's
     masking code calls ``.item()`` during forward, which meta tensors refuse.)
 
@@ -299,21 +299,19 @@ def _settings(
     a profile name: an idle card of that kind), whose profile, if any, times the step (and is
     offloaded to, unless `offload` is False)."""
     model = model_or_config if isinstance(model_or_config, nn.Module) else None
+    own = device if device is not None or model is None else next(model.parameters()).device
     # The card timed (and offloaded to) is the one named, or the one the model is on.
-    profile = device_profile(device if device is not None or model is None else next(model.parameters()).device)
-    if not (isinstance(budget, str) and budget.strip().lower() == "auto"):
-        settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
-        return dataclasses.replace(settings, device_profile=profile, offload=offload)
-    if isinstance(device, str) and device.strip().lower() in PROFILES:  # a card planned from here
-        target, auto = profile, auto_budget(PROFILES[profile])
-    else:
-        target = resolve_device(device if device is not None or model is None else next(model.parameters()).device)
-        auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
-    settings = PlanSettings.from_arguments(auto.budget_bytes, world_size, sharding, mixed_precision)
-    return dataclasses.replace(
-        settings, reserve_bytes=auto.reserve_bytes, budget_device=str(target),
-        device_profile=profile, offload=offload,
-    )
+    profile = device_profile(own)
+    read: dict[str, object] = {}  # what budget="auto" read, for the plan's printout
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
+        if isinstance(device, str) and device.strip().lower() in PROFILES:  # a card planned from here
+            target, auto = profile, auto_budget(PROFILES[profile])
+        else:
+            target = resolve_device(own)
+            auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
+        budget, read = auto.budget_bytes, {"reserve_bytes": auto.reserve_bytes, "budget_device": str(target)}
+    settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
+    return dataclasses.replace(settings, device_profile=profile, offload=offload, **read)
 
 
 def _adaptable(

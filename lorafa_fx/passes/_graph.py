@@ -77,11 +77,7 @@ def replace_matches(
         end, args = found
         replace_node(end, "call_function", fn, args)
         modified = True
-    if modified:
-        graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return pass_result(gm, modified, drop_unused=True)
 
 
 def replace_node(end: fx.Node, op: str, target, args: tuple) -> fx.Node:
@@ -256,3 +252,13 @@ def block_structure(block: str, nodes: list[fx.Node]) -> tuple:
 
     return tuple((n.op, target(n), repr(fx.node.map_arg((n.args, n.kwargs), arg)), val(n)) for n in nodes)
 
+
+def pass_result(gm: fx.GraphModule, modified: bool, *, drop_unused: bool = False) -> PassResult:
+    """A pass's `PassResult`: a modified graph is linted (its unused nodes dropped first with
+    `drop_unused`) and its code regenerated."""
+    if modified:
+        if drop_unused:
+            gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)

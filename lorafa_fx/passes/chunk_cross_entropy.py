@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
-from ._graph import add_submodule, new_node, owner
+from ._graph import add_submodule, new_node, owner, pass_result
 
 aten = torch.ops.aten
 
@@ -127,11 +127,7 @@ class ChunkCrossEntropy(PassBase):
                     if not node.users:
                         graph.erase_node(node)
             modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified, drop_unused=True)
 
 
 def _ce_options(ce: fx.Node) -> tuple:

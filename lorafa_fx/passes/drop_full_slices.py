@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ._graph import pass_result
+
 
 def is_full_slice(node: object) -> bool:
     """Whether `node` is ``aten.slice(x, dim, 0, end >= 2**63 - 1, 1)``: all of ``x``."""
@@ -36,7 +38,4 @@ class DropFullSlices(PassBase):
         for node in slices:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-        if slices:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(slices))
+        return pass_result(gm, bool(slices))

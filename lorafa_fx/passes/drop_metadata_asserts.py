@@ -17,13 +17,12 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ._graph import pass_result
+
 
 class DropMetadataAsserts(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         asserts = list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default))
         for node in asserts:
             gm.graph.erase_node(node)
-        if asserts:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(asserts))
+        return pass_result(gm, bool(asserts))

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
-from ._graph import block_ranges, block_structure
+from ._graph import block_ranges, block_structure, pass_result
 
 
 class ExpandLayers(PassBase):
@@ -44,10 +44,7 @@ class ExpandLayers(PassBase):
             for i in range(len(blocks), depth):
                 _append_copy(gm, stack, blocks, i)
                 modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified)
 
 
 def stack_blocks(graph: fx.Graph, stack: str) -> list[list[fx.Node]]:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node, owner
+from ._graph import new_node, owner, pass_result
 
 
 def device_of(t: torch.Tensor) -> torch.device:
@@ -56,10 +56,7 @@ class FollowInputDevice(PassBase):
                 else:
                     node.update_kwarg(key, dev)
                 modified = True
-        if modified:
-            graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified)
 
 
 def _device_args(node: fx.Node) -> list[tuple[int | str, torch.device]]:

@@ -59,7 +59,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node, owner
+from ._graph import new_node, owner, pass_result
 from .follow_input_device import closest_weight, graph_attr
 
 aten = torch.ops.aten
@@ -110,10 +110,7 @@ class FollowParamDtype(PassBase):
         rewrite = _Rewrite(gm.graph, totals.most_common(1)[0][0], weights)
         for node in list(gm.graph.nodes):
             rewrite.visit(node)
-        if rewrite.modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, rewrite.modified)
+        return pass_result(gm, rewrite.modified)
 
 
 class _Rewrite:

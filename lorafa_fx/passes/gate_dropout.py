@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, new_node, owner
+from ._graph import add_submodule, new_node, owner, pass_result
 
 class GateDropout(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -34,7 +34,4 @@ class GateDropout(PassBase):
             node.replace_all_uses_with(gated)
             gm.graph.erase_node(node)
             modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified)

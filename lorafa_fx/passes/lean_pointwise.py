@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, owner, replace_node
+from ._graph import add_submodule, owner, pass_result, replace_node
 
 #: The dispatch key of each device type's autocast: an op with a kernel there is retyped.
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
@@ -90,11 +90,7 @@ class LeanPointwise(PassBase):
             target = add_submodule(gm, owner(end)[0], "pointwise", RecomputedPointwise(m.chain, m.gradient, m.dtype, m.retyped_on))
             replace_node(end, "call_module", target, (x,))
             modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified, drop_unused=True)
 
 
 def grad_nodes(gm: fx.GraphModule) -> set[fx.Node]:

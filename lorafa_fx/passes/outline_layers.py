@@ -30,7 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
 from ..errors import OutlineError
-from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, has_target, repeated_block
+from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, has_target, pass_result, repeated_block
 
 
 class OutlineLayers(PassBase):
@@ -40,11 +40,7 @@ class OutlineLayers(PassBase):
         ranges = layer_ranges(gm.graph)
         for block, span in ranges.items():
             _outline_layer(gm, block, span)
-        if ranges:
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(ranges))
+        return pass_result(gm, bool(ranges), drop_unused=True)
 
 
 def outlined_layers(gm: fx.GraphModule) -> list[str]:

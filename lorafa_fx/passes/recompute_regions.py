@@ -32,7 +32,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.checkpoint import checkpoint
 
 from .. import meta
-from ._graph import block_ranges, boundary, call_in_place_of, extract_graph
+from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, pass_result
 from ._offload import Offload, Offloader
 
 RECOMPUTE_CHOICES = ("none", "full", "offload")
@@ -73,10 +73,7 @@ class RecomputeRegions(PassBase):
                 wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
             _outline(gm, ranges[block], region_target(block), block, mode, wrap)
             modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return pass_result(gm, modified)
 
 
 def region_target(block: str) -> str:

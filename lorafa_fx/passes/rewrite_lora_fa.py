@@ -44,7 +44,7 @@ from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
 from ..targets import Adapter
 from .. import meta
-from ._graph import get_attr, new_node, set_fake_val
+from ._graph import get_attr, new_node, pass_result, set_fake_val
 
 aten = torch.ops.aten
 
@@ -80,9 +80,7 @@ class RewriteLoraFA(PassBase):
             _add_adapter_params(gm, adapter, weight, _compute_dtype(weight, linears[path][0]), self.config, generator)
             for node in linears[path]:
                 self._rewrite(gm, node, adapter)
-        gm.graph.lint()
-        gm.recompile()
-        return PassResult(gm, bool(self.adapters))
+        return pass_result(gm, bool(self.adapters))
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> None:
         graph, path = gm.graph, adapter.path

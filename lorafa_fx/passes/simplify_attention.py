@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, new_node, owner
+from ._graph import add_submodule, new_node, owner, pass_result
 from .drop_full_slices import is_full_slice
 
 aten = torch.ops.aten
@@ -128,10 +128,7 @@ class SimplifyAttention(PassBase):
             attn.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(attn)
             graph.erase_node(node)
-        graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
-        return PassResult(gm, bool(nodes))
+        return pass_result(gm, bool(nodes), drop_unused=True)
 
 
 def _sdpa_args(node: fx.Node) -> tuple:
