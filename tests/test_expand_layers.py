@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig
@@ -20,7 +21,7 @@ from lorafa_fx.config import PlanSettings
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.pipeline import SHALLOW_LAYERS, Adaptable, plan_and_emit
 
-LAYERS = 6
+LAYERS = 4
 SHAPE = (2, 16)
 
 
@@ -43,28 +44,35 @@ def _parameters(gm) -> list[tuple]:
     return sorted((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in gm.named_parameters())
 
 
-def test_grown_graph_is_the_deep_models_graph():
-    # The shallow model's first layer reads the embeddings and is not copied; each family's
-    # second layer must be the graph every deeper layer is.
-    for config in (_llama(), MistralConfig(**_llama().to_dict() | {"sliding_window": None}),
-                   GPT2Config(n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=96, n_positions=128),
-                   GPTNeoXConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                 vocab_size=96),
-                   BloomConfig(hidden_size=64, n_layer=LAYERS, n_head=4, vocab_size=96),
-                   OPTConfig(hidden_size=64, ffn_dim=112, num_hidden_layers=LAYERS, num_attention_heads=4, vocab_size=96,
-                             word_embed_proj_dim=64)):
-        grown, deep, batch = _adaptables(config, LoraFAConfig(r=4))
-        assert grown.depths and not deep.depths
-        g, d = grown.build(), deep.build()
-        assert _parameters(g) == _parameters(d)
-        assert g.lorafa_adapters == d.lorafa_adapters
-        ours, reference = CostModel(batch)(g), CostModel(batch)(d)
-        # Node names differ (a copy's are new); everything they label is the same.
-        for field in ("peak", "peak_phase", "peak_module", "saved_activations", "saved_by_module", "weights",
-                      "optimizer_states", "batch"):
-            assert getattr(ours, field) == getattr(reference, field), field
-        assert sorted(ours.saved_by_node.values()) == sorted(reference.saved_by_node.values())
-        assert len(g.graph.nodes) == len(d.graph.nodes)
+#: Each family's second layer must be the graph every deeper layer is: the shallow model's
+#: first layer reads the embeddings and is not copied.
+_FAMILIES = {
+    "llama": _llama,
+    "mistral": lambda: MistralConfig(**_llama().to_dict() | {"sliding_window": None}),
+    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=96, n_positions=128),
+    "neox": lambda: GPTNeoXConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=LAYERS,
+                                  num_attention_heads=4, vocab_size=96),
+    "bloom": lambda: BloomConfig(hidden_size=64, n_layer=LAYERS, n_head=4, vocab_size=96),
+    "opt": lambda: OPTConfig(hidden_size=64, ffn_dim=112, num_hidden_layers=LAYERS, num_attention_heads=4,
+                             vocab_size=96, word_embed_proj_dim=64),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_grown_graph_is_the_deep_models_graph(family):
+    config = _FAMILIES[family]()
+    grown, deep, batch = _adaptables(config, LoraFAConfig(r=4))
+    assert grown.depths and not deep.depths
+    g, d = grown.build(), deep.build()
+    assert _parameters(g) == _parameters(d)
+    assert g.lorafa_adapters == d.lorafa_adapters
+    ours, reference = CostModel(batch)(g), CostModel(batch)(d)
+    # Node names differ (a copy's are new); everything they label is the same.
+    for field in ("peak", "peak_phase", "peak_module", "saved_activations", "saved_by_module", "weights",
+                  "optimizer_states", "batch"):
+        assert getattr(ours, field) == getattr(reference, field), field
+    assert sorted(ours.saved_by_node.values()) == sorted(reference.saved_by_node.values())
+    assert len(g.graph.nodes) == len(d.graph.nodes)
 
 
 def test_grown_graph_plans_as_the_deep_one():
@@ -79,10 +87,10 @@ def test_grown_graph_plans_as_the_deep_one():
 
 
 def test_layers_that_differ_are_captured_deep():
-    # Layer 4 gets another rank, so it does not repeat the shallow model's last: the deep model is captured.
-    grown, _, _ = _adaptables(_llama(), LoraFAConfig(r=4, rank_pattern={r"layers\.4\.mlp\.up_proj": 2}))
+    # Layer 3 gets another rank, so it does not repeat the shallow model's last: the deep model is captured.
+    grown, _, _ = _adaptables(_llama(), LoraFAConfig(r=4, rank_pattern={r"layers\.3\.mlp\.up_proj": 2}))
     assert grown.depths == {}
-    assert {a.path: a.r for a in grown.adapters}["model.layers.4.mlp.up_proj"] == 2
+    assert {a.path: a.r for a in grown.adapters}["model.layers.3.mlp.up_proj"] == 2
     # A per-layer setting that differs (attention kinds) leaves no shallow config at all.
     kinds = ["full_attention", "sliding_attention"] * (LAYERS // 2)
     assert _shallow_config(_llama(layer_types=kinds)) is None
