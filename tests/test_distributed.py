@@ -82,7 +82,7 @@ def test_lora_B_after_5_steps_equals_single_process_on_the_concatenated_batch(ra
 @pytest.mark.slow
 def test_compiled_fsdp2_and_ddp_equal_single_process(tmp_path):
     """`torch.compile` of the wrapped module (FSDP2: the hooks run eagerly, dynamo's default;
-    DDP: dynamo's DDPOptimizer). Reference: `_single_process_lora_B`. About 150 s on 2 cores."""
+    DDP: dynamo's DDPOptimizer). Reference: `_single_process_lora_B`. About 75 s on 2 cores."""
     ranks = _launch(tmp_path, ["full", "none"], "--compile")
     ref = _single_process_lora_B()
     for (sharding, r), got in ranks.items():

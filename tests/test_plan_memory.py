@@ -72,13 +72,13 @@ def _budgets(name: str) -> tuple[int, ...]:
     ("llama4", "eager"), ("gpt2", "eager"), ("t5", "eager"),
     # Compiled, on Llama: compiled = eager per architecture is test_compile.py's claim; here the
     # claim is that planned graphs compile and meet their budgets. Each plan is one inductor
-    # compile: the least budget (every block recomputed) and the middle one (some) are compiled.
+    # compile: the middle budget's, whose graph has recomputed blocks and kept ones.
     pytest.param("llama4", "compiled", marks=pytest.mark.slow),
 ])
 def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
     """References: MemTracker's measured peak of a full step (<= budget), and the unplanned
     module's loss and lora_B grads (equal: recomputation changes memory, not math).
-    Compiled: the least and the middle budget (the eager runs measure all five); inductor draws
+    Compiled: the middle budget (the eager runs measure all five); inductor draws
     dropout masks as eager does (`fallback_random`), so GPT-2/T5 compare too."""
     batch = _batch(name)
     reference = _transform(name)
@@ -90,7 +90,7 @@ def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
         plan = gm.lorafa_plan
         assert plan.predicted_peak_bytes <= budget
         flops.append(plan.recompute_flops)
-        if mode == "compiled" and i not in (0, 2):
+        if mode == "compiled" and i != 2:
             continue
         module = gm if mode == "eager" else torch.compile(gm, options={"fallback_random": True})
         loss, grads = _loss_and_grads(module, gm, batch)
