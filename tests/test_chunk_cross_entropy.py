@@ -142,8 +142,8 @@ def test_chunk_ce_peak_drops_by_more_than_the_logits():
 @pytest.mark.slow
 def test_compiled_chunked_equals_eager_unchunked():
     """Reference: the transformed module without the pass, eager; chunk_cross_entropy under torch.compile."""
-    # 3 x 10 shifted labels in chunks of 16: a full chunk and a ragged one (dynamo unrolls the
-    # chunk loop, so every chunk more is more code to compile)
+    # 3 x 11 rows (transformers pads the labels, so every token has one) in chunks of 16: two full
+    # chunks and a ragged one of 1 row (dynamo unrolls the chunk loop: every chunk is more to compile)
     _, ref, gm, _ = _with_pass("llama", lambda: ChunkCrossEntropy(chunk_size=16))
     compiled = torch.compile(gm)
     batch = make_batch("llama", 3, 11, seed=5)
