@@ -62,7 +62,7 @@ model_config = PRESETS["{preset}"]()
 t, c = time.perf_counter(), time.process_time()
 plan = estimate(model_config, {kwargs})
 wall, cpu = time.perf_counter() - t, time.process_time() - c
-recomputed = sum(d != "none" for d in plan.recompute_by_block.values())
+recomputed = sum(d != "keep" for d in plan.recompute_by_block.values())
 print("PLAN_TIME " + json.dumps({{
     "plan_wall_s": wall, "plan_cpu_s": cpu, "torch_threads": torch.get_num_threads(),
     "predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,

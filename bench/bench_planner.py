@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from torch.utils.flop_counter import FlopCounterMode
 from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -182,7 +182,7 @@ def main() -> None:
 
 
 def _plan_summary(plan: lorafa_fx.MemoryPlan) -> str:
-    blocks = sum(d != "none" for d in plan.recompute_by_block.values())
+    blocks = sum(d != "keep" for d in plan.recompute_by_block.values())
     return f"{blocks} blocks" + (", chunked CE" if plan.chunked_cross_entropy else "")
 
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .choices import Sharding, choice
 from .errors import ConfigError, DistributedPlanError
 from .units import parse_budget
 
 INIT_LORA_A = ("kaiming_uniform", "gaussian", "orthogonal", "ones")
-SHARDING_CHOICES = ("full", "none")
 #: accelerate's names for the precision a step runs in, and the autocast dtype of each.
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,7 +153,7 @@ class PlanSettings:
 
     budget_bytes: int | None = None
     world_size: int | None = None
-    sharding: str = "full"
+    sharding: Sharding = Sharding.FULL
     mixed_precision: str = "no"
     reserve_bytes: int | None = None
     budget_device: str | None = None
@@ -165,8 +165,7 @@ class PlanSettings:
             raise ConfigError(
                 f"mixed_precision={self.mixed_precision!r}: use one of {tuple(MIXED_PRECISION)} (accelerate's names)."
             )
-        if self.sharding not in SHARDING_CHOICES:
-            raise DistributedPlanError(f"sharding={self.sharding!r}: use one of {SHARDING_CHOICES}.")
+        object.__setattr__(self, "sharding", choice(Sharding, self.sharding, "sharding", DistributedPlanError))
         if self.world_size is not None and (
             not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1
         ):

@@ -25,8 +25,9 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from .choices import Sharding
 from .errors import DistributedPlanError
-from .passes.outline_layers import outlined_layers
+from .ops.regions import outlined_layers
 
 __all__ = ["DistributedPlanError", "prepare"]
 
@@ -55,7 +56,7 @@ def prepare(gm: fx.GraphModule, *, mesh=None, **ddp_kwargs) -> nn.Module:
             f"the plan is for world_size={plan.world_size} but this job has {dist.get_world_size()} "
             f"processes: transform with world_size={dist.get_world_size()}."
         )
-    if plan.sharding == "none":
+    if plan.sharding is Sharding.NONE:
         return nn.parallel.DistributedDataParallel(gm, **ddp_kwargs)
     if mesh is None:
         device = next(gm.parameters()).device

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from .backbone import causal_lm_backbone
 from .errors import LoraFAError
-from .passes._graph import set_attributes
+from .graph import set_attributes
 from .peft_files import adapter_tensors, save_adapter
 
 #: Attributes copied from the model when it has them.

@@ -27,7 +27,7 @@ passes.rewrite_lora_fa                val                                       
 passes.annotate_saved_tensors         ROLE                                        torch's "recompute" = MUST_SAVE on xa
 passes.chunk_cross_entropy            val                                         ROLE (chunked_ce, eval_logits)
 passes.expand_layers                  nn_module_stack, ADAPTER, val               both, moved to each copy's path
-passes.recompute_regions              nn_module_stack                             RECOMPUTE (full/offload), BLOCK (region calls)
+passes.recompute_regions              nn_module_stack                             RECOMPUTE (a Decision), BLOCK (region calls)
 passes.outline_layers                 nn_module_stack, BLOCK (region calls)       LAYER (on each layer call)
 memory.cost_model / sharded           val, nn_module_stack, LAYER                 (nothing; returns a StepEstimate)
 memory.compose                        val, nn_module_stack, BLOCK, LAYER          (nothing; composes StepEstimates)
@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from typing import Literal, TypedDict
 
 import torch.fx as fx
+
+from .choices import Decision
 
 #: This project's single namespaced `node.meta` key.
 KEY = "lorafa"
@@ -64,7 +66,7 @@ class LoraFAMeta(TypedDict, total=False):
     adapter: str  # module path of the adapted linear ("model.layers.0.self_attn.q_proj")
     role: Role
     saved_bytes: int  # bytes of the node's output autograd keeps for backward (cost model)
-    recompute: Literal["full", "offload"]  # on a region's call: recomputed, or its saved tensors offloaded
+    recompute: Decision  # on a region's call: what the block does with its saved tensors (not KEEP)
     block: str  # the repeated block a recompute region stands for ("model.layers.3")
     layer: str  # on the call of an outlined layer (FSDP2 unit): the layer's path
 

@@ -29,16 +29,17 @@ import torch.nn as nn
 
 from .bnb_layers import traceable
 from .capture import capture
+from .choices import Decision, Sharding
 from .config import LoraFAConfig, PlanSettings
 from .devices import PROFILES
 from .errors import TargetNotFoundError
+from .graph import generate_code, graph_copy, set_attributes
 from .memory.compose import ComposedSimulator
 from .memory.cost_model import CostModel, annotate_saved_bytes
 from .memory.planner import Levers, RecomputePlan, evaluate, lever_ladder, plan_memory
 from .memory.report import MemoryPlan
 from .memory.sharded_cost_model import rank_cost_model
 from .memory.simulate import Simulator
-from .passes._graph import generate_code, graph_copy, set_attributes
 from .passes.annotate_saved_tensors import AnnotateSavedTensors
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.compact_saved_views import CompactSavedViews
@@ -225,7 +226,7 @@ def plan_and_emit(
     progress("simulating a training step" if settings.budget_bytes is None else "planning under the budget")
     with _cost_model(batch, settings) as simulate:
         gm, planned = _plan(adaptable, settings, simulate)
-    if settings.world_size is not None and settings.sharding == "full":
+    if settings.world_size is not None and settings.sharding is Sharding.FULL:
         gm = OutlineLayers()(gm).graph_module
     annotate_saved_bytes(gm, planned.estimate)
     plan = MemoryPlan.from_estimate(
@@ -239,10 +240,23 @@ def plan_and_emit(
 
 def _cost_model(batch: Mapping[str, object], settings: PlanSettings) -> Simulator:
     if settings.world_size is None:
-        whole = CostModel(batch, autocast_dtype=settings.autocast_dtype)
+        whole = CostModel(batch, autocast_dtype=settings.autocast_dtype, realise=REALISE)
     else:
-        whole = rank_cost_model(batch, settings.world_size, settings.sharding, autocast_dtype=settings.autocast_dtype)
+        whole = rank_cost_model(batch, settings.world_size, settings.sharding, REALISE, autocast_dtype=settings.autocast_dtype)
     return ComposedSimulator(whole)
+
+
+class _Realise:
+    """The passes a simulator prices the planner's decisions with (`memory.simulate.Realise`)."""
+
+    def regions(self, gm: fx.GraphModule, decisions: Mapping[str, Decision]) -> fx.GraphModule:
+        return RecomputeRegions(decisions)(gm).graph_module
+
+    def layers(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return OutlineLayers()(gm).graph_module
+
+
+REALISE = _Realise()
 
 
 def _plan(adaptable: Adaptable, settings: PlanSettings, simulate: Simulator) -> tuple[fx.GraphModule, RecomputePlan]:

@@ -19,9 +19,9 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
 
 import lorafa_fx  # noqa: E402
-from lorafa_fx.peft_files import _full_tensor  # noqa: E402
 from lorafa_fx.distributed import prepare  # noqa: E402
 from lorafa_fx.measure import measure_peak_bytes  # noqa: E402
+from lorafa_fx.peft_files import _full_tensor  # noqa: E402
 
 STEPS, LR, GLOBAL_BATCH, SEQ, R = 5, 1e-2, 4, 16, 4
 
@@ -123,7 +123,7 @@ def run(name: str, out: str, compile: bool) -> None:
         "reduced_grads": sorted(reduced), "predicted_peak": gm.lorafa_plan.predicted_peak_bytes,
         "measured_peak": peak, "plan": str(gm.lorafa_plan), "adapter": adapter, "ddp_bucketed": ddp_bucketed,
         "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        "recomputed": sorted(b for b, d in gm.lorafa_plan.recompute_by_block.items() if d != "none"),
+        "recomputed": sorted(b for b, d in gm.lorafa_plan.recompute_by_block.items() if d != "keep"),
     }, os.path.join(out, f"{name}{'_compiled' if compile else ''}_rank{rank}.pt"))
 
 

@@ -12,7 +12,7 @@ import torch
 import lorafa_fx
 from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
-from lorafa_fx.passes._graph import graph_copy
+from lorafa_fx.graph import graph_copy
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
 

@@ -13,8 +13,7 @@ import torch
 from conftest import CONFIG_KWARGS, make_batch, make_model, peft_reference, randomize_lora_B, transformed
 
 import lorafa_fx
-from lorafa_fx import LoraFAConfig
-from lorafa_fx import AdapterMismatchError, load_adapter, merge, save_adapter
+from lorafa_fx import AdapterMismatchError, LoraFAConfig, load_adapter, merge, save_adapter
 from lorafa_fx.errors import LoraFAError
 
 EXAMPLE_SHAPE = (2, 12)

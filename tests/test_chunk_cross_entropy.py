@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorafa_fx
 from bench._harness import state_tensors, step_peak_bytes
 from lorafa_fx import LoraFAConfig
-from lorafa_fx.passes.chunk_cross_entropy import ChunkCrossEntropy, linear_cross_entropy
+from lorafa_fx.ops.cross_entropy import linear_cross_entropy
+from lorafa_fx.passes.chunk_cross_entropy import ChunkCrossEntropy
 
 LINEAR = "torch.ops.aten.linear.default"
 NAMES = ["llama", "qwen2", "gpt2", "roberta", "t5"]

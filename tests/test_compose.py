@@ -12,11 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from lorafa_fx import LoraFAConfig
+from lorafa_fx.choices import Decision, Sharding
+from lorafa_fx.graph import block_ranges
 from lorafa_fx.memory.compose import ComposedSimulator
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.sharded_cost_model import rank_cost_model
-from lorafa_fx.passes._graph import block_ranges
-from lorafa_fx.pipeline import Adaptable
+from lorafa_fx.pipeline import REALISE, Adaptable
 from lorafa_fx.units import block_of_path
 from lorafa_fx.zoo import _CLASSES, _CONFIGS, CONFIG_KWARGS, make_batch
 
@@ -59,29 +60,29 @@ def _decisions(gm: torch.fx.GraphModule) -> list[dict[str, str]]:
     """Unplanned; the first block recomputed (the rest a run); every block; every other block
     (no run to compose: simulated whole)."""
     blocks = list(block_ranges(gm.graph))
-    return [{}, {blocks[0]: "full"}, {b: "full" for b in blocks}, {b: "full" for b in blocks[::2]}]
+    return [{}, {blocks[0]: Decision.RECOMPUTE}, {b: Decision.RECOMPUTE for b in blocks}, {b: Decision.RECOMPUTE for b in blocks[::2]}]
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "roberta", "t5"])
 def test_composed_step_equals_the_whole_graph_simulation(name):
     gm, batch = _graph(name, layers=5)
-    whole, composed = CostModel(batch), ComposedSimulator(CostModel(batch))
+    whole, composed = CostModel(batch, realise=REALISE), ComposedSimulator(CostModel(batch, realise=REALISE))
     for decisions in _decisions(gm):
         _same(whole(gm, decisions), composed(gm, decisions))
 
 
 def test_composition_samples_three_blocks_per_run_once_per_layout():
     gm, batch = _graph("llama")
-    composed = ComposedSimulator(CostModel(batch))
+    composed = ComposedSimulator(CostModel(batch, realise=REALISE))
     composed(gm, {})
     (sample,) = composed._samples.values()
     assert sample.runs == (("model.layers.0", "model.layers.1", f"model.layers.{LAYERS - 1}"),)
     # 3 and 4 recomputed blocks of 7 are both a recomputed run and a kept run of three or
     # more: the planner's second candidate is composed from the first one's sample.
     blocks = list(block_ranges(gm.graph))
-    composed(gm, {b: "full" for b in blocks[:3]})
-    four = {b: "full" for b in blocks[:4]}
-    _same(CostModel(batch)(gm, four), composed(gm, four))
+    composed(gm, {b: Decision.RECOMPUTE for b in blocks[:3]})
+    four = {b: Decision.RECOMPUTE for b in blocks[:4]}
+    _same(CostModel(batch, realise=REALISE)(gm, four), composed(gm, four))
     assert len(composed._samples) == 2
     estimate = composed(gm, {})
     assert sorted({block_of_path(m) for m in estimate.saved_by_module if m.startswith("model.layers")}) == [
@@ -91,19 +92,19 @@ def test_composition_samples_three_blocks_per_run_once_per_layout():
 
 def test_composition_is_the_whole_simulation_where_nothing_repeats():
     gm, batch = _graph("llama", target_modules=["q_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 2})
-    composed = ComposedSimulator(CostModel(batch))
+    composed = ComposedSimulator(CostModel(batch, realise=REALISE))
     _same(CostModel(batch)(gm), composed(gm))
     # Block 1 has another rank: runs of 1, 1 and 5 blocks; only the last is composed.
     (sample,) = composed._samples.values()
     assert sample.runs == (("model.layers.0",), ("model.layers.1",), ("model.layers.2", "model.layers.3", "model.layers.6"))
 
 
-@pytest.mark.parametrize("sharding", ["full", "none"])
+@pytest.mark.parametrize("sharding", list(Sharding))
 def test_composed_rank_step_equals_the_whole_rank_simulation(sharding):
     gm, batch = _graph("llama")
     blocks = list(block_ranges(gm.graph))
-    with rank_cost_model(batch, 4, sharding) as whole, ComposedSimulator(rank_cost_model(batch, 4, sharding)) as composed:
-        for decisions in ({}, {b: "full" for b in blocks[:3]}):
+    with rank_cost_model(batch, 4, sharding, REALISE) as whole, ComposedSimulator(rank_cost_model(batch, 4, sharding, REALISE)) as composed:
+        for decisions in ({}, {b: Decision.RECOMPUTE for b in blocks[:3]}):
             w, c = whole(gm, decisions), composed(gm, decisions)
             assert c.peak == w.peak
             assert (c.peak_phase, c.peak_module) == (w.peak_phase, w.peak_module)

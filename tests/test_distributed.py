@@ -47,7 +47,7 @@ def ranks(tmp_path_factory):
 def _single_process_lora_B(lorafa_optimizer: bool = False) -> dict[str, torch.Tensor]:
     """Reference: one process, the same 5 steps on the concatenated (global) batch."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from _dist_worker import GLOBAL_BATCH, LR, R, SEQ, STEPS
+    from _dist_worker import GLOBAL_BATCH, LR, SEQ, STEPS, R
 
     batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
     gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))

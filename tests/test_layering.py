@@ -1,8 +1,10 @@
 """The package's layers, read from its source: imports only go down, no cycles, small files.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-leaves (units, meta, errors, config, devices) -> model-side helpers (targets, capture, bnb_layers,
-presets) -> passes/ -> memory/ -> pipeline -> api; the training-side modules (optim,
+leaves (units, choices, meta, errors, config, devices) -> graph editing (graph) and what the
+graph runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets) -> passes/ ->
+memory/ -> pipeline -> api; memory/ never imports passes/ (it receives the rewrites it needs as an
+object); the training-side modules (optim,
 peft_files, merge, hf_compat, backbone, distributed, measure) sit beside the pipeline and never import
 it; the package root, the CLI, the demo and the zoo may import anything.
 """
@@ -18,7 +20,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lorafa_fx"
 
 LAYERS = [
-    {"units", "meta", "errors", "config", "atomic_dir", "devices"},
+    {"units", "choices", "meta", "errors", "config", "atomic_dir", "devices"},
+    {"graph", "ops"},
     {"targets", "capture", "bnb_layers", "presets"},
     {"passes"},
     {"memory"},
@@ -91,6 +94,13 @@ def test_imports_only_go_down():
         if la is not None and lb is not None and lb > la:
             upward.append(f"{a} -> {b}")
     assert not upward, "imports that go up a layer:\n  " + "\n  ".join(upward)
+
+
+def test_memory_never_imports_a_pass():
+    """The memory model prices the planner's decisions with rewrites handed to it as an object
+    (`memory.simulate.Realise`); what the graph runs, it imports from ops/."""
+    edges = [f"{a} -> {b}" for a, b in _imports().edges if a.startswith("lorafa_fx.memory") and b.startswith("lorafa_fx.passes")]
+    assert not edges, "memory/ imports passes/:\n  " + "\n  ".join(edges)
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -17,12 +17,11 @@ from conftest import VOCAB, compiled_step, make_batch, make_model, peft_referenc
 from torch.testing import FileCheck
 from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from lorafa_fx import LoraFAConfig
+from lorafa_fx import LoraFAConfig, pipeline
+from lorafa_fx.graph import owner
 from lorafa_fx.measure import module_state, saved_activation_bytes
-from lorafa_fx.passes._graph import owner
-from lorafa_fx.passes.lean_gated_mlp import gated_activation
-from lorafa_fx.passes.lean_norms import rms_norm
-from lorafa_fx import pipeline
+from lorafa_fx.ops.gated_activation import gated_activation
+from lorafa_fx.ops.norms import rms_norm
 from lorafa_fx.pipeline import Adaptable
 
 B, S = 2, 8

@@ -21,12 +21,13 @@ from transformers import BloomConfig, BloomForCausalLM, GPTNeoXConfig, GPTNeoXFo
 
 from lorafa_fx import LoraFAConfig, pipeline
 from lorafa_fx.capture import capture
+from lorafa_fx.graph import graph_copy
 from lorafa_fx.measure import module_state, saved_activation_bytes
-from lorafa_fx.passes._graph import graph_copy
+from lorafa_fx.ops.gated_activation import gated_activation
+from lorafa_fx.ops.norms import rms_norm
+from lorafa_fx.ops.pointwise import RecomputedPointwise
 from lorafa_fx.passes.compact_saved_views import CompactSavedViews
-from lorafa_fx.passes.lean_gated_mlp import gated_activation
-from lorafa_fx.passes.lean_norms import rms_norm
-from lorafa_fx.passes.lean_pointwise import LeanPointwise, RecomputedPointwise
+from lorafa_fx.passes.lean_pointwise import LeanPointwise
 from lorafa_fx.pipeline import Adaptable
 
 B, S, D, LAYERS, VOCAB = 2, 8, 64, 2, 96

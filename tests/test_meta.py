@@ -14,7 +14,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 import lorafa_fx
 from lorafa_fx import LoraFAConfig, meta
-from lorafa_fx.passes._graph import graph_copy
+from lorafa_fx.choices import Decision
+from lorafa_fx.graph import graph_copy
 from lorafa_fx.passes.chunk_cross_entropy import ChunkCrossEntropy
 from lorafa_fx.passes.outline_layers import OutlineLayers
 from lorafa_fx.passes.recompute_regions import RecomputeRegions
@@ -54,10 +55,10 @@ def test_saved_bytes_on_the_nodes_add_up_to_the_plans_saved_activations(gm):
 
 
 def test_recompute_regions_write_recompute_and_block_and_outline_layers_read_block(gm):
-    planned = RecomputeRegions({"model.layers.1": "full"})(graph_copy(gm)).graph_module
+    planned = RecomputeRegions({"model.layers.1": Decision.RECOMPUTE})(graph_copy(gm)).graph_module
     regions = _annotated(planned, meta.RECOMPUTE)
     assert [(meta.lorafa_meta(n)[meta.RECOMPUTE], meta.lorafa_meta(n)[meta.BLOCK]) for n in regions] == [
-        ("full", "model.layers.1")]
+        (Decision.RECOMPUTE, "model.layers.1")]
     outlined = OutlineLayers()(planned).graph_module
     layers = [n for n in outlined.graph.nodes if meta.LAYER in meta.lorafa_meta(n)]
     assert [meta.lorafa_meta(n)[meta.LAYER] for n in layers] == ["model.layers.0", "model.layers.1"]

@@ -13,13 +13,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
+from lorafa_fx.choices import Decision
 from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES
+from lorafa_fx.graph import block_ranges
 from lorafa_fx.memory.compose import ComposedSimulator
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.planner import _exposed_transfer
-from lorafa_fx.memory.simulate import with_recompute
-from lorafa_fx.passes import _offload
-from lorafa_fx.passes._graph import block_ranges
+from lorafa_fx.memory.simulate import with_decisions
+from lorafa_fx.ops import offload as _offload
+from lorafa_fx.pipeline import REALISE
 from lorafa_fx.zoo import make_batch
 
 
@@ -55,7 +57,7 @@ def _step(module, batch):
 def test_offloaded_blocks_train_bit_for_bit_as_kept_ones_eager_and_compiled(every_tensor):
     gm, batch, blocks = _graph()
     loss, grads = _step(gm, batch)
-    offloaded = with_recompute(gm, {b: "offload" for b in blocks[1:]})
+    offloaded = with_decisions(gm, {b: Decision.OFFLOAD for b in blocks[1:]}, REALISE)
     for module in (offloaded, torch.compile(offloaded, backend="aot_eager")):
         for _ in range(2):  # the second step starts afresh (no tensor of the first is reused)
             got_loss, got = _step(module, batch)
@@ -66,8 +68,8 @@ def test_offloaded_blocks_train_bit_for_bit_as_kept_ones_eager_and_compiled(ever
 def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(every_tensor):
     gm, batch, blocks = _graph()
     kept = CostModel(batch)(gm)
-    decisions = {b: "offload" for b in blocks[1:3]}
-    offloaded = CostModel(batch)(gm, decisions)
+    decisions = {b: Decision.OFFLOAD for b in blocks[1:3]}
+    offloaded = CostModel(batch, realise=REALISE)(gm, decisions)
     # What stays of an offloaded block is at most its output, which the next block saves.
     residual = 2 * 32 * 64 * 4
     assert offloaded.saved_activations <= (
@@ -75,8 +77,8 @@ def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(ev
     )
     # The composed simulation agrees with the whole one on offloaded runs too.
     deep, deep_batch, deep_blocks = _graph(7)
-    decisions = {b: "offload" for b in deep_blocks[:5]}
-    whole, composed = CostModel(deep_batch)(deep, decisions), ComposedSimulator(CostModel(deep_batch))(deep, decisions)
+    decisions = {b: Decision.OFFLOAD for b in deep_blocks[:5]}
+    whole, composed = CostModel(deep_batch, realise=REALISE)(deep, decisions), ComposedSimulator(CostModel(deep_batch, realise=REALISE))(deep, decisions)
     assert (composed.peak, composed.saved_by_module) == (whole.peak, whole.saved_by_module)
 
 

@@ -9,7 +9,9 @@ import torch
 from conftest import make_batch, randomize_lora_B, transformed
 from torch.testing import FileCheck
 
-from lorafa_fx.passes.outline_layers import OutlineLayers, outlined_layers
+from lorafa_fx.choices import Decision
+from lorafa_fx.ops.regions import outlined_layers
+from lorafa_fx.passes.outline_layers import OutlineLayers
 from lorafa_fx.passes.recompute_regions import RecomputeRegions
 
 
@@ -44,7 +46,7 @@ def test_layers_are_called_submodules_with_unchanged_parameter_names():
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("recompute", [None, "full"])
+@pytest.mark.parametrize("recompute", [None, Decision.RECOMPUTE])
 def test_loss_and_grads_match_the_flat_module(name, recompute):
     """Reference: the flat emitted GraphModule (same weights), in train mode."""
     decisions = {"model.layers.1": recompute} if recompute else None

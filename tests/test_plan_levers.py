@@ -12,8 +12,8 @@ import dataclasses
 import pytest
 import torch
 from conftest import make_batch, make_model
-from transformers import LlamaConfig, LlamaForCausalLM
 from test_plan_memory import _measured_peak
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx import LoraFAConfig

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx import InfeasibleBudgetError
+from lorafa_fx.choices import Decision
 from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.units import parse_budget
 
@@ -105,11 +106,11 @@ def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
 def test_intermediate_budget_recomputes_some_blocks_only():
     budgets = _budgets("llama4")
     plan = _transform("llama4", budgets[2]).lorafa_plan
-    recomputed = [b for b, d in plan.recompute_by_block.items() if d == "full"]
+    recomputed = [b for b, d in plan.recompute_by_block.items() if d is Decision.RECOMPUTE]
     assert 0 < len(recomputed) < 4
     assert 0 < plan.extra_compute_pct < 50
     assert "blocks recomputed in backward" in str(plan)
-    assert {layer.recompute for layer in plan.layers} == {"none", "full"}
+    assert {layer.recompute for layer in plan.layers} == {Decision.KEEP, Decision.RECOMPUTE}
 
 
 def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import MODELS, make_batch, peft_lora_B, peft_reference, randomize_lora_B, transformed
 
-
 EXAMPLE_SHAPE = (2, 12)
 OTHER_SHAPE = (3, 9)  # not the captured shape: dynamic batch and sequence dims
 

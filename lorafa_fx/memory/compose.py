@@ -36,16 +36,17 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..passes._graph import block_ranges, block_structure, graph_module, owner, set_attributes
-from ..passes.recompute_regions import region_target
+from ..choices import Decision
+from ..graph import block_ranges, block_structure, graph_module, owner, set_attributes
+from ..ops.regions import region_target
 from .simulate import Piece, Simulator, StepEstimate
 
 
-def _lead(decision: str) -> int:
+def _lead(decision: Decision) -> int:
     """Blocks sampled at the head of a run; the last of them is the one every dropped block
     repeats, a block with blocks alike on either side. An offloaded block's backward also
     fetches its predecessor's tensors: its stand-in needs two alike before it."""
-    return 3 if decision == "offload" else 2
+    return 3 if decision is Decision.OFFLOAD else 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class _Layout:
     block_of: dict[str, str]  # node name -> its block
     module_of: dict[str, str]  # node name -> the module it runs in (every node of the graph)
 
-    def runs(self, decisions: Mapping[str, str]) -> list[list[str]]:
+    def runs(self, decisions: Mapping[str, Decision]) -> list[list[str]]:
         runs: list[list[str]] = []
         for block in self.blocks:
             if runs and self._key(runs[-1][-1], decisions) == self._key(block, decisions):
@@ -67,8 +68,8 @@ class _Layout:
                 runs.append([block])
         return runs
 
-    def _key(self, block: str, decisions: Mapping[str, str]) -> tuple[int, str]:
-        return self.kind[block], decisions.get(block, "none")
+    def _key(self, block: str, decisions: Mapping[str, Decision]) -> tuple[int, Decision]:
+        return self.kind[block], decisions.get(block, Decision.KEEP)
 
     def counterpart(self, name: str, source: str, target: str) -> str | None:
         """The node of block `target` at `name`'s position in block `source` (a recompute
@@ -124,11 +125,11 @@ class ComposedSimulator(Simulator):
     def __exit__(self, *exc) -> None:
         self.inner.__exit__(*exc)
 
-    def __call__(self, gm: fx.GraphModule, decisions: Mapping[str, str] | None = None) -> StepEstimate:
+    def __call__(self, gm: fx.GraphModule, decisions: Mapping[str, Decision] | None = None) -> StepEstimate:
         decisions = dict(decisions or {})
         layout = self._layout(gm)
         runs = layout.runs(decisions) if layout is not None else []
-        leads = [_lead(decisions.get(run[0], "none")) for run in runs]
+        leads = [_lead(decisions.get(run[0], Decision.KEEP)) for run in runs]
         if all(len(run) <= lead + 1 for run, lead in zip(runs, leads)):
             return self.inner(gm, decisions)
         shape = tuple((layout._key(run[0], decisions), min(len(run), lead + 1)) for run, lead in zip(runs, leads))
@@ -153,14 +154,14 @@ class ComposedSimulator(Simulator):
         return self._layouts[id(gm)][1]
 
     def _sample(
-        self, gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], decisions: Mapping[str, str]
+        self, gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], decisions: Mapping[str, Decision]
     ) -> _Sample | None:
-        sample = _sample_graph(gm, layout, runs, [_lead(decisions.get(run[0], "none")) for run in runs])
+        sample = _sample_graph(gm, layout, runs, [_lead(decisions.get(run[0], Decision.KEEP)) for run in runs])
         if sample is None:
             return None
         estimate = self.inner(sample, decisions)
         groups = _groups(estimate.timeline)
-        sampled = tuple(_sampled(run, _lead(decisions.get(run[0], "none"))) for run in runs)
+        sampled = tuple(_sampled(run, _lead(decisions.get(run[0], Decision.KEEP))) for run in runs)
         # Each sampled block must be one stretch of forward and one of backward, or there is
         # no single place to repeat it at.
         for block in (b for run in sampled for b in run):

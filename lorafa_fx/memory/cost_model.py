@@ -19,21 +19,18 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from ..passes.simplify_attention import assume_unpadded
+from ..ops.attention import assume_unpadded
+from .fake_state import allocate_optimizer_states, fake_input, fake_mode_of, fake_param, parameter_layout
 from .simulate import (
     LiveBytes,
     OptimizerFactory,
+    Realise,
     Recorder,
     Simulator,
     StepEstimate,
-    allocate_optimizer_states,
     default_optimizer,
-    fake_input,
-    fake_mode_of,
-    fake_param,
     flatten_inputs,
     is_unpadded,
-    parameter_layout,
     size_of,
     step_estimate,
     symbol_sizes,
@@ -49,8 +46,9 @@ class CostModel(Simulator):
         batch: Mapping[str, object],
         optimizer: OptimizerFactory | None = None,
         autocast_dtype: torch.dtype | None = None,
+        realise: Realise | None = None,
     ) -> None:
-        self.batch = batch
+        self.batch, self.realise = batch, realise
         self.optimizer = optimizer or default_optimizer
         self.autocast_dtype = autocast_dtype
         self._states: dict[tuple, _FakeState] = {}

@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..passes.simplify_attention import SDPAttention
+from ..ops.attention import SDPAttention
 
 aten = torch.ops.aten
 

@@ -14,8 +14,8 @@ fits, found by bisection (peak is monotone along the ladder). The levers are lef
 the configured model fits without recomputation, or when the floor's unplanned peak is no
 lower than the configured one's (a chunked loss with a tiny vocabulary).
 
-**Recomputation.** Each repeated block ``b`` (``model.layers.i``) is either kept (``"none"``)
-or recomputed in backward (``"full"``, see `recompute_regions`). From the cost model's
+**Recomputation.** Each repeated block ``b`` (``model.layers.i``) is either kept
+(``Decision.KEEP``) or recomputed in backward (``Decision.RECOMPUTE``, see `recompute_regions`). From the cost model's
 unplanned step:
 
     saved(b)    = bytes autograd keeps for b  (the cost model's saved_by_module)
@@ -35,7 +35,7 @@ needed, and the answer is the shortest prefix whose realised graph fits by the e
 more: the candidates are nested and the search returns the shortest that fits.
 
 **Offload** (with a GPU profile, `devices.PROFILES`: a CUDA step): a block's saved tensors
-wait in host memory instead (``"offload"``, `passes/_offload.py`). Its cost is time, not
+wait in host memory instead (``Decision.OFFLOAD``, `ops/offload.py`). Its cost is time, not
 FLOPs: each offloaded block's bytes cross the host link twice, hidden behind the next block's
 forward and a later block's backward where they fit (`_exposed_transfer`). The planner finds
 the shortest prefix of the same order that fits offloaded, and keeps it when its exposed
@@ -62,9 +62,10 @@ from typing import Protocol
 import torch
 import torch.fx as fx
 
+from ..choices import Decision
 from ..devices import ACHIEVED_FRACTION, DeviceProfile
 from ..errors import InfeasibleBudgetError
-from ..passes._graph import block_of, block_ranges
+from ..graph import block_of, block_ranges
 from ..units import format_bytes, natural_key
 from .flops import concrete, node_flops
 from .simulate import Simulator, StepEstimate
@@ -165,7 +166,7 @@ def _release_levers(
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    decisions: dict[str, str]  # block -> "none" | "full"
+    decisions: dict[str, Decision]  # block -> what it does with its saved tensors
     estimate: StepEstimate  # exact cost model of the realised graph
     recompute_flops: int
     step_flops: int  # forward + backward, backward ~ forward (frozen weights: no weight grads)
@@ -187,17 +188,17 @@ def plan_recompute(
     flops = {b: sum(node_flops(n, sizes) for n in nodes) for b, nodes in ranges.items()}
     saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes, sizes) for b, nodes in ranges.items()}
     order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
-    recompute = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "full")
+    recompute = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, Decision.RECOMPUTE)
     if profile is None or not offload:
         return recompute
     try:
-        offloaded = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, "offload")
+        offloaded = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, Decision.OFFLOAD)
     except InfeasibleBudgetError:
         return recompute
     rate = profile.dense_bf16_flops * ACHIEVED_FRACTION
     offloaded = dataclasses.replace(offloaded, offload_seconds=sum(
         _exposed_transfer(unplanned.saved_by_module.get(b, 0), flops[b] / rate, profile)
-        for b, d in offloaded.decisions.items() if d == "offload"
+        for b, d in offloaded.decisions.items() if d is Decision.OFFLOAD
     ))
     return offloaded if offloaded.offload_seconds < recompute.recompute_flops / rate else recompute
 
@@ -217,12 +218,12 @@ def _shortest_prefix(
     simulate: Simulator,
     order: list[str],
     saving: Mapping[str, int],
-    mode: str,
+    mode: Decision,
 ) -> RecomputePlan:
-    """The shortest prefix of `order` whose blocks, `mode` ("full" or "offload"), fit."""
+    """The shortest prefix of `order` whose blocks, `mode` (recompute or offload), fit."""
 
     def realise(k: int) -> RecomputePlan:
-        decisions = {b: (mode if b in order[:k] else "none") for b in sorted(order, key=natural_key)}
+        decisions = {b: (mode if b in order[:k] else Decision.KEEP) for b in sorted(order, key=natural_key)}
         return evaluate(gm, decisions, simulate, unplanned if k == 0 else None)
 
     # peak(k) falls by about one block's saving per block (nested prefixes), so a secant step
@@ -259,15 +260,15 @@ def _shortest_prefix(
 
 def evaluate(
     gm: fx.GraphModule,
-    decisions: Mapping[str, str],
+    decisions: Mapping[str, Decision],
     simulate: Simulator,
     unplanned: StepEstimate | None = None,
 ) -> RecomputePlan:
     """`decisions` on `gm`, priced by the exact cost model (`unplanned`: gm's own estimate,
     reused when nothing is recomputed)."""
     ranges = block_ranges(gm.graph)
-    recomputed = [b for b, d in decisions.items() if d == "full" and b in ranges]
-    if any(d != "none" and b in ranges for b, d in decisions.items()):
+    recomputed = [b for b, d in decisions.items() if d is Decision.RECOMPUTE and b in ranges]
+    if any(d is not Decision.KEEP and b in ranges for b, d in decisions.items()):
         estimate = simulate(gm, decisions)
         estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + len(recomputed)))
     else:

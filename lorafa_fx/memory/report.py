@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import meta
+from ..choices import Decision, Sharding
 from ..config import PlanSettings
 from ..devices import ACHIEVED_FRACTION, PROFILES
 from ..units import block_of_path, format_bytes, natural_key
@@ -33,7 +34,7 @@ class LayerPlan:
 
     path: str
     r: int
-    recompute: str  # "none": xa is kept for backward
+    recompute: Decision  # KEEP: xa is kept for backward
     saved_bytes: int
     configured_r: int | None = None  # set when the planner lowered the rank
 
@@ -55,13 +56,13 @@ class MemoryPlan:
     batch_shape: dict[str, tuple[int, ...]]
     layers: tuple[LayerPlan, ...]
     saved_by_block: dict[str, int] = field(default_factory=dict)
-    recompute_by_block: dict[str, str] = field(default_factory=dict)
+    recompute_by_block: dict[str, Decision] = field(default_factory=dict)
     recompute_flops: int = 0
     step_flops: int = 0
     dropped_adapters: tuple[str, ...] = ()  # configured, dropped by the planner
     chunked_cross_entropy: bool = False
     world_size: int | None = None  # data parallel: the plan is one rank's
-    sharding: str | None = None  # "full" (FSDP2: every parameter 1/world_size) or "none" (DDP)
+    sharding: Sharding | None = None  # FULL (FSDP2: every parameter 1/world_size) or NONE (DDP)
     mixed_precision: str = "no"  # the step's forward under autocast: "bf16", "fp16", or "no"
     reserve_bytes: int | None = None  # budget="auto": kept out of budget_device's free memory
     budget_device: str | None = None
@@ -103,7 +104,7 @@ class MemoryPlan:
         estimate: StepEstimate,
         batch: Mapping[str, object],
         settings: PlanSettings | None = None,
-        recompute_by_block: Mapping[str, str] | None = None,
+        recompute_by_block: Mapping[str, Decision] | None = None,
         recompute_flops: int = 0,
         step_flops: int = 0,
         configured: Sequence[Adapter] = (),
@@ -134,7 +135,7 @@ class MemoryPlan:
             peak_module=estimate.peak_module,
             batch_shape={k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
             layers=tuple(
-                LayerPlan(a.path, a.r, decisions.get(block_of_path(a.path), "none"), xa_bytes.get(a.path, 0),
+                LayerPlan(a.path, a.r, decisions.get(block_of_path(a.path), Decision.KEEP), xa_bytes.get(a.path, 0),
                           configured_r[a.path] if configured_r.get(a.path, a.r) != a.r else None)
                 for a in gm.lorafa_adapters
             ),
@@ -157,12 +158,12 @@ class MemoryPlan:
     @property
     def recomputed_blocks(self) -> list[str]:
         """The blocks backward recomputes, in model order."""
-        return sorted((b for b, d in self.recompute_by_block.items() if d == "full"), key=natural_key)
+        return sorted((b for b, d in self.recompute_by_block.items() if d is Decision.RECOMPUTE), key=natural_key)
 
     @property
     def offloaded_blocks(self) -> list[str]:
         """The blocks whose saved tensors wait in host memory, in model order."""
-        return sorted((b for b, d in self.recompute_by_block.items() if d == "offload"), key=natural_key)
+        return sorted((b for b, d in self.recompute_by_block.items() if d is Decision.OFFLOAD), key=natural_key)
 
     @property
     def trainable_rank_total(self) -> int:
@@ -245,12 +246,12 @@ class MemoryPlan:
         t.add_column("recompute")
         t.add_column("saved", justify="right")
         for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: natural_key(kv[0])):
-            t.add_row(block, self.recompute_by_block.get(block, "none"), format_bytes(nbytes))
+            t.add_row(block, str(self.recompute_by_block.get(block, Decision.KEEP)), format_bytes(nbytes))
         return t
 
 
-def _data_parallel(world_size: int, sharding: str | None) -> str:
-    if sharding == "full":
+def _data_parallel(world_size: int, sharding: Sharding | None) -> str:
+    if sharding is Sharding.FULL:
         return (f"{world_size} ranks, FSDP2: base weights, adapters and optimizer states sharded 1/{world_size}; "
                 "peak is one rank's, with its all-gathered layers")
     return f"{world_size} ranks, DDP: everything replicated; peak is one rank's, with gradient buckets"

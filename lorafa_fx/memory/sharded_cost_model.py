@@ -43,27 +43,23 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.distributed.tensor import DTensor
 
-from ..config import SHARDING_CHOICES
+from ..choices import Sharding
 from ..errors import DistributedPlanError
-from ..passes._graph import graph_copy
-from ..passes.outline_layers import OutlineLayers, outlined_layers
-from ..passes.recompute_regions import has_recompute_regions
-from ..passes.simplify_attention import assume_unpadded
+from ..graph import graph_copy
+from ..ops.attention import assume_unpadded
+from ..ops.regions import has_regions, outlined_layers
 from .cost_model import CostModel
+from .fake_state import allocate_optimizer_states, fake_input, fake_mode_of, fake_param, parameter_layout
 from .simulate import (
     LiveBytes,
     OptimizerFactory,
+    Realise,
     Recorder,
     Simulator,
     StepEstimate,
-    allocate_optimizer_states,
     default_optimizer,
-    fake_input,
-    fake_mode_of,
-    fake_param,
     flatten_inputs,
     is_unpadded,
-    parameter_layout,
     size_of,
     step_estimate,
     symbol_sizes,
@@ -71,20 +67,18 @@ from .simulate import (
 )
 
 
-
 def rank_cost_model(
     batch: Mapping[str, object],
     world_size: int,
-    sharding: str,
+    sharding: Sharding,
+    realise: Realise,
     optimizer: OptimizerFactory | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Simulator:
     """The `Simulator` of one rank's step (`batch`: the rank's) under `sharding`."""
-    if sharding == "full":
-        return FSDPCostModel(batch, world_size, optimizer, autocast_dtype)
-    if sharding == "none":
-        return DDPCostModel(batch, optimizer, autocast_dtype)
-    raise DistributedPlanError(f"sharding={sharding!r}: use one of {SHARDING_CHOICES}.")
+    if sharding is Sharding.FULL:
+        return FSDPCostModel(batch, world_size, realise, optimizer, autocast_dtype)
+    return DDPCostModel(batch, optimizer, autocast_dtype, realise)
 
 
 class DDPCostModel(CostModel):
@@ -112,10 +106,11 @@ class FSDPCostModel(Simulator):
         self,
         batch: Mapping[str, object],
         world_size: int,
+        realise: Realise,
         optimizer: OptimizerFactory | None = None,
         autocast_dtype: torch.dtype | None = None,
     ):
-        self.batch, self.world_size, self.autocast_dtype = batch, world_size, autocast_dtype
+        self.batch, self.world_size, self.autocast_dtype, self.realise = batch, world_size, autocast_dtype, realise
         self.optimizer = optimizer or default_optimizer
         self.unpadded = is_unpadded(batch)  # reads a real mask: outside the fake mode
         self._rungs: dict[tuple, dict] = {}
@@ -136,7 +131,7 @@ class FSDPCostModel(Simulator):
         # already (the planner's recompute candidates are; its rungs are kept and reused).
         every_layer = getattr(gm, "lorafa_blocks", ())
         if not outlined_layers(gm):
-            gm = OutlineLayers()(gm if has_recompute_regions(gm) else graph_copy(gm)).graph_module
+            gm = self.realise.layers(gm if has_regions(gm) else graph_copy(gm))
         layers = outlined_layers(gm)
         if not layers:
             raise DistributedPlanError(

@@ -29,19 +29,19 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import sympy
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import meta
-from ..passes._graph import block_of, graph_copy, owner, repeated_block, set_attributes
-from ..passes.recompute_regions import RecomputeRegions
+from ..choices import Decision
+from ..graph import block_of, graph_copy, owner, repeated_block, set_attributes
 
 #: Ops that read a tensor's metadata: they allocate nothing.
 _METADATA = frozenset({
@@ -86,11 +86,24 @@ class StepEstimate:
         return self.weights + self.buffers + self.optimizer_states + self.batch
 
 
+class Realise(Protocol):
+    """The rewrites that turn the planner's decisions into the graph that runs them: the
+    pipeline's passes, handed to a simulator as an object (memory/ never imports a pass)."""
+
+    def regions(self, gm: fx.GraphModule, decisions: Mapping[str, Decision]) -> fx.GraphModule:
+        """`gm` with each block's decision realised (in place)."""
+
+    def layers(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """`gm` with each repeated layer a called submodule owning its parameters (in place)."""
+
+
 class Simulator:
     """Predicts one training step's memory: ``with simulator: estimate = simulator(gm, decisions)``
-    (`decisions`: the planner's ``{block: "none" | "full"}``, realised on a copy of `gm`).
+    (`decisions`: the planner's ``{block: Decision}``, realised on a copy of `gm` by `realise`).
     The context holds what a simulator sets up once for many candidate graphs (a fake
     process group for a sharded one); the base class needs none."""
+
+    realise: Realise | None = None
 
     def __enter__(self) -> Simulator:
         return self
@@ -98,9 +111,9 @@ class Simulator:
     def __exit__(self, *exc) -> None:
         return None
 
-    def __call__(self, gm: fx.GraphModule, decisions: Mapping[str, str] | None = None) -> StepEstimate:
-        if decisions and any(d != "none" for d in decisions.values()):
-            gm = with_recompute(gm, decisions)
+    def __call__(self, gm: fx.GraphModule, decisions: Mapping[str, Decision] | None = None) -> StepEstimate:
+        if decisions and any(d is not Decision.KEEP for d in decisions.values()):
+            gm = with_decisions(gm, decisions, self.realise)
         return self.step(gm)
 
     def step(self, gm: fx.GraphModule) -> StepEstimate:
@@ -112,11 +125,13 @@ class Simulator:
         return {}
 
 
-def with_recompute(gm: fx.GraphModule, decisions: Mapping[str, str]) -> fx.GraphModule:
-    """A copy of `gm` (sharing its parameters) with `decisions` realised."""
+def with_decisions(gm: fx.GraphModule, decisions: Mapping[str, Decision], realise: Realise | None) -> fx.GraphModule:
+    """A copy of `gm` (sharing its parameters) with `decisions` realised by `realise`."""
+    if realise is None:
+        raise TypeError("this simulator was built without `realise`, so it cannot price block decisions")
     twin = graph_copy(gm)
     set_attributes(twin, **{k: v for k, v in vars(gm).items() if k.startswith("lorafa_")})
-    return RecomputeRegions(decisions)(twin).graph_module
+    return realise.regions(twin, decisions)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -301,71 +316,12 @@ def step_estimate(
     )
 
 
-def parameter_layout(gm: fx.GraphModule) -> tuple:
-    """What a fake copy of `gm`'s parameters depends on: names, shapes, dtypes, which train,
-    and which are tied (a planner's rungs that differ only in their graphs share it)."""
-    first: dict[int, str] = {}
-    return tuple(
-        (name, tuple(p.shape), p.dtype, p.requires_grad, first.setdefault(id(p), name))
-        for name, p in gm.named_parameters(remove_duplicate=False)
-    )
-
-
-def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
-    # A model built under FakeTensorMode (estimate() from a config) keeps its mode; real
-    # weights get a fresh one with static shapes: the batch shape is concrete here.
-    mode = detect_fake_mode([p for p in gm.parameters()])
-    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=False)
-
-
-def fake_param(mode: FakeTensorMode, p: torch.Tensor) -> torch.Tensor:
-    fake = p if is_fake(p) else mode.from_tensor(p, static_shapes=True)
-    return torch.nn.Parameter(fake, requires_grad=p.requires_grad)
-
-
-def fake_input(mode: FakeTensorMode, value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return value if is_fake(value) else mode.from_tensor(value, static_shapes=True)
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype):
-        shape, dtype = value
-        return torch.zeros(shape, dtype=dtype)
-    return value
-
-
 def is_unpadded(batch: Mapping[str, object]) -> bool:
     """True unless a real attention mask in `batch` masks a token (shapes alone: unpadded)."""
     return all(
         bool(v.all()) for k, v in batch.items()
         if "attention_mask" in k and isinstance(v, torch.Tensor) and not is_fake(v)
     )
-
-
-def allocate_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    # The step measured is a later one: states exist before it starts. A parameter's states
-    # depend on its shape, dtype and group only, so one step on one parameter of each kind
-    # makes them, and the others get copies: fake tensor ops cost the same at any size, and a
-    # 7B model's 224 adapters are two kinds. A multi-tensor step makes the same states as the
-    # per-parameter loop (torch's default on CPU); the step simulated later runs as configured.
-    kinds: dict[tuple, torch.Tensor] = {}
-    of_kind: list[tuple[torch.Tensor, torch.Tensor]] = []
-    trained = {id(p) for p in params}
-    for i, group in enumerate(opt.param_groups):
-        for p in (p for p in group["params"] if id(p) in trained):
-            of_kind.append((p, kinds.setdefault((i, p.shape, p.dtype, p.device), p)))
-    for p in kinds.values():
-        p.grad = torch.zeros_like(p)
-    configured = [group.get("foreach") for group in opt.param_groups]
-    for group in opt.param_groups:
-        if "foreach" in group:
-            group["foreach"] = True
-    opt.step()
-    for group, foreach in zip(opt.param_groups, configured):
-        if "foreach" in group:
-            group["foreach"] = foreach
-    opt.zero_grad(set_to_none=True)
-    for p, kind in of_kind:
-        if p is not kind:
-            opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[kind].items()}
 
 
 def symbol_sizes(gm: fx.GraphModule, batch: Mapping[str, object]) -> dict[sympy.Symbol, int]:

@@ -34,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ._graph import new_node, pass_result, set_fake_val
+from ..graph import new_node, pass_result, set_fake_val
 from .lean_gated_mlp import gated_activation
 from .lean_norms import rms_norm
 from .lean_pointwise import RecomputedPointwise, grad_nodes

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import pass_result
+from ..graph import pass_result
 
 
 class DropMetadataAsserts(PassBase):

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
-from ._graph import block_ranges, block_structure, pass_result
+from ..graph import block_ranges, block_structure, pass_result
 
 
 class ExpandLayers(PassBase):

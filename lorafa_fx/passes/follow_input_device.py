@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node, owner, pass_result
+from ..graph import new_node, owner, pass_result
 
 
 def device_of(t: torch.Tensor) -> torch.device:

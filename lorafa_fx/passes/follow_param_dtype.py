@@ -59,7 +59,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import new_node, owner, pass_result
+from ..graph import new_node, owner, pass_result
 from .follow_input_device import closest_weight, graph_attr
 
 aten = torch.ops.aten

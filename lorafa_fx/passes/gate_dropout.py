@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, new_node, owner, pass_result
+from ..graph import add_submodule, new_node, owner, pass_result
+
 
 class GateDropout(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:

@@ -37,41 +37,11 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, owner, pass_result, replace_node
+from ..graph import add_submodule, owner, pass_result, replace_node
+from ..ops.pointwise import RecomputedPointwise
 
 #: The dispatch key of each device type's autocast: an op with a kernel there is retyped.
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
-
-
-class _Recompute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, module):
-        ctx.save_for_backward(x)
-        ctx.module = module
-        return module.chain(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return ctx.module.gradient(x, grad), None
-
-
-class RecomputedPointwise(torch.nn.Module):
-    """``chain(x)`` keeping only `x` for backward, where ``gradient(x, grad)`` (traced for
-    inputs of `dtype`; None: for any) recomputes it; `retyped_on`: the device types whose
-    autocast retypes an op of the chain."""
-
-    def __init__(
-        self, chain: fx.GraphModule, gradient: fx.GraphModule, dtype: torch.dtype | None, retyped_on: frozenset[str]
-    ) -> None:
-        super().__init__()
-        self.chain, self.gradient, self.dtype, self.retyped_on = chain, gradient, dtype, retyped_on
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if self.dtype not in (None, x.dtype) or (device in self.retyped_on and torch.is_autocast_enabled(device)):
-            return self.chain(x)
-        return _Recompute.apply(x, self)
 
 
 class LeanPointwise(PassBase):

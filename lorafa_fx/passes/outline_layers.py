@@ -30,7 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
 from ..errors import OutlineError
-from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, has_target, pass_result, repeated_block
+from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, has_target, pass_result, repeated_block
 
 
 class OutlineLayers(PassBase):
@@ -41,11 +41,6 @@ class OutlineLayers(PassBase):
         for block, span in ranges.items():
             _outline_layer(gm, block, span)
         return pass_result(gm, bool(ranges), drop_unused=True)
-
-
-def outlined_layers(gm: fx.GraphModule) -> list[str]:
-    """Paths of the layers `OutlineLayers` made into called submodules, in call order."""
-    return [n.target for n in gm.graph.nodes if n.op == "call_module" and meta.LAYER in meta.lorafa_meta(n)]
 
 
 def _layer_of(node: fx.Node) -> str | None:

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import replace_matches
+from ..graph import replace_matches
 
 aten = torch.ops.aten
 

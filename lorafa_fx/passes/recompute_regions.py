@@ -1,23 +1,20 @@
-"""Pass: realise the planner's per-block decisions: recompute a block, or offload what it saves.
+"""Pass: realise the planner's per-block decisions (`choices.Decision`) on the graph.
 
 Each planned block (a repeated layer such as ``model.layers.3``: the contiguous range of nodes
 its ``nn_module_stack`` places in it) is outlined into a parameter-free sub-GraphModule and
-called through `Recompute` (decision ``"full"``), which runs it under
-``torch.utils.checkpoint(use_reentrant=False)``: the block keeps only its inputs, and backward
-reruns its whole forward; or through `_offload.Offload` (``"offload"``): the block's saved
-tensors wait in host memory between forward and backward (a CUDA step's lever; see
-`_offload.py`).
+called through a wrapper of `ops/`: `ops.regions.Recompute` (``Decision.RECOMPUTE``: the block
+keeps only its inputs, backward reruns its forward) or `ops.offload.Offload`
+(``Decision.OFFLOAD``: its saved tensors wait in host memory between forward and backward, a
+CUDA step's lever). ``Decision.KEEP`` leaves the block as it is.
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
-``state_dict`` and the optimizer are unchanged. Checkpointing restores the RNG state before
-recomputing, so dropout draws the same masks. The same `torch.utils.checkpoint` call is what
-`torch.compile` traces (as its activation-checkpoint higher-order op).
+``state_dict`` and the optimizer are unchanged.
 
 Only whole blocks are recomputed: torch's selective (op-level) policy keeps every matmul
 output, more than autograd keeps around frozen linears (a frozen linear saves nothing), and
 raised the peak on the test Llama (3.7 vs 2.7 MB).
 
-Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` ("full" or "offload") and
+Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` (the block's `Decision`) and
 ``meta.BLOCK`` (the block's path) on the call of each region.
 """
 
@@ -29,34 +26,23 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.utils.checkpoint import checkpoint
 
 from .. import meta
-from ._graph import block_ranges, boundary, call_in_place_of, extract_graph, pass_result
-from ._offload import Offload, Offloader
-
-RECOMPUTE_CHOICES = ("none", "full", "offload")
-
-
-class Recompute(torch.nn.Module):
-    """Calls `region` under activation checkpointing."""
-
-    def __init__(self, region: fx.GraphModule) -> None:
-        super().__init__()
-        self.region = region
-
-    def forward(self, *args):
-        return checkpoint(self.region, *args, use_reentrant=False)
+from ..choices import Decision
+from ..errors import ConfigError
+from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, pass_result
+from ..ops.offload import Offload, Offloader
+from ..ops.regions import Recompute, region_target
 
 
 class RecomputeRegions(PassBase):
-    """`decisions`: ``{block path: "none" | "full"}``."""
+    """`decisions`: ``{block path: Decision}`` (a block not named is kept)."""
 
-    def __init__(self, decisions: Mapping[str, str]) -> None:
+    def __init__(self, decisions: Mapping[str, Decision]) -> None:
         super().__init__()
-        bad = {b: d for b, d in decisions.items() if d not in RECOMPUTE_CHOICES}
+        bad = {b: d for b, d in decisions.items() if not isinstance(d, Decision)}
         if bad:
-            raise ValueError(f"unknown recompute decisions {bad}; use one of {RECOMPUTE_CHOICES}")
+            raise ConfigError(f"block decisions {bad} are not lorafa_fx.choices.Decision members ({list(Decision)}).")
         self.decisions = decisions
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -64,10 +50,10 @@ class RecomputeRegions(PassBase):
         offloader, offloaded = Offloader(), 0
         modified = False
         for block in ranges:  # in graph order: an offloaded region's position is its order in forward
-            mode = self.decisions.get(block, "none")
-            if mode == "none":
+            mode = self.decisions.get(block, Decision.KEEP)
+            if mode is Decision.KEEP:
                 continue
-            if mode == "full":
+            if mode is Decision.RECOMPUTE:
                 wrap = Recompute
             else:
                 wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
@@ -76,18 +62,7 @@ class RecomputeRegions(PassBase):
         return pass_result(gm, modified)
 
 
-def region_target(block: str) -> str:
-    """The region module of `block`, which also names its call (and, suffixed ``_out_<i>``, the
-    call's outputs): a block's nodes are named after it, so a node of one block can be matched
-    to the same node of another (`memory/compose.py`)."""
-    return "lorafa_region_" + block.replace(".", "_")
-
-
-def has_recompute_regions(gm: fx.GraphModule) -> bool:
-    return any(meta.RECOMPUTE in meta.lorafa_meta(n) for n in gm.graph.find_nodes(op="call_module"))
-
-
-def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: str, wrap) -> None:
+def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap) -> None:
     # get_attr nodes (the adapters' lora_A/lora_B) move in front of the span: parameters stay
     # owned by the outer module and enter the region as inputs.
     for node in [n for n in span if n.op == "get_attr"]:

@@ -40,11 +40,11 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import meta
 from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
+from ..graph import get_attr, new_node, pass_result, set_fake_val
 from ..targets import Adapter
-from .. import meta
-from ._graph import get_attr, new_node, pass_result, set_fake_val
 
 aten = torch.ops.aten
 

@@ -11,7 +11,7 @@ This pass replaces each ``aten.scaled_dot_product_attention`` node with a call t
 * takes k/v before ``repeat_kv`` and runs SDPA with ``enable_gqa=True`` (same math);
 * drops the mask at run time when it is all-true, or exactly causal over a square score
   matrix, and uses ``is_causal=True`` instead, as eager transformers does. The check runs
-  once per mask tensor (`_elide_mask` nodes are shared by all layers) and only eagerly:
+  once per mask tensor (`elide_mask` nodes are shared by all layers) and only eagerly:
   under `torch.compile` the mask is kept, like compiled transformers keeps it. On fake
   tensors (the cost model) data cannot be read: inside `assume_unpadded()` the mask is
   dropped as the attention module's kind says (``is_causal`` attribute: causal, else full);
@@ -22,73 +22,17 @@ Reads ``node.meta["nn_module_stack"]`` and ``["val"]``; the new nodes inherit th
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import operator
-from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ._graph import add_submodule, new_node, owner, pass_result
+from ..graph import add_submodule, new_node, owner, pass_result
+from ..ops.attention import SDPAttention, elide_mask
 from .drop_full_slices import is_full_slice
 
 aten = torch.ops.aten
-
-
-class SDPAttention(torch.nn.Module):
-    """``F.scaled_dot_product_attention`` with its dropout following ``self.training``."""
-
-    def __init__(self, dropout_p: float, scale: float | None, enable_gqa: bool) -> None:
-        super().__init__()
-        self.dropout_p, self.scale, self.enable_gqa = dropout_p, scale, enable_gqa
-
-    def forward(self, q, k, v, attn_mask=None, is_causal: bool = False):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
-        )
-
-    def extra_repr(self) -> str:
-        return f"dropout_p={self.dropout_p}, scale={self.scale}, enable_gqa={self.enable_gqa}"
-
-
-_ASSUME_UNPADDED = contextvars.ContextVar("lorafa_assume_unpadded", default=False)
-
-
-@contextlib.contextmanager
-def assume_unpadded() -> Iterator[None]:
-    """Let `_elide_mask` drop masks of fake tensors, as it would for an unpadded real batch."""
-    token = _ASSUME_UNPADDED.set(True)
-    try:
-        yield
-    finally:
-        _ASSUME_UNPADDED.reset(token)
-
-
-def _elide_mask(mask: torch.Tensor, is_causal: bool, causal_module: bool) -> tuple[torch.Tensor | None, bool]:
-    """(None, causal) when `mask` adds nothing over ``is_causal``; else (mask, is_causal)."""
-    if is_causal or torch.compiler.is_compiling():
-        return mask, is_causal
-    if is_fake(mask):
-        square = mask.shape[-2] == mask.shape[-1]
-        if _ASSUME_UNPADDED.get() and (square or not causal_module):
-            return None, causal_module
-        return mask, is_causal
-    if mask.dtype == torch.bool:
-        if bool(mask.all()):
-            return None, False
-        q_len, kv_len = mask.shape[-2:]
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril_()
-        if q_len == kv_len and torch.equal(mask, causal.expand_as(mask)):
-            return None, True
-    elif not bool(mask.any()):  # additive float mask of zeros
-        return None, False
-    return mask, is_causal
 
 
 class SimplifyAttention(PassBase):
@@ -114,7 +58,7 @@ class SimplifyAttention(PassBase):
                 key = (mask, is_causal, causal_module)
                 if key not in elided:
                     with graph.inserting_after(mask):
-                        pair = new_node(graph, mask, "call_function", _elide_mask, (mask, is_causal, causal_module))
+                        pair = new_node(graph, mask, "call_function", elide_mask, (mask, is_causal, causal_module))
                     with graph.inserting_after(pair):
                         elided[key] = (
                             new_node(graph, mask, "call_function", operator.getitem, (pair, 0)),

@@ -11,10 +11,11 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..units import block_of_path
+from .units import block_of_path
 
 #: Meta keys a new node inherits from the node it stands for, so errors, profiles and
 #: `nn_module_stack`-based matching still point at the user's module.
@@ -88,6 +89,14 @@ def replace_node(end: fx.Node, op: str, target, args: tuple) -> fx.Node:
     call.meta["val"] = end.meta.get("val")
     end.replace_all_uses_with(call)
     return call
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Whether `a`'s output has `b`'s shape (sizes may be symbolic: compared without guards)."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dim() == vb.dim()):
+        return False
+    return all(statically_known_true(sa == sb) for sa, sb in zip(va.shape, vb.shape))
 
 
 def set_fake_val(node: fx.Node, fn: Callable, gm: fx.GraphModule) -> None:

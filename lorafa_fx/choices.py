@@ -1,0 +1,38 @@
+"""The named choices a plan is made of: what happens to a block's activations (`Decision`) and
+how a data-parallel job holds its parameters (`Sharding`). Both are `str` enums, so a plan's
+JSON, its printout and ``sharding="full"`` in a call read as before."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Decision(str, Enum):
+    """What one repeated block (``model.layers.3``) does with what autograd saves in it."""
+
+    KEEP = "keep"  # saved tensors stay on the device until backward (eager PyTorch)
+    RECOMPUTE = "recompute"  # keeps only its inputs; backward reruns its forward (checkpointing)
+    OFFLOAD = "offload"  # saved tensors wait in host memory between forward and backward
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Sharding(str, Enum):
+    """How a data-parallel job (``world_size``) holds the parameters."""
+
+    FULL = "full"  # FSDP2: every parameter sharded 1/world_size, each layer a called unit
+    NONE = "none"  # DDP: replicated; only trained parameters' gradients are all-reduced
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choice(enum: type[Enum], value: object, name: str, error: type[Exception]) -> Enum:
+    """`value` (a member or its string) as a member of `enum`; `error` naming `name` and the
+    accepted values otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in enum)
+        raise error(f"{name}={value!r} is not one of {accepted}.") from None
