@@ -23,9 +23,9 @@ from transformers import LlamaConfig, RobertaConfig, RobertaForSequenceClassific
 
 import lorafa_fx
 from lorafa_fx.api import model_from_config, token_batch
+from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.report import MemoryPlan
-from lorafa_fx.pipeline import Adaptable
 
 GB = 1e9
 OUT = Path(__file__).parent / "out"
@@ -76,7 +76,7 @@ def plan(config, batch: int, seq: int, rank: int, dtype: torch.dtype, train_lora
             inputs["labels"] = torch.zeros(batch, dtype=torch.long)
     lora = lorafa_fx.LoraFAConfig(r=rank, lora_alpha=2 * rank,
                                   modules_to_save=["classifier"] if isinstance(config, RobertaConfig) else None)
-    gm = Adaptable(model, inputs, lora).build()
+    gm = CapturedModel(model, inputs, lora).build()
     if train_lora_A:  # LoRA: same graph, A trained too, so backward keeps every adapter's input x
         for a in gm.lorafa_adapters:
             gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad_(True)

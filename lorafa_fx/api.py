@@ -9,7 +9,6 @@ which does the same for one process and for one rank. A sweep or a search captur
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import itertools
@@ -25,13 +24,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
 from .capture import position_limit
+from .captured_model import CapturedModel, Progress
 from .config import LoraFAConfig, PlanSettings
 from .devices import PROFILES, auto_budget, device_profile, resident_bytes, resolve_device
 from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
-from .hf_compat import attach_hf_attributes
 from .memory.report import MemoryPlan
-from .pipeline import SHALLOW_LAYERS, Adaptable, Progress, plan_and_emit
+from .pipeline import emit, plan_and_emit
 from .presets import PRESETS, load_config
+from .shallow import shallow_config
 
 #: Makes the batch of a shape, ``(batch_size, seq_len)``, in the captured model's mode.
 BatchMaker = Callable[[int, int], dict[str, torch.Tensor]]
@@ -98,10 +98,7 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
-    gm = plan_and_emit(Adaptable(model, example_inputs, config or LoraFAConfig()), example_inputs, settings, _quiet)
-    gm.train(model.training)
-    attach_hf_attributes(gm, model)
-    return gm
+    return emit(CapturedModel(model, example_inputs, config or LoraFAConfig()), model, example_inputs, settings)
 
 
 @overload
@@ -182,14 +179,14 @@ def estimate(
     _check_seq_len(model_or_config, max(seq_lens))
     settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
     progress = progress or _quiet
-    adaptable, batch_of = _adaptable(
+    captured, batch_of = _captured(
         model_or_config, max(batch_sizes), max(seq_lens), config or LoraFAConfig(), dtype, progress
     )
     if isinstance(batch_size, int) and isinstance(seq_len, int):
-        return plan_and_emit(adaptable, batch_of(batch_size, seq_len), settings, progress).lorafa_plan
+        return plan_and_emit(captured, batch_of(batch_size, seq_len), settings, progress).lorafa_plan
     shapes = list(itertools.product(batch_sizes, seq_lens))
     return [
-        _sweep_row(adaptable, batch_of(b, s), settings, _prefixed(progress, f"batch {b} x seq {s} ({i} of {len(shapes)})"))
+        _sweep_row(captured, batch_of(b, s), settings, _prefixed(progress, f"batch {b} x seq {s} ({i} of {len(shapes)})"))
         for i, (b, s) in enumerate(shapes, 1)
     ]
 
@@ -226,12 +223,12 @@ def largest_batch_size(
     _check_seq_len(model_or_config, seq_len)
     settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
     progress = progress or _quiet
-    adaptable, batch_of = _adaptable(model_or_config, 1, seq_len, config or LoraFAConfig(), dtype, progress)
+    captured, batch_of = _captured(model_or_config, 1, seq_len, config or LoraFAConfig(), dtype, progress)
     plans: dict[int, MemoryPlan] = {}
 
     def plan_at(b: int) -> MemoryPlan:
         step = _prefixed(progress, f"batch {b} x seq {seq_len}")
-        return plan_and_emit(adaptable, batch_of(b, seq_len), settings, step).lorafa_plan
+        return plan_and_emit(captured, batch_of(b, seq_len), settings, step).lorafa_plan
 
     def fits(b: int) -> bool:
         try:
@@ -314,24 +311,24 @@ def _settings(
     return dataclasses.replace(settings, device_profile=profile, offload=offload, **read)
 
 
-def _adaptable(
+def _captured(
     model_or_config: nn.Module | PretrainedConfig,
     batch_size: int,
     seq_len: int,
     config: LoraFAConfig,
     dtype: torch.dtype,
     progress: Progress,
-) -> tuple[Adaptable, BatchMaker]:
-    """`model_or_config` captured at ``(batch_size, seq_len)`` and adapted (`Adaptable`: its batch
+) -> tuple[CapturedModel, BatchMaker]:
+    """`model_or_config` captured at ``(batch_size, seq_len)`` and adapted (`CapturedModel`: its batch
     and sequence dims are dynamic, so it is planned at any shape), with the maker of the batches
     it is planned at."""
     if isinstance(model_or_config, PretrainedConfig):
         progress("building the model with fake weights")
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        shallow_config = _shallow_config(model_or_config)
+        shallow = shallow_config(model_or_config)
         with mode:
             model = model_from_config(model_or_config, dtype)
-            shallow = model_from_config(shallow_config, dtype) if shallow_config is not None else None
+            shallow = model_from_config(shallow, dtype) if shallow is not None else None
 
         def batch_of(b: int, s: int) -> dict[str, torch.Tensor]:
             with mode:  # fake like the weights, in their mode: capture and the cost model mix them
@@ -339,35 +336,19 @@ def _adaptable(
     else:
         model, shallow = model_or_config, None
         batch_of = functools.partial(token_batch, device=next(model.parameters()).device)
-    return Adaptable(model, batch_of(batch_size, seq_len), config, progress, shallow), batch_of
-
-
-def _shallow_config(config: PretrainedConfig) -> PretrainedConfig | None:
-    """`config` with `SHALLOW_LAYERS` layers, for a decoder with more whose config holds
-    nothing that differs per layer (`Adaptable` then captures it, and checks the rest)."""
-    layers = getattr(config, "num_hidden_layers", None)
-    if getattr(config, "is_encoder_decoder", False) or not isinstance(layers, int) or layers <= SHALLOW_LAYERS:
-        return None
-    per_layer = {k: v for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == layers}
-    if any(len({repr(x) for x in v}) > 1 for v in per_layer.values()):
-        return None
-    shallow = copy.deepcopy(config)
-    shallow.num_hidden_layers = SHALLOW_LAYERS
-    for k, v in per_layer.items():
-        setattr(shallow, k, type(v)(v[:SHALLOW_LAYERS]))
-    return shallow
+    return CapturedModel(model, batch_of(batch_size, seq_len), config, progress, shallow), batch_of
 
 
 def _sweep_row(
-    adaptable: Adaptable, batch: Mapping[str, object], settings: PlanSettings, progress: Progress
+    captured: CapturedModel, batch: Mapping[str, object], settings: PlanSettings, progress: Progress
 ) -> MemoryPlan:
     try:
-        return plan_and_emit(adaptable, batch, settings, progress).lorafa_plan
+        return plan_and_emit(captured, batch, settings, progress).lorafa_plan
     except InfeasibleBudgetError as e:
         with warnings.catch_warnings():
             # This plan does not fit anyway: its chunked loss is no advice to the user.
             warnings.simplefilter("ignore")
-            smallest = plan_and_emit(adaptable, batch, dataclasses.replace(settings, budget_bytes=e.min_budget_bytes), progress)
+            smallest = plan_and_emit(captured, batch, dataclasses.replace(settings, budget_bytes=e.min_budget_bytes), progress)
         return dataclasses.replace(smallest.lorafa_plan, budget_bytes=settings.budget_bytes)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch
 import lorafa_fx
 from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
+from lorafa_fx.captured_model import CapturedModel
+from lorafa_fx.config import PlanSettings
 from lorafa_fx.graph import graph_copy
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
@@ -27,9 +28,10 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
 
     Capturing (torch.export) is most of a test's time, and transform is deterministic: each
     argument set is transformed once per session, budgets of one model and config share one
-    model and its capture, and every caller gets a deep copy of the pair (copied together, so
-    the copy of gm still shares the copy of the model's weights). Tests that check what
-    transform itself warns or raises call it directly.
+    model and its capture (the pipeline's `CapturedModel` takes the capture function), and every
+    caller gets a deep copy of the pair (copied together, so the copy of gm still shares the copy
+    of the model's weights). Tests that check what transform itself warns or raises call it
+    directly.
     """
     key = repr((name, shape, budget, model_fn, sorted(config.items())))
     if key not in _TRANSFORMED:
@@ -44,9 +46,9 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
             return graph_copy(_CAPTURED[model_key])
 
         config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
-        with mock.patch.object(pipeline, "capture", capture_once):
-            _TRANSFORMED[key] = model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
-                                                           config=config)
+        batch = make_batch(name, *shape)
+        captured = CapturedModel(model, batch, config, capture=capture_once)
+        _TRANSFORMED[key] = model, pipeline.emit(captured, model, batch, PlanSettings.from_arguments(budget, None, "full"))
     return copy.deepcopy(_TRANSFORMED[key])
 
 

@@ -12,12 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from lorafa_fx import LoraFAConfig
+from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.choices import Decision, Sharding
 from lorafa_fx.graph import block_ranges
 from lorafa_fx.memory.compose import ComposedSimulator
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.sharded_cost_model import rank_cost_model
-from lorafa_fx.pipeline import REALISE, Adaptable
+from lorafa_fx.stages import REALISE
 from lorafa_fx.units import block_of_path
 from lorafa_fx.zoo import _CLASSES, _CONFIGS, CONFIG_KWARGS, make_batch
 
@@ -44,7 +45,7 @@ def _deep(name: str, layers: int = LAYERS) -> torch.nn.Module:
 def _graph(name: str, layers: int = LAYERS, **config) -> tuple[torch.fx.GraphModule, dict]:
     batch = make_batch("llama" if name == "mistral" else name, *SHAPE)
     lora = LoraFAConfig(r=4, **{**CONFIG_KWARGS.get(name, {}), **config})
-    return Adaptable(_deep(name, layers), batch, lora).build(), batch
+    return CapturedModel(_deep(name, layers), batch, lora).build(), batch
 
 
 def _same(whole, composed) -> None:

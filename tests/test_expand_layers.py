@@ -1,6 +1,6 @@
 """A shallow capture grown to full depth (passes/expand_layers.py) against capturing the deep model.
 
-Reference: `Adaptable` capturing the deep model itself. The grown graph must have the same
+Reference: `CapturedModel` capturing the deep model itself. The grown graph must have the same
 parameters (names, shapes, dtypes, trainable), adapters, and simulated step, and plan the
 same under a budget; where the deep model's layers do not repeat the shallow one's last, the
 deep model is captured instead.
@@ -16,11 +16,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig
 
 from lorafa_fx import LoraFAConfig
-from lorafa_fx.api import _shallow_config, model_from_config, token_batch
+from lorafa_fx.api import model_from_config, token_batch
+from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.choices import Decision
 from lorafa_fx.config import PlanSettings
 from lorafa_fx.memory.cost_model import CostModel
-from lorafa_fx.pipeline import SHALLOW_LAYERS, Adaptable, plan_and_emit
+from lorafa_fx.pipeline import plan_and_emit
+from lorafa_fx.shallow import SHALLOW_LAYERS, shallow_config
 
 LAYERS = 4
 SHAPE = (2, 16)
@@ -31,14 +33,14 @@ def _llama(**extra) -> LlamaConfig:
                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, **extra)
 
 
-def _adaptables(config, lora: LoraFAConfig) -> tuple[Adaptable, Adaptable, dict]:
+def _captured_pair(config, lora: LoraFAConfig) -> tuple[CapturedModel, CapturedModel, dict]:
     """(grown from a shallow capture, captured deep), with their batch (fake weights, bf16)."""
-    shallow_config = _shallow_config(config)
+    shallow = shallow_config(config)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model_from_config(config, torch.bfloat16)
-        shallow = model_from_config(shallow_config, torch.bfloat16) if shallow_config is not None else None
+        shallow = model_from_config(shallow, torch.bfloat16) if shallow is not None else None
         batch = token_batch(*SHAPE)
-    return Adaptable(model, batch, lora, shallow=shallow), Adaptable(model, batch, lora), batch
+    return CapturedModel(model, batch, lora, shallow=shallow), CapturedModel(model, batch, lora), batch
 
 
 def _parameters(gm) -> list[tuple]:
@@ -62,7 +64,7 @@ _FAMILIES = {
 @pytest.mark.parametrize("family", sorted(_FAMILIES))
 def test_grown_graph_is_the_deep_models_graph(family):
     config = _FAMILIES[family]()
-    grown, deep, batch = _adaptables(config, LoraFAConfig(r=4))
+    grown, deep, batch = _captured_pair(config, LoraFAConfig(r=4))
     assert grown.depths and not deep.depths
     g, d = grown.build(), deep.build()
     assert _parameters(g) == _parameters(d)
@@ -77,7 +79,7 @@ def test_grown_graph_is_the_deep_models_graph(family):
 
 
 def test_grown_graph_plans_as_the_deep_one():
-    grown, deep, batch = _adaptables(_llama(), LoraFAConfig(r=4, min_r=1))
+    grown, deep, batch = _captured_pair(_llama(), LoraFAConfig(r=4, min_r=1))
     unplanned = plan_and_emit(deep, batch, PlanSettings()).lorafa_plan.predicted_peak_bytes
     settings = PlanSettings(budget_bytes=int(unplanned * 0.9))
     ours, reference = plan_and_emit(grown, batch, settings).lorafa_plan, plan_and_emit(deep, batch, settings).lorafa_plan
@@ -89,10 +91,10 @@ def test_grown_graph_plans_as_the_deep_one():
 
 def test_layers_that_differ_are_captured_deep():
     # Layer 3 gets another rank, so it does not repeat the shallow model's last: the deep model is captured.
-    grown, _, _ = _adaptables(_llama(), LoraFAConfig(r=4, rank_pattern={r"layers\.3\.mlp\.up_proj": 2}))
+    grown, _, _ = _captured_pair(_llama(), LoraFAConfig(r=4, rank_pattern={r"layers\.3\.mlp\.up_proj": 2}))
     assert grown.depths == {}
     assert {a.path: a.r for a in grown.adapters}["model.layers.3.mlp.up_proj"] == 2
     # A per-layer setting that differs (attention kinds) leaves no shallow config at all.
     kinds = ["full_attention", "sliding_attention"] * (LAYERS // 2)
-    assert _shallow_config(_llama(layer_types=kinds)) is None
-    assert _shallow_config(_llama(layer_types=["full_attention"] * LAYERS)).layer_types == ["full_attention"] * SHALLOW_LAYERS
+    assert shallow_config(_llama(layer_types=kinds)) is None
+    assert shallow_config(_llama(layer_types=["full_attention"] * LAYERS)).layer_types == ["full_attention"] * SHALLOW_LAYERS

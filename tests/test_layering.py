@@ -1,12 +1,12 @@
 """The package's layers, read from its source: imports only go down, no cycles, small files.
 
-Layers, bottom to top (a module may import its own layer and the ones below):
-leaves (units, choices, meta, errors, config, devices) -> graph editing (graph) and what the
-graph runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets) -> passes/ ->
-memory/ -> pipeline -> api; memory/ never imports passes/ (it receives the rewrites it needs as an
-object); the training-side modules (optim,
-peft_files, merge, hf_compat, backbone, distributed, measure) sit beside the pipeline and never import
-it; the package root, the CLI, the demo and the zoo may import anything.
+Layers, bottom to top (a module may import its own layer and the ones below): leaves (units,
+choices, meta, errors, config, atomic_dir, devices) -> graph editing (graph) and what the graph
+runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets, shallow) -> passes/ ->
+memory/ -> stages (the pass lists) -> the training-side modules (optim, peft_files, merge,
+hf_compat, backbone, distributed, measure) -> captured_model -> pipeline -> api. memory/ never
+imports passes/: it receives the rewrites it needs as an object. The package root, the CLI, the
+demo and the zoo may import anything.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lorafa_fx"
 LAYERS = [
     {"units", "choices", "meta", "errors", "config", "atomic_dir", "devices"},
     {"graph", "ops"},
-    {"targets", "capture", "bnb_layers", "presets"},
+    {"targets", "capture", "bnb_layers", "presets", "shallow"},
     {"passes"},
     {"memory"},
+    {"stages"},
     {"optim", "peft_files", "merge", "hf_compat", "backbone", "distributed", "measure"},
+    {"captured_model"},
     {"pipeline"},
     {"api"},
 ]

@@ -9,7 +9,6 @@ trained gradient, bit for bit where the op order is the same), PEFT LoRA with A 
 from __future__ import annotations
 
 import functools
-from unittest import mock
 
 import pytest
 import torch
@@ -17,12 +16,12 @@ from conftest import VOCAB, compiled_step, make_batch, make_model, peft_referenc
 from torch.testing import FileCheck
 from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from lorafa_fx import LoraFAConfig, pipeline
+from lorafa_fx import LoraFAConfig
+from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.graph import owner
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.ops.gated_activation import gated_activation
 from lorafa_fx.ops.norms import rms_norm
-from lorafa_fx.pipeline import Adaptable
 
 B, S = 2, 8
 #: scaling 2, a power of two (as in test_mixed_precision): PEFT's order of scaling rounds alike.
@@ -63,12 +62,11 @@ _MODELS = {
 @functools.cache
 def _graphs(name: str, dtype: torch.dtype, modules_to_save: tuple[str, ...] = ()):
     """(model, plain, lean): the model in `dtype` and its adapted graph captured without and
-    with the two passes (the pipeline's `LEAN_PASSES`), both with the same random lora_B."""
+    with the lean passes (`stages.LEAN_PASSES`), both with the same random lora_B."""
     model = _MODELS[name]().to(dtype)
     config = LoraFAConfig(r=R, lora_alpha=ALPHA, modules_to_save=list(modules_to_save) or None)
-    with mock.patch.object(pipeline, "LEAN_PASSES", ()):
-        plain = Adaptable(model, _batch(), config).build()
-    lean = Adaptable(model, _batch(), config).build()
+    plain = CapturedModel(model, _batch(), config, lean_passes=()).build()
+    lean = CapturedModel(model, _batch(), config).build()
     for gm in (plain, lean):
         randomize_lora_B(gm)
     return model, plain, lean

@@ -11,7 +11,6 @@ bytes at most its, issue #17's target; the loss) and the same lean module run ea
 from __future__ import annotations
 
 import functools
-from unittest import mock
 
 import pytest
 import torch
@@ -19,8 +18,9 @@ from conftest import compiled_step, make_model, peft_reference, randomize_lora_B
 from torch.testing import FileCheck
 from transformers import BloomConfig, BloomForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from lorafa_fx import LoraFAConfig, pipeline
+from lorafa_fx import LoraFAConfig
 from lorafa_fx.capture import capture
+from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.graph import graph_copy
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.ops.gated_activation import gated_activation
@@ -28,7 +28,7 @@ from lorafa_fx.ops.norms import rms_norm
 from lorafa_fx.ops.pointwise import RecomputedPointwise
 from lorafa_fx.passes.compact_saved_views import CompactSavedViews
 from lorafa_fx.passes.lean_pointwise import LeanPointwise
-from lorafa_fx.pipeline import Adaptable
+from lorafa_fx.stages import LEAN_PASSES
 
 B, S, D, LAYERS, VOCAB = 2, 8, 64, 2, 96
 #: scaling 2, a power of two: PEFT's order of scaling rounds alike.
@@ -64,10 +64,10 @@ def _graphs(name: str, dtype: torch.dtype):
     pass it exercises and with every pass, both with the same random lora_B."""
     model, exported = _export(name, dtype)
     graphs = []
-    for lean in (tuple(p for p in pipeline.LEAN_PASSES if p is not _PASS[name]), pipeline.LEAN_PASSES):
-        with mock.patch.object(pipeline, "LEAN_PASSES", lean), \
-                mock.patch.object(pipeline, "capture", lambda *_: graph_copy(exported)):
-            graphs.append(Adaptable(model, _batch(), LoraFAConfig(r=R, lora_alpha=ALPHA)).build())
+    for lean in (tuple(p for p in LEAN_PASSES if not isinstance(p, _PASS[name])), LEAN_PASSES):
+        captured = CapturedModel(model, _batch(), LoraFAConfig(r=R, lora_alpha=ALPHA), lean_passes=lean,
+                                 capture=lambda *_: graph_copy(exported))
+        graphs.append(captured.build())
     for gm in graphs:
         randomize_lora_B(gm)
     return model, *graphs

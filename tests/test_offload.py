@@ -21,7 +21,7 @@ from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.planner import _exposed_transfer
 from lorafa_fx.memory.simulate import with_decisions
 from lorafa_fx.ops import offload as _offload
-from lorafa_fx.pipeline import REALISE
+from lorafa_fx.stages import REALISE
 from lorafa_fx.zoo import make_batch
 
 

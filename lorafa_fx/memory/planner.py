@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,9 +63,11 @@ import torch
 import torch.fx as fx
 
 from ..choices import Decision
+from ..config import LoraFAConfig
 from ..devices import ACHIEVED_FRACTION, DeviceProfile
 from ..errors import InfeasibleBudgetError
 from ..graph import block_of, block_ranges
+from ..targets import Adapter, rank_is_fixed
 from ..units import format_bytes, natural_key
 from .flops import concrete, node_flops
 from .simulate import Simulator, StepEstimate
@@ -84,12 +86,21 @@ class Levers:
     chunked_cross_entropy: bool = False
 
 
-def lever_ladder(min_r: int | None, max_r: int, chunked_cross_entropy: bool | None, chunk_applies: bool) -> list[Levers]:
-    """The rungs from least memory to the configured model. `max_r`: the largest adjustable
-    rank (0 if none); ``chunked_cross_entropy=None``: the planner's choice."""
-    chunk = [True, False] if chunked_cross_entropy is None else [chunked_cross_entropy]
+def lever_ladder(
+    config: LoraFAConfig, adapters: Sequence[Adapter], trains_modules: bool, chunk_applies: bool
+) -> list[Levers]:
+    """The rungs from least memory to the configured model: each rank cap the config allows
+    (``min_r``; ranks in ``rank_pattern`` are fixed), with and without a chunked loss where
+    ``chunked_cross_entropy=None`` leaves it to the planner (and `chunk_applies`: the model ends
+    in a loss the chunked form computes). `trains_modules`: modules_to_save train beside the
+    adapters, so dropping every adapter (``min_r=0``) still leaves something to train."""
+    adjustable = [a.r for a in adapters if not rank_is_fixed(config, a.path)]
+    keeps_some = len(adjustable) < len(adapters) or trains_modules
+    # Dropping every adapter would leave nothing to train: then the floor is rank 1.
+    min_r = 1 if config.min_r == 0 and not keeps_some else config.min_r
+    chunk = [True, False] if config.chunked_cross_entropy is None else [config.chunked_cross_entropy]
     chunk = [c and chunk_applies for c in chunk]
-    caps = range(min_r, max_r) if min_r is not None else range(0)
+    caps = range(min_r, max(adjustable, default=0)) if min_r is not None else range(0)
     ladder = [Levers(cap, chunk[0]) for cap in caps] + [Levers(None, c) for c in chunk]
     return list(dict.fromkeys(ladder))
 

@@ -11,7 +11,7 @@ tensors of the same shapes, dtypes, ``requires_grad`` and mode: fake for a model
 `FakeTensorMode`) at its own path (``model.layers.17.self_attn.q_proj.weight``), and its nodes
 the module path of the block they stand for, so every later stage sees the graph it would
 have captured from the deep model. The pipeline checks that the deep model's layers match
-the shallow one's before it relies on this (`pipeline.Adaptable`).
+the shallow one's before it relies on this (`shallow.repeated_stacks`).
 
 Reads ``node.meta["nn_module_stack"]`` and ``meta.ADAPTER``; writes both on the copies, with
 the copy's path (other meta, ``val`` included, is shared with the copied node).
