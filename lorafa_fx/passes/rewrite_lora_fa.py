@@ -41,9 +41,9 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
-from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
 from ..graph import get_attr, new_node, pass_result, set_fake_val
+from ..ops.bnb import QUANTIZED_LINEAR_OPS
 from ..targets import Adapter
 
 aten = torch.ops.aten
