@@ -16,8 +16,8 @@ from torch.testing import FileCheck
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
-from bench._harness import state_tensors, step_peak_bytes
 from lorafa_fx import LoraFAConfig
+from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.ops.cross_entropy import linear_cross_entropy
 from lorafa_fx.passes.chunk_cross_entropy import ChunkCrossEntropy
 
@@ -131,7 +131,7 @@ def test_chunk_ce_peak_drops_by_more_than_the_logits():
 
         step()
         opt.zero_grad(set_to_none=True)
-        peaks.append(step_peak_bytes(step, state_tensors(gm, opt, batch))["peak"])
+        peaks.append(measure_peak_bytes(step, gm, opt, batch))
     logits_bytes = batch_size * seq * vocab * 4
     assert peaks[0] - peaks[1] >= logits_bytes, (peaks, logits_bytes)
     torch.testing.assert_close(losses[2], losses[0], atol=1e-5, rtol=0)  # first steps: same weights

@@ -114,4 +114,6 @@ def test_peak_location_and_per_block_breakdown():
     # identical decoder layers save alike (up to tensors at their boundaries, e.g. the residual)
     layer0, layer1 = estimate.saved_by_module["model.layers.0"], estimate.saved_by_module["model.layers.1"]
     assert layer0 == pytest.approx(layer1, rel=0.03)
-    assert sum(estimate.saved_by_module.values()) == estimate.saved_activations
+    # Reference for the breakdown's total: saved_tensors_hooks on a real forward.
+    measured = saved_activation_bytes(lambda: gm(**make_batch("llama", 2, 16)).loss, module_state(gm))
+    assert sum(estimate.saved_by_module.values()) == pytest.approx(measured, rel=0.02)

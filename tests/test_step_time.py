@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx.__main__ import _build_parser, main
-from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES, RESERVE
+from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES
 from lorafa_fx.errors import ConfigError
 from lorafa_fx.memory import planner
 
@@ -46,8 +46,8 @@ def test_step_time_is_the_steps_flops_at_the_cards_throughput_and_recomputation_
 
 def test_auto_budget_for_a_card_is_an_idle_cards_memory_minus_the_reserve():
     plan = _plan(device="a100", budget="auto")
-    reserve = RESERVE["cuda"].fixed_bytes + int(RESERVE["cuda"].fraction * PROFILES["a100"].memory_bytes)
-    assert (plan.budget_bytes, plan.reserve_bytes) == (PROFILES["a100"].memory_bytes - reserve, reserve)
+    # 80 GB A100: reserve 1 GiB + 5% of 80 GB = 1_073_741_824 + 4_000_000_000 bytes.
+    assert (plan.budget_bytes, plan.reserve_bytes) == (74_926_258_176, 5_073_741_824)
     assert plan.budget_device == "a100" and plan.device_profile == "a100"
 
 

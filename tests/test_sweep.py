@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 
 import lorafa_fx
 from lorafa_fx import ConfigError, InfeasibleBudgetError
-from lorafa_fx.devices import RESERVE, auto_budget
+from lorafa_fx.devices import auto_budget
 
 FP32 = {"dtype": torch.float32}
 #: fp32 at seq 16, batches 1-3 fit in 800 kB (3 only with both blocks recomputed), 4 does not.
@@ -86,8 +86,9 @@ def _ram(monkeypatch, available: int) -> None:
 def test_budget_auto_on_cpu_is_the_available_ram_minus_the_reserve(monkeypatch):
     _ram(monkeypatch, 5 * 10**9)
     plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device="cpu", **FP32)
-    reserve = RESERVE["cpu"].fixed_bytes + int(RESERVE["cpu"].fraction * 5 * 10**9)
-    assert plan.reserve_bytes == reserve and plan.budget_bytes == 5 * 10**9 - reserve
+    # The CPU reserve: 1 GiB, no fraction (devices.RESERVE's documented sizes).
+    reserve = 1_073_741_824
+    assert (plan.reserve_bytes, plan.budget_bytes) == (reserve, 3_926_258_176)
     assert plan.budget_device == "cpu" and plan.fits
     assert "auto: cpu's free memory minus the reserve" in str(plan) and plan.to_dict()["reserve_bytes"] == reserve
 
@@ -120,10 +121,11 @@ def test_budget_auto_on_cuda_reads_the_driver_and_the_allocators_cache(monkeypat
     """Reference: free = the driver's free memory + what the caching allocator holds unused."""
     _cuda(monkeypatch, count=2, free=70 * 10**9, reserved=6 * 10**9, allocated=2 * 10**9)
     plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device="cuda:1", **FP32)
-    free = 74 * 10**9
-    reserve = RESERVE["cuda"].fixed_bytes + int(RESERVE["cuda"].fraction * free)
-    assert (plan.budget_bytes, plan.reserve_bytes, plan.budget_device) == (free - reserve, reserve, "cuda:1")
-    assert auto_budget(torch.device("cuda", 1)) == (free - reserve, free, reserve)
+    # free: 70 GB the driver reports + 4 GB cached unused = 74 GB; the CUDA reserve is
+    # 1 GiB + 5% of it = 1_073_741_824 + 3_700_000_000 bytes (devices.RESERVE's documented sizes).
+    free, reserve = 74 * 10**9, 4_773_741_824
+    assert (plan.budget_bytes, plan.reserve_bytes, plan.budget_device) == (69_226_258_176, reserve, "cuda:1")
+    assert auto_budget(torch.device("cuda", 1)) == (69_226_258_176, free, reserve)
 
 
 def test_a_config_plans_for_the_current_cuda_device_by_default(monkeypatch):
