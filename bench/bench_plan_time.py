@@ -49,14 +49,14 @@ PLANS: dict[str, tuple[str, str, str, float | None]] = {
     "7b-unplanned": ("7b", "llama-2-7b", "batch_size=16, seq_len=1024, config=LoraFAConfig(r=64, lora_alpha=16)",
                      None),
     "70b-8ranks-80GB": ("70b", "llama-2-70b", 'batch_size=1, seq_len=4096, config=LoraFAConfig(r=16, lora_alpha=32), '
-                        'world_size=8, budget="80GB"', 30.0),
+                        'plan=PlanConfig(world_size=8), budget="80GB"', 30.0),
 }
 
 _CHILD = """
 import json, sys, time, warnings
 warnings.simplefilter("ignore")
 import torch
-from lorafa_fx import LoraFAConfig, estimate
+from lorafa_fx import LoraFAConfig, PlanConfig, estimate
 from lorafa_fx.presets import PRESETS
 model_config = PRESETS["{preset}"]()
 t, c = time.perf_counter(), time.process_time()

@@ -79,9 +79,9 @@ def _lorafa_budget(offload: bool) -> Builder:
             unplanned_peak = lorafa_fx.estimate(model, batch_size=b, seq_len=s, config=LORA).predicted_peak_bytes
         budget = int(BUDGET_FRACTION * unplanned_peak)
         try:
-            return lorafa_fx.transform(model, budget, example_inputs=batch, config=LORA, offload=offload)
+            return lorafa_fx.transform(model, budget, example_inputs=batch, config=LORA, plan=lorafa_fx.PlanConfig(offload=offload))
         except InfeasibleBudgetError as e:
-            return lorafa_fx.transform(model, e.min_budget_bytes, example_inputs=batch, config=LORA, offload=offload)
+            return lorafa_fx.transform(model, e.min_budget_bytes, example_inputs=batch, config=LORA, plan=lorafa_fx.PlanConfig(offload=offload))
 
     return build
 

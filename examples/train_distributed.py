@@ -77,7 +77,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     gm = lorafa_fx.transform(model, args.budget, example_inputs=_batch(0, rank, args, vocab, device),
                              config=lorafa_fx.LoraFAConfig(r=args.rank, lora_alpha=2 * args.rank),
-                             world_size=world, sharding=args.sharding)
+                             plan=lorafa_fx.PlanConfig(world_size=world, sharding=args.sharding))
     if rank == 0:
         print(gm.lorafa_plan)
     wrapped = prepare(gm)

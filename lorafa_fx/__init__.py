@@ -6,7 +6,7 @@
 """
 
 from .api import estimate, largest_batch_size, transform
-from .config import LoraFAConfig, PlanSettings
+from .config import LoraFAConfig
 from .errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -24,6 +24,7 @@ from .memory.report import LayerPlan, MemoryPlan
 from .merge import merge
 from .optim import LoraFAOptimizer, create_lorafa_optimizer
 from .peft_files import load_adapter, save_adapter
+from .plan_config import PlanConfig
 from .targets import Adapter
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "LoraFAError",
     "LoraFAOptimizer",
     "MemoryPlan",
-    "PlanSettings",
+    "PlanConfig",
     "TargetNotFoundError",
     "create_lorafa_optimizer",
     "estimate",

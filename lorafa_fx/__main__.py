@@ -12,8 +12,8 @@ on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import warnings
 
@@ -72,33 +72,6 @@ def _positive_ints(flag: str, what: str, example: int):
     return parse
 
 
-def _positive_float(flag: str, what: str, example: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a number > 0: {flag} is {what}; pass e.g. {flag} {example}"
-            )
-        return value
-
-    parse.__name__ = flag
-    return parse
-
-
-def _budget(text: str) -> int | str:
-    from .units import parse_budget
-
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return parse_budget(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e} E.g. --budget 40GB") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     json_mode = "plan" in argv and "--json" in argv
@@ -139,7 +112,68 @@ def _build_parser() -> _Parser:
     return parser
 
 
+#: The plan command's flags that set a config field, by (config class name, field): the flag is
+#: the field's name unless named here; its default and help are the field's own.
+_FLAG_NAMES = {("LoraFAConfig", "r"): "--rank", ("LoraFAConfig", "lora_alpha"): "--alpha",
+               ("PlanConfig", "offload"): "--no-offload"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
+    """A flag per field of `cls` in `names`, defaulting to the field's default, with its help;
+    `_config` converts and the config object checks the value (one message for CLI and API)."""
+    from .choices import Sharding
+
+    for f in dataclasses.fields(cls):
+        if f.name not in names:
+            continue
+        what = f.metadata.get("help", "")
+        if f.type == "bool":  # a switch that turns the default off
+            p.add_argument(_flag(cls, f.name), dest=f.name, action="store_false", default=f.default, help=what)
+        elif f.type == "Sharding":
+            p.add_argument(_flag(cls, f.name), dest=f.name, choices=[s.value for s in Sharding],
+                           default=f.default.value, help=what)
+        else:
+            p.add_argument(_flag(cls, f.name), dest=f.name, default=None,
+                           help=f"{what} (default: {f.default})" if f.default is not None else what)
+
+
+def _flag(cls: type, name: str) -> str:
+    return _FLAG_NAMES.get((cls.__name__, name), "--" + name.replace("_", "-"))
+
+
+def _config(cls: type, args: argparse.Namespace, names: tuple[str, ...]):
+    """``cls(**fields)`` from the flags of `names` (a number field's text converted by its type);
+    the config's error, if any, names the flag and the text given."""
+    from .errors import LoraFAError
+
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name in names}
+    values = {}
+    for name, f in fields.items():
+        text = getattr(args, name)
+        # A field that takes a string takes the text as it is ("40GB", "h100"); others a number.
+        kind = str if "str" in f.type else {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+        try:
+            values[name] = f.default if text is None else kind(text) if isinstance(text, str) else text
+        except ValueError:
+            raise _UsageError(f"{_flag(cls, name)} {text!r} is not {'an integer' if kind is int else 'a number'}: "
+                              f"pass e.g. {_flag(cls, name)} {_example(f)}.") from None
+    try:
+        return cls(**values)
+    except LoraFAError as e:
+        name = next((n for n in names if str(e).startswith(f"{n}=")), None)
+        if name is None:
+            raise
+        flag = _flag(cls, name)
+        raise _UsageError(f"{flag} {getattr(args, name)!r}: {e} Pass e.g. {flag} {_example(fields[name])}.") from None
+
+
+def _example(f: dataclasses.Field) -> object:
+    return f.metadata.get("example", f.default)
+
+
 def _add_plan_parser(sub) -> None:
+    from .config import LoraFAConfig
+    from .plan_config import PlanConfig
     from .presets import PRESETS
 
     p = sub.add_parser(
@@ -157,27 +191,10 @@ def _add_plan_parser(sub) -> None:
                    help="tokens per sequence; several sweep (every batch with every seq)")
     p.add_argument("--max-batch", action="store_true",
                    help="instead of --batch: the largest batch size whose step fits --budget, and its plan")
-    p.add_argument("--rank", type=_positive_int("--rank", "the adapter rank r", 8), default=8)
-    p.add_argument("--alpha", type=_positive_float("--alpha", "lora_alpha (scaling = alpha / rank)", "16"),
-                   default=None, help="lora_alpha, > 0 (default: 2 x rank)")
-    p.add_argument("--budget", type=_budget, default=None,
-                   help="bytes (e.g. 40000000000), 40GB (10^9), 40GiB (2^30), or auto: the free memory of "
-                   "--device minus a reserve")
-    p.add_argument("--device", default=None,
-                   help="the card to plan for: a100, h100 or h200 (the plan times the step on it; --budget auto is "
-                   "its memory minus a reserve), or a local device (cpu, cuda:N) whose free memory --budget auto "
-                   "reads (default: cuda if available, else cpu)")
-    p.add_argument("--no-offload", dest="offload", action="store_false",
-                   help="never offload blocks to host memory on a card (--device a100/h100/h200): blocks that do "
-                   "not fit --budget are recomputed (host or pinned memory is short, or to see the recompute plan)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="the step's forward under autocast (accelerate's names; e.g. --dtype fp32 --mixed-precision bf16)")
     p.add_argument("--json", action="store_true", help="print the plan (or the error) as JSON on stdout")
-    p.add_argument("--world-size", type=_positive_int("--world-size", "the number of data-parallel processes", 8),
-                   default=None, help="plan one rank of a data-parallel job of N processes (--batch is per rank)")
-    p.add_argument("--sharding", choices=("full", "none"), default="full",
-                   help="with --world-size: full = FSDP2 (weights sharded 1/N), none = DDP (replicated)")
+    _add_config_flags(p, LoraFAConfig, ("r", "lora_alpha"))
+    _add_config_flags(p, PlanConfig, tuple(f.name for f in dataclasses.fields(PlanConfig)))
 
 
 def _one_line(message: object) -> str:
@@ -226,11 +243,10 @@ def _plan(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     notes: list[str] = []
     try:
-        lora = lorafa_fx.LoraFAConfig(r=args.rank, lora_alpha=2 * args.rank if args.alpha is None else args.alpha)
+        lora = _config(lorafa_fx.LoraFAConfig, args, ("r", "lora_alpha"))
+        plan = _config(lorafa_fx.PlanConfig, args, tuple(f.name for f in dataclasses.fields(lorafa_fx.PlanConfig)))
         config = load_config(args.config)
-        kwargs = {"config": lora, "dtype": dtype, "budget": args.budget, "device": args.device,
-                  "world_size": args.world_size, "sharding": args.sharding, "mixed_precision": args.mixed_precision,
-                  "offload": args.offload}
+        kwargs = {"config": lora, "plan": plan, "dtype": dtype}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -246,7 +262,7 @@ def _plan(args) -> int:
                 notes = _notes(caught)
     except lorafa_fx.InfeasibleBudgetError as e:
         return _fail(e, args.json, notes, min_budget_bytes=e.min_budget_bytes)
-    except (lorafa_fx.LoraFAError, ValueError, OSError) as e:
+    except (_UsageError, lorafa_fx.LoraFAError, ValueError, OSError) as e:
         return _fail(e, args.json, notes)
     if isinstance(result, list):
         _print_notes(notes)  # a sweep's JSON is the list of plans; its notes go where a person reads them

@@ -2,9 +2,11 @@
 `estimate` (the memory plan of a model, possibly too big for this machine, from its config; at
 one shape or a sweep of shapes) and `largest_batch_size` (the largest batch a budget takes).
 
-Each checks its arguments, gathers the planning settings into one `PlanSettings` (resolving
-``budget="auto"`` on a device, `devices.py`), and hands over to the pipeline (`pipeline.py`),
-which does the same for one process and for one rank. A sweep or a search captures once.
+Each takes what to adapt as a `LoraFAConfig` and how to plan as a `PlanConfig` (``budget=`` is
+the shorthand for ``plan=PlanConfig(budget=...)``), resolves the plan against the model
+(``budget="auto"`` read on a device: `plan_config.resolve`) and hands over to the pipeline
+(`pipeline.py`), which does the same for one process and for one rank. A sweep or a search
+captures once.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .capture import position_limit
 from .captured_model import CapturedModel, Progress
-from .config import LoraFAConfig, PlanSettings
-from .devices import PROFILES, auto_budget, device_profile, resident_bytes, resolve_device
+from .config import LoraFAConfig
 from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
 from .memory.report import MemoryPlan
 from .pipeline import emit, plan_and_emit
+from .plan_config import PlanConfig, PlanSettings, resolve, with_budget
 from .presets import PRESETS, load_config
 from .shallow import shallow_config
 
@@ -44,41 +46,23 @@ def transform(
     *,
     example_inputs: Mapping[str, torch.Tensor],
     config: LoraFAConfig | None = None,
-    world_size: int | None = None,
-    sharding: str = "full",
-    mixed_precision: str | None = None,
-    offload: bool = True,
+    plan: PlanConfig | None = None,
 ) -> fx.GraphModule:
     """Capture `model` and return a GraphModule that trains it with LoRA-FA.
 
     Args:
         model: a Hugging Face (or any `torch.export`-able) model. Its base weights are shared
             with the result, not copied, and frozen in place (as PEFT does).
-        budget: memory budget of one training step (AdamW) at the example batch's shape: bytes
-            as an int, a string with accelerate's units ("40GB" = 40e9, "40GiB" = 40*2^30), or
-            ``"auto"``: the free memory of the model's device (with the model's own bytes there)
-            minus a reserve for what the plan does not count (`lorafa_fx.devices.RESERVE`).
-            The planner recomputes the fewest blocks in backward that make the predicted peak
-            fit (first lowering ranks and chunking the loss where ``config`` allows it);
-            `InfeasibleBudgetError` (with ``min_budget_bytes``) if nothing does.
+        budget: shorthand for ``plan=PlanConfig(budget=budget)``: the memory budget of one
+            training step (AdamW) at the example batch's shape (bytes, ``"40GB"``, ``"auto"``).
         example_inputs: one keyword batch, as passed to ``model(**batch)``. Batch and sequence
             dims are captured as dynamic, so other shapes work too.
         config: what to adapt; defaults to ``LoraFAConfig()`` (all linears, r=8).
-        world_size: plan one rank of a data-parallel job of this many processes
-            (`example_inputs` is then one rank's batch); train the result with
-            ``lorafa_fx.distributed.prepare(gm)`` inside the job (``torchrun``).
-        sharding: with `world_size`: ``"full"`` (FSDP2, every parameter sharded 1/world_size,
-            each decoder layer emitted as a called submodule owning its parameters) or
-            ``"none"`` (DDP, replicated).
-        mixed_precision: the precision training will run in, accelerate's names: ``"bf16"``,
-            ``"fp16"`` (forward under autocast, as ``Trainer(bf16=True)`` and
-            ``Accelerator(mixed_precision=...)`` run it) or ``"no"``. Default: the autocast in
-            force when `transform` is called, else ``"no"``. The plan simulates the step so.
-            The module itself follows whatever autocast it runs under.
-        offload: on an A100/H100/H200 (`devices.PROFILES`) the planner may offload blocks to
-            host memory instead of recomputing them, whichever its time model predicts faster;
-            False forbids it (host or pinned memory is short): blocks that do not fit are
-            recomputed.
+        plan: how to plan the step (`PlanConfig`: budget, device, mixed precision, data
+            parallelism, offload); default ``PlanConfig()``: no budget, one process, the
+            autocast in force. With ``world_size``, `example_inputs` is one rank's batch; train
+            the result with ``lorafa_fx.distributed.prepare(gm)`` inside the job (``torchrun``).
+            Under a budget that cannot be met: `InfeasibleBudgetError` (with ``min_budget_bytes``).
 
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
@@ -92,7 +76,7 @@ def transform(
             "This module was already transformed by lorafa_fx.transform; transform the original "
             "model instead (its weights are shared with the result)."
         )
-    settings = _settings(budget, model, None, world_size, sharding, mixed_precision, offload)
+    settings = resolve(with_budget(plan, budget), model)
     if not isinstance(example_inputs, Mapping):
         raise TypeError(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
@@ -103,19 +87,17 @@ def transform(
 
 @overload
 def estimate(
-    model_or_config: ModelOrConfig, *, batch_size: int, seq_len: int, config: LoraFAConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None, device: str | torch.device | None = None,
-    world_size: int | None = None, sharding: str = "full", mixed_precision: str | None = None,
-    progress: Progress | None = None, offload: bool = True,
+    model_or_config: ModelOrConfig, *, batch_size: int, seq_len: int, budget: int | str | None = None,
+    config: LoraFAConfig | None = None, plan: PlanConfig | None = None, dtype: torch.dtype = torch.bfloat16,
+    progress: Progress | None = None,
 ) -> MemoryPlan: ...
 
 
 @overload
 def estimate(
     model_or_config: ModelOrConfig, *, batch_size: int | Sequence[int], seq_len: int | Sequence[int],
-    config: LoraFAConfig | None = None, dtype: torch.dtype = torch.bfloat16, budget: int | str | None = None,
-    device: str | torch.device | None = None, world_size: int | None = None, sharding: str = "full",
-    mixed_precision: str | None = None, progress: Progress | None = None, offload: bool = True,
+    budget: int | str | None = None, config: LoraFAConfig | None = None, plan: PlanConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16, progress: Progress | None = None,
 ) -> list[MemoryPlan]: ...
 
 
@@ -124,15 +106,11 @@ def estimate(
     *,
     batch_size: int | Sequence[int],
     seq_len: int | Sequence[int],
-    config: LoraFAConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16,
     budget: int | str | None = None,
-    device: str | torch.device | None = None,
-    world_size: int | None = None,
-    sharding: str = "full",
-    mixed_precision: str | None = None,
+    config: LoraFAConfig | None = None,
+    plan: PlanConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
     progress: Progress | None = None,
-    offload: bool = True,
 ) -> MemoryPlan | list[MemoryPlan]:
     """Predict the memory of one LoRA-FA training step (AdamW) at ``(batch_size, seq_len)``,
     or at every shape of a sweep.
@@ -150,23 +128,15 @@ def estimate(
         batch_size, seq_len: the training batch shape; labels are the input ids (causal LM)
             or a target sequence of ``seq_len`` (encoder-decoder). Lists sweep every
             combination (batch-major); the model is captured once, at the largest shape.
+        budget: shorthand for ``plan=PlanConfig(budget=budget)``.
         config: the LoRA-FA config (default ``LoraFAConfig()``).
-        budget: plan recomputation under this budget, as `transform` does; ``"auto"``: the
-            free memory of `device` minus a reserve (`lorafa_fx.devices.RESERVE`).
-        device: the device the step will run on, whose free memory ``budget="auto"`` reads:
-            default the model's device, and for a config the current CUDA device where CUDA is
-            available, else the CPU. Or a card to plan for from here, a `devices.PROFILES` name
-            ("a100", "h100", "h200"): ``budget="auto"`` is then an idle card's memory minus the
-            reserve, and the plan predicts the step's time on that card.
-        world_size, sharding: plan one rank of a data-parallel job, as `transform` does
-            (``batch_size`` is then per rank; `budget` is per rank).
-        mixed_precision: as for `transform`; with a config, `dtype` is the weights' dtype and
-            ``"bf16"``/``"fp16"`` the autocast of the step (fp32 weights + "bf16" is the usual
-            mixed-precision setup).
+        plan: how to plan the step (`PlanConfig`), as for `transform`; with ``world_size``,
+            `batch_size` and the budget are one rank's. ``device`` may name a card to plan for
+            from here ("a100", "h100", "h200"): the plan then predicts the step's time on it.
+        dtype: the weights' dtype when `model_or_config` is a config (``mixed_precision="bf16"``
+            with fp32 weights is the usual mixed-precision setup).
         progress: called with a short line per stage (building, capturing, simulating or
             planning; in a sweep prefixed with the shape), e.g. to show a status line.
-        offload: as for `transform`: False forbids offloading blocks to host memory on a card
-            (the plan recomputes them instead; the step is still timed on the card).
 
     Returns:
         the `MemoryPlan` of the shape when `batch_size` and `seq_len` are ints (a budget that
@@ -177,7 +147,7 @@ def estimate(
     model_or_config = _model_or_config(model_or_config)
     batch_sizes, seq_lens = _sizes("batch_size", batch_size), _sizes("seq_len", seq_len)
     _check_seq_len(model_or_config, max(seq_lens))
-    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
+    settings = _resolve(with_budget(plan, budget), model_or_config)
     progress = progress or _quiet
     captured, batch_of = _captured(
         model_or_config, max(batch_sizes), max(seq_lens), config or LoraFAConfig(), dtype, progress
@@ -195,25 +165,22 @@ def largest_batch_size(
     model_or_config: ModelOrConfig,
     *,
     seq_len: int,
-    budget: int | str,
+    budget: int | str | None = None,
     config: LoraFAConfig | None = None,
+    plan: PlanConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = None,
-    world_size: int | None = None,
-    sharding: str = "full",
-    mixed_precision: str | None = None,
     progress: Progress | None = None,
-    offload: bool = True,
 ) -> tuple[int, MemoryPlan]:
     """The largest batch size whose training step fits `budget` at `seq_len`, and its plan.
 
     A batch fits when the planner meets the budget for it (recomputing blocks, chunking the
     loss or lowering ranks as `config` allows, as `estimate` with a budget does). The search
     doubles the batch from 1 until one does not fit, then bisects between the last two, every
-    probe a plan of the one capture. Arguments as for `estimate`; `budget` is required.
+    probe a plan of the one capture. Arguments as for `estimate`; a budget is required.
     Raises `InfeasibleBudgetError` when even a batch of 1 does not fit.
     """
-    if budget is None:
+    plan = with_budget(plan, budget)
+    if plan.budget is None:
         raise ConfigError(
             "largest_batch_size needs a budget: pass budget='40GB' (or bytes), or budget='auto' for the "
             "device's free memory."
@@ -221,7 +188,7 @@ def largest_batch_size(
     model_or_config = _model_or_config(model_or_config)
     _sizes("seq_len", seq_len, sweep=False)
     _check_seq_len(model_or_config, seq_len)
-    settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
+    settings = _resolve(plan, model_or_config)
     progress = progress or _quiet
     captured, batch_of = _captured(model_or_config, 1, seq_len, config or LoraFAConfig(), dtype, progress)
     plans: dict[int, MemoryPlan] = {}
@@ -283,32 +250,8 @@ def _check_seq_len(model_or_config: nn.Module | PretrainedConfig, seq_len: int) 
         )
 
 
-def _settings(
-    budget: int | str | None,
-    model_or_config: nn.Module | PretrainedConfig,
-    device: str | torch.device | None,
-    world_size: int | None,
-    sharding: str,
-    mixed_precision: str | None,
-    offload: bool,
-) -> PlanSettings:
-    """The `PlanSettings` of a call; ``budget="auto"`` read on `device` (default: a model's own;
-    a profile name: an idle card of that kind), whose profile, if any, times the step (and is
-    offloaded to, unless `offload` is False)."""
-    model = model_or_config if isinstance(model_or_config, nn.Module) else None
-    own = device if device is not None or model is None else next(model.parameters()).device
-    # The card timed (and offloaded to) is the one named, or the one the model is on.
-    profile = device_profile(own)
-    read: dict[str, object] = {}  # what budget="auto" read, for the plan's printout
-    if isinstance(budget, str) and budget.strip().lower() == "auto":
-        if isinstance(device, str) and device.strip().lower() in PROFILES:  # a card planned from here
-            target, auto = profile, auto_budget(PROFILES[profile])
-        else:
-            target = resolve_device(own)
-            auto = auto_budget(target, 0 if model is None else resident_bytes(model, target))
-        budget, read = auto.budget_bytes, {"reserve_bytes": auto.reserve_bytes, "budget_device": str(target)}
-    settings = PlanSettings.from_arguments(budget, world_size, sharding, mixed_precision)
-    return dataclasses.replace(settings, device_profile=profile, offload=offload, **read)
+def _resolve(plan: PlanConfig, model_or_config: nn.Module | PretrainedConfig) -> PlanSettings:
+    return resolve(plan, model_or_config if isinstance(model_or_config, nn.Module) else None)
 
 
 def _captured(

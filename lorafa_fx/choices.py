@@ -35,4 +35,4 @@ def choice(enum: type[Enum], value: object, name: str, error: type[Exception]) -
         return enum(value)
     except ValueError:
         accepted = ", ".join(repr(m.value) for m in enum)
-        raise error(f"{name}={value!r} is not one of {accepted}.") from None
+        raise error(f"{name}={value!r}: use one of {accepted}.") from None

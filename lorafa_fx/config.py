@@ -1,5 +1,5 @@
-"""What to adapt (`LoraFAConfig`, in PEFT's `LoraConfig` vocabulary) and how to plan the
-training step (`PlanSettings`, shared by `transform` and `estimate`)."""
+"""What to adapt: `LoraFAConfig`, in PEFT's `LoraConfig` vocabulary (how to plan the step is
+`plan_config.PlanConfig`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
-from .choices import Sharding, choice
-from .errors import ConfigError, DistributedPlanError
-from .units import parse_budget
+from .errors import ConfigError
 
 INIT_LORA_A = ("kaiming_uniform", "gaussian", "orthogonal", "ones")
-#: accelerate's names for the precision a step runs in, and the autocast dtype of each.
-MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -60,8 +54,8 @@ class LoraFAConfig:
             needs it to meet a budget; ``True``: always; ``False``: never.
     """
 
-    r: int = 8
-    lora_alpha: float = 8
+    r: int = field(default=8, metadata={"help": "the adapter rank r"})
+    lora_alpha: float = field(default=8, metadata={"help": "lora_alpha: scaling = lora_alpha / r"})
     target_modules: list[str] | str = "all-linear"
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -131,72 +125,3 @@ def _check_regex(name: str, pattern: str) -> None:
     except re.error as e:
         raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e}); escape special "
                           "characters (re.escape) or pass module-name suffixes as a list.") from None
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """How a training step is planned; `transform` and `estimate` take the same settings.
-
-    Attributes:
-        budget_bytes: memory budget of one step, or None (no planning, only the prediction).
-        world_size: plan one rank of a data-parallel job of this many processes, or None (one
-            process).
-        sharding: with `world_size`: "full" (FSDP2) or "none" (DDP).
-        mixed_precision: the precision the step runs in, accelerate's names: "no" (the
-            weights' dtype), "bf16" or "fp16" (forward under autocast to that dtype).
-        reserve_bytes, budget_device: with ``budget="auto"``, the reserve kept out of
-            `budget_device`'s free memory (`devices.py`); None for a budget given in bytes.
-        device_profile: the card the step is timed on (`devices.PROFILES` name), or None.
-        offload: whether the planner may offload blocks to host memory on `device_profile`'s
-            card; False: blocks that do not fit are only recomputed (the step is still timed).
-    """
-
-    budget_bytes: int | None = None
-    world_size: int | None = None
-    sharding: Sharding = Sharding.FULL
-    mixed_precision: str = "no"
-    reserve_bytes: int | None = None
-    budget_device: str | None = None
-    device_profile: str | None = None
-    offload: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"mixed_precision={self.mixed_precision!r}: use one of {tuple(MIXED_PRECISION)} (accelerate's names)."
-            )
-        object.__setattr__(self, "sharding", choice(Sharding, self.sharding, "sharding", DistributedPlanError))
-        if self.world_size is not None and (
-            not isinstance(self.world_size, int) or isinstance(self.world_size, bool) or self.world_size < 1
-        ):
-            raise DistributedPlanError(f"world_size={self.world_size!r} must be a positive int (the number of ranks).")
-        if not isinstance(self.offload, bool):
-            raise ConfigError(
-                f"offload={self.offload!r} must be True or False: pass offload=False to forbid offloading blocks "
-                "to host memory (the planner then recomputes them), or leave the default True."
-            )
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return MIXED_PRECISION[self.mixed_precision]
-
-    @classmethod
-    def from_arguments(
-        cls, budget: int | str | None, world_size: int | None, sharding: str, mixed_precision: str | None = None
-    ) -> PlanSettings:
-        """The settings of a `transform`/`estimate` call (`budget`: bytes or a size string;
-        `mixed_precision` None: the autocast in force at the call, else "no")."""
-        try:
-            budget_bytes = parse_budget(budget)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return cls(budget_bytes, world_size, sharding, mixed_precision or autocast_in_force())
-
-
-def autocast_in_force() -> str:
-    """accelerate's name of the autocast the caller runs under ("no" outside autocast)."""
-    for device in ("cuda", "cpu"):
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            return next((name for name, d in MIXED_PRECISION.items() if d == dtype), "no")
-    return "no"

@@ -22,7 +22,6 @@ import torch.nn as nn
 from . import stages
 from .captured_model import CapturedModel, Progress, silent
 from .choices import Sharding
-from .config import PlanSettings
 from .devices import PROFILES
 from .graph import generate_code, set_attributes
 from .hf_compat import attach_hf_attributes
@@ -32,6 +31,7 @@ from .memory.planner import RecomputePlan, evaluate, plan_memory
 from .memory.report import MemoryPlan
 from .memory.sharded_cost_model import rank_cost_model
 from .memory.simulate import Simulator
+from .plan_config import PlanSettings
 from .units import format_bytes
 
 

@@ -77,10 +77,10 @@ def run(name: str, out: str, compile: bool) -> None:
     budget = None
     if name == "full_budget":
         unplanned = lorafa_fx.transform(make_model("llama"), example_inputs=local, config=config,
-                                        world_size=world, sharding=sharding).lorafa_plan
+                                        plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
         budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
     gm = lorafa_fx.transform(make_model("llama"), budget, example_inputs=local, config=config,
-                             world_size=world, sharding=sharding)
+                             plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
     randomize_lora_B(gm)
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
     model = prepare(gm)

@@ -12,8 +12,8 @@ import lorafa_fx
 from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
 from lorafa_fx.captured_model import CapturedModel
-from lorafa_fx.config import PlanSettings
 from lorafa_fx.graph import graph_copy
+from lorafa_fx.plan_config import PlanConfig, resolve
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
 
@@ -48,7 +48,7 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
         config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
         batch = make_batch(name, *shape)
         captured = CapturedModel(model, batch, config, capture=capture_once)
-        _TRANSFORMED[key] = model, pipeline.emit(captured, model, batch, PlanSettings.from_arguments(budget, None, "full"))
+        _TRANSFORMED[key] = model, pipeline.emit(captured, model, batch, resolve(PlanConfig(budget=budget), model))
     return copy.deepcopy(_TRANSFORMED[key])
 
 

@@ -139,7 +139,7 @@ def test_sharded_plan_divides_every_parameter_and_its_optimizer_states():
     batch = make_batch("llama", 2, 16)
     for n in (2, 4):
         gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
-                                 world_size=n, sharding="full")
+                                 plan=lorafa_fx.PlanConfig(world_size=n, sharding="full"))
         plan = gm.lorafa_plan
         assert plan.world_size == n and plan.sharding == "full"
         assert plan.weights_bytes == sum(_sharded_bytes(p, n) for p in gm.parameters())
@@ -153,7 +153,7 @@ def test_ddp_plan_is_the_single_process_plan_plus_gradient_buckets():
     batch = make_batch("llama", 2, 16)
     single = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4))
     ddp = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
-                              world_size=2, sharding="none")
+                              plan=lorafa_fx.PlanConfig(world_size=2, sharding="none"))
     buckets = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
     assert ddp.lorafa_plan.predicted_peak_bytes == single.lorafa_plan.predicted_peak_bytes + buckets
     assert ddp.lorafa_plan.weights_bytes == single.lorafa_plan.weights_bytes
@@ -162,8 +162,8 @@ def test_ddp_plan_is_the_single_process_plan_plus_gradient_buckets():
 def test_errors_say_what_to_do():
     batch = make_batch("llama", 2, 8)
     with pytest.raises(DistributedPlanError, match="use one of"):
-        lorafa_fx.transform(make_model("llama"), example_inputs=batch, world_size=2, sharding="zero3")
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, world_size=2)
+        lorafa_fx.PlanConfig(world_size=2, sharding="zero3")
+    gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, plan=lorafa_fx.PlanConfig(world_size=2))
     with pytest.raises(DistributedPlanError, match="init_process_group"):
         prepare(gm)
     plain = lorafa_fx.transform(make_model("llama"), example_inputs=batch)
@@ -188,10 +188,10 @@ def test_cli_plans_one_rank(tmp_path, capsys):
     assert main(["plan", "--config", str(tmp_path), "--batch", "2", "--seq", "16", "--rank", "4",
                  "--dtype", "fp32", "--world-size", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = lorafa_fx.estimate(cfg, batch_size=2, seq_len=16, dtype=torch.float32, world_size=2,
-                                  config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
+    expected = lorafa_fx.estimate(cfg, batch_size=2, seq_len=16, dtype=torch.float32,
+                                  plan=lorafa_fx.PlanConfig(world_size=2), config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
     assert printed["world_size"] == 2 and printed["sharding"] == "full"
     assert printed["predicted_peak_bytes"] == expected.predicted_peak_bytes
-    real = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16), world_size=2,
-                               config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
+    real = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
+                               plan=lorafa_fx.PlanConfig(world_size=2), config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
     assert printed["weights_bytes"] == sum(_sharded_bytes(p, 2) for p in real.parameters())

@@ -77,12 +77,13 @@ def test_a_saved_adapter_round_trips_after_the_checks(gm, tmp_path):
     ({"model_type": "llama"}, {"batch_size": 1, "seq_len": 8}, "model_or_config=dict"),
     ("no-such-preset", {"batch_size": 1, "seq_len": 8}, "'no-such-preset'"),
     ("llama-2-7b", {"batch_size": 1, "seq_len": 8, "budget": "40Gbit"}, "budget='40Gbit'"),
-    ("llama-2-7b", {"batch_size": 1, "seq_len": 8, "world_size": 0}, "world_size=0"),
-    ("llama-2-7b", {"batch_size": 1, "seq_len": 8, "world_size": 2, "sharding": "zero3"}, "sharding='zero3'"),
+    ("llama-2-7b", {"batch_size": 1, "seq_len": 8, "plan": lambda: lorafa_fx.PlanConfig(world_size=0)}, "world_size=0"),
+    ("llama-2-7b", {"batch_size": 1, "seq_len": 8, "plan": lambda: lorafa_fx.PlanConfig(world_size=2, sharding="zero3")},
+     "sharding='zero3'"),
 ])
 def test_estimate_refuses_bad_arguments_before_building_anything(model_or_config, kwargs, named):
     with pytest.raises(LoraFAError) as e:
-        lorafa_fx.estimate(model_or_config, **kwargs)
+        lorafa_fx.estimate(model_or_config, **{k: v() if callable(v) else v for k, v in kwargs.items()})
     assert named in str(e.value) and isinstance(e.value, ValueError)
 
 

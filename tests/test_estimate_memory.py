@@ -56,7 +56,7 @@ def test_an_autocast_step_is_predicted_within_5pct(name):
     Trainer(bf16=True) runs it) and its saved bytes; the plan says which precision it assumed."""
     config = LoraFAConfig(r=8, **CONFIG_KWARGS.get(name, {}))
     gm = lorafa_fx.transform(make_model(name), example_inputs=make_batch(name, 2, 8), config=config,
-                             mixed_precision="bf16")
+                             plan=lorafa_fx.PlanConfig(mixed_precision="bf16"))
     assert gm.lorafa_plan.mixed_precision == "bf16" and "mixed bf16" in str(gm.lorafa_plan)
     batch = make_batch(name, 2, 8)
     peak, saved = _measured(gm.train(), batch, torch.bfloat16)

@@ -19,9 +19,9 @@ from lorafa_fx import LoraFAConfig
 from lorafa_fx.api import model_from_config, token_batch
 from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.choices import Decision
-from lorafa_fx.config import PlanSettings
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.pipeline import plan_and_emit
+from lorafa_fx.plan_config import PlanSettings
 from lorafa_fx.shallow import SHALLOW_LAYERS, shallow_config
 
 LAYERS = 4

@@ -82,15 +82,15 @@ def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(ev
     assert (composed.peak, composed.saved_by_module) == (whole.peak, whole.saved_by_module)
 
 
-def _plan(**kwargs):
+def _plan(budget=None, **plan):
     # Llama-2-7B's layers (fake weights: nothing allocated), 8 of them: enough compute per
     # saved byte that an H100's host link hides most of an offloaded block's transfers.
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32,
                          vocab_size=1000, max_position_embeddings=1024)
     # The loss whole: the budget is met by the blocks alone.
     lora = lorafa_fx.LoraFAConfig(r=8, chunked_cross_entropy=False)
-    return lorafa_fx.estimate(config, batch_size=4, seq_len=1024, config=lora,
-                              mixed_precision="bf16", **kwargs)
+    return lorafa_fx.estimate(config, batch_size=4, seq_len=1024, budget=budget, config=lora,
+                              plan=lorafa_fx.PlanConfig(mixed_precision="bf16", **plan))
 
 
 def test_planner_offloads_on_a_card_when_its_transfers_cost_less_than_recomputing_unless_forbidden():

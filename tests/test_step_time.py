@@ -26,8 +26,9 @@ def _tiny() -> LlamaConfig:
 
 
 @functools.cache
-def _plan(**kwargs):
-    return lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=64, config=lorafa_fx.LoraFAConfig(r=8), **kwargs)
+def _plan(budget=None, **plan):
+    return lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=64, budget=budget, config=lorafa_fx.LoraFAConfig(r=8),
+                              plan=lorafa_fx.PlanConfig(**plan))
 
 
 def test_step_time_is_the_steps_flops_at_the_cards_throughput_and_recomputation_adds_its_own():
@@ -95,9 +96,11 @@ def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, monkeypatc
 @pytest.mark.parametrize("entry", ["transform", "estimate", "largest_batch_size"])
 def test_a_non_bool_offload_is_refused_naming_the_argument(entry, value):
     call = {
-        "transform": lambda: lorafa_fx.transform(LlamaForCausalLM(_tiny()), "1GB", example_inputs={}, offload=value),
+        "transform": lambda: lorafa_fx.transform(LlamaForCausalLM(_tiny()), "1GB", example_inputs={},
+                                                 plan=lorafa_fx.PlanConfig(offload=value)),
         "estimate": lambda: _plan(budget="1GB", offload=value),
-        "largest_batch_size": lambda: lorafa_fx.largest_batch_size(_tiny(), seq_len=64, budget="1GB", offload=value),
+        "largest_batch_size": lambda: lorafa_fx.largest_batch_size(_tiny(), seq_len=64, budget="1GB",
+                                                                   plan=lorafa_fx.PlanConfig(offload=value)),
     }[entry]
     with pytest.raises(ConfigError, match=rf"offload={value!r} must be True or False: pass offload=False"):
         call()

@@ -85,7 +85,7 @@ def _ram(monkeypatch, available: int) -> None:
 
 def test_budget_auto_on_cpu_is_the_available_ram_minus_the_reserve(monkeypatch):
     _ram(monkeypatch, 5 * 10**9)
-    plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device="cpu", **FP32)
+    plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", plan=lorafa_fx.PlanConfig(device="cpu"), **FP32)
     # The CPU reserve: 1 GiB, no fraction (devices.RESERVE's documented sizes).
     reserve = 1_073_741_824
     assert (plan.reserve_bytes, plan.budget_bytes) == (reserve, 3_926_258_176)
@@ -106,7 +106,7 @@ def test_budget_auto_counts_the_weights_a_model_already_holds(monkeypatch):
 def test_budget_auto_refuses_a_device_with_less_free_than_the_reserve(monkeypatch):
     _ram(monkeypatch, 10**6)
     with pytest.raises(ConfigError) as e:
-        lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device="cpu")
+        lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", plan=lorafa_fx.PlanConfig(device="cpu"))
     assert "budget='auto'" in str(e.value) and "1.00 MB free" in str(e.value) and "budget='40GB'" in str(e.value)
 
 
@@ -120,7 +120,7 @@ def _cuda(monkeypatch, count: int, free: int, reserved: int, allocated: int) -> 
 def test_budget_auto_on_cuda_reads_the_driver_and_the_allocators_cache(monkeypatch):
     """Reference: free = the driver's free memory + what the caching allocator holds unused."""
     _cuda(monkeypatch, count=2, free=70 * 10**9, reserved=6 * 10**9, allocated=2 * 10**9)
-    plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device="cuda:1", **FP32)
+    plan = lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", plan=lorafa_fx.PlanConfig(device="cuda:1"), **FP32)
     # free: 70 GB the driver reports + 4 GB cached unused = 74 GB; the CUDA reserve is
     # 1 GiB + 5% of it = 1_073_741_824 + 3_700_000_000 bytes (devices.RESERVE's documented sizes).
     free, reserve = 74 * 10**9, 4_773_741_824
@@ -144,5 +144,5 @@ def test_budget_auto_on_a_device_it_cannot_read_says_what_to_pass(monkeypatch, c
     if cuda:
         _cuda(monkeypatch, count=1, free=70 * 10**9, reserved=0, allocated=0)
     with pytest.raises(ConfigError) as e:
-        lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", device=device)
+        lorafa_fx.estimate(_tiny(), batch_size=2, seq_len=16, budget="auto", plan=lorafa_fx.PlanConfig(device=device))
     assert f"device={device!r}" in str(e.value) and named in str(e.value) and "budget=" in str(e.value)

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from .. import meta
 from ..choices import Decision, Sharding
-from ..config import PlanSettings
 from ..devices import ACHIEVED_FRACTION, PROFILES
+from ..plan_config import PlanSettings
 from ..units import block_of_path, format_bytes, natural_key
 
 if TYPE_CHECKING:
