@@ -13,42 +13,98 @@ from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
 from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.graph import graph_copy
-from lorafa_fx.plan_config import PlanConfig, resolve
+from lorafa_fx.plan_config import resolve, with_budget
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
 
 _TRANSFORMED: dict[str, tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
-_MODELS: dict[str, torch.nn.Module] = {}
-_CAPTURED: dict[str, torch.fx.GraphModule] = {}
+_CAPTURES: dict[tuple, torch.fx.GraphModule] = {}
+
+
+def cached_capture(model: torch.nn.Module, example_inputs: dict) -> torch.fx.GraphModule:
+    """`lorafa_fx.capture.capture`, once per session for each model structure and batch: a later
+    call with an equal model (class, config, modules, dtypes) and an equal batch (same values)
+    gets the first capture's graph over its own parameters and buffers.
+
+    Capturing (torch.export, ~2 s) is most of a test's time and most tests capture the same tiny
+    models; the graph depends on the model's code, config and dtypes and on the batch, never on
+    the weights' values. `CapturedModel` takes the capture function, so tests inject this one.
+    """
+    key = _capture_key(model, example_inputs)
+    if key is None:
+        return capture(model, example_inputs)
+    if key not in _CAPTURES:
+        _CAPTURES[key] = capture(model, example_inputs)
+    return _rebound(_CAPTURES[key], model)
+
+
+def _capture_key(model: torch.nn.Module, example_inputs: dict) -> tuple | None:
+    config = getattr(model, "config", None)
+    if config is None or any("bitsandbytes" in type(m).__module__ for m in model.modules()):
+        return None
+    batch = tuple(
+        (k, tuple(v.shape), v.dtype, v.device.type, _digest(v)) if isinstance(v, torch.Tensor)
+        else (k, repr(v))
+        for k, v in sorted(example_inputs.items())
+    )
+    modules = tuple((name, type(m).__qualname__) for name, m in model.named_modules())
+    tensors = tuple((name, t.dtype, t.device.type, t.requires_grad)
+                    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()])
+    return (type(model), config.to_json_string(), getattr(config, "_attn_implementation", None), modules, tensors, batch)
+
+
+def _digest(t: torch.Tensor) -> int:
+    return hash(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _rebound(cached: torch.fx.GraphModule, model: torch.nn.Module) -> torch.fx.GraphModule:
+    """`cached`'s graph (a copy) reading `model`'s parameters, buffers and submodules; what the
+    capture added of its own (the input guards) comes from `cached`."""
+    owned = {}
+    for node in cached.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            source = model if _has(model, node.target) else cached
+            owned[node.target] = source.get_submodule(node.target) if node.op == "call_module" else _attr(source, node.target)
+    gm = torch.fx.GraphModule(owned, graph_copy(cached).graph)
+    for name in ("_in_spec", "_out_spec", "meta", "shape_env", "range_constraints"):
+        if hasattr(cached, name):
+            setattr(gm, name, getattr(cached, name))
+    return gm
+
+
+def _has(module: torch.nn.Module, target: str) -> bool:
+    try:
+        _attr(module, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _attr(module: torch.nn.Module, target: str):
+    owner, _, leaf = target.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
+def transform(model, budget=None, *, example_inputs, config=None, plan=None) -> torch.fx.GraphModule:
+    """`lorafa_fx.transform` with the session's `cached_capture` (tests of transform's own checks,
+    errors and warnings call `lorafa_fx.transform`)."""
+    captured = CapturedModel(model, example_inputs, config or lorafa_fx.LoraFAConfig(), capture=cached_capture)
+    return pipeline.emit(captured, model, example_inputs, resolve(with_budget(plan, budget), model))
 
 
 def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, **config):
-    """``(model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
+    """``(model, transform(model, budget, example_inputs=make_batch(name, *shape),
     config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``.
 
-    Capturing (torch.export) is most of a test's time, and transform is deterministic: each
-    argument set is transformed once per session, budgets of one model and config share one
-    model and its capture (the pipeline's `CapturedModel` takes the capture function), and every
+    Each argument set is transformed once per session (transform is deterministic), and every
     caller gets a deep copy of the pair (copied together, so the copy of gm still shares the copy
-    of the model's weights). Tests that check what transform itself warns or raises call it
-    directly.
+    of the model's weights).
     """
     key = repr((name, shape, budget, model_fn, sorted(config.items())))
     if key not in _TRANSFORMED:
-        model_key = repr((name, shape, model_fn, sorted(config.items())))
-        if model_key not in _MODELS:
-            _MODELS[model_key] = (model_fn or make_model)(name)
-        model = _MODELS[model_key]
-
-        def capture_once(model, example_inputs):
-            if model_key not in _CAPTURED:
-                _CAPTURED[model_key] = capture(model, example_inputs)
-            return graph_copy(_CAPTURED[model_key])
-
+        model = (model_fn or make_model)(name)
         config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
-        batch = make_batch(name, *shape)
-        captured = CapturedModel(model, batch, config, capture=capture_once)
-        _TRANSFORMED[key] = model, pipeline.emit(captured, model, batch, resolve(PlanConfig(budget=budget), model))
+        _TRANSFORMED[key] = model, transform(model, budget, example_inputs=make_batch(name, *shape), config=config)
     return copy.deepcopy(_TRANSFORMED[key])
 
 
