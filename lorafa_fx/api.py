@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
 from .capture import position_limit
+from .checks import check_estimate_arguments, check_example_inputs
 from .config import LoraFAConfig, PlanSettings
 from .devices import PROFILES, auto_budget, device_profile, resident_bytes, resolve_device
 from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
@@ -98,6 +99,7 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
+    check_example_inputs(model, example_inputs)
     gm = plan_and_emit(Adaptable(model, example_inputs, config or LoraFAConfig()), example_inputs, settings, _quiet)
     gm.train(model.training)
     attach_hf_attributes(gm, model)
@@ -178,6 +180,7 @@ def estimate(
         can be met and ``plan.fits`` False (so one such shape does not end the sweep).
     """
     model_or_config = _model_or_config(model_or_config)
+    check_estimate_arguments(model_or_config, dtype, progress)
     batch_sizes, seq_lens = _sizes("batch_size", batch_size), _sizes("seq_len", seq_len)
     _check_seq_len(model_or_config, max(seq_lens))
     settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)
@@ -222,6 +225,7 @@ def largest_batch_size(
             "device's free memory."
         )
     model_or_config = _model_or_config(model_or_config)
+    check_estimate_arguments(model_or_config, dtype, progress)
     _sizes("seq_len", seq_len, sweep=False)
     _check_seq_len(model_or_config, seq_len)
     settings = _settings(budget, model_or_config, device, world_size, sharding, mixed_precision, offload)

@@ -1,7 +1,7 @@
 """The package's layers, read from its source: imports only go down, no cycles, small files.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-leaves (units, choices, meta, errors, config, devices) -> graph editing (graph) and what the
+leaves (units, choices, meta, errors, config, devices, checks, json_fields) -> graph editing (graph) and what the
 graph runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets) -> passes/ ->
 memory/ -> pipeline -> api; memory/ never imports passes/ (it receives the rewrites it needs as an
 object); the training-side modules (optim,
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lorafa_fx"
 
 LAYERS = [
-    {"units", "choices", "meta", "errors", "config", "atomic_dir", "devices"},
+    {"units", "choices", "meta", "errors", "config", "atomic_dir", "devices", "checks", "json_fields"},
     {"graph", "ops"},
     {"targets", "capture", "bnb_layers", "presets"},
     {"passes"},
