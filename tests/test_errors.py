@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -186,3 +187,36 @@ def test_a_model_on_the_meta_device_is_refused_with_where_to_go():
         lorafa_fx.transform(meta, example_inputs=make_batch("llama", 2, 8))
     with pytest.raises(ConfigError, match=r"meta device.*estimate\(model.config"):
         lorafa_fx.estimate(meta, batch_size=1, seq_len=8)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("r", "4", '"4"'), ("r", 0, "'r' is 0"), ("lora_alpha", None, "'lora_alpha' is null"),
+    ("rank_pattern", ["q_proj"], "'rank_pattern' is [\"q_proj\"]"), ("rank_pattern", {"(": 2}, "'rank_pattern'"),
+    ("alpha_pattern", {"q_proj": "x"}, "'alpha_pattern'"), ("use_rslora", "false", "'use_rslora' is \"false\""),
+    ("modules_to_save", "lm_head", "'modules_to_save'"), ("peft_type", 3, "'peft_type' is 3"),
+])
+def test_adapter_config_fields_of_the_wrong_type_name_the_file_field_and_value(gm, tmp_path, field, value, named):
+    """Before: TypeError/AttributeError from the scaling arithmetic, or a wrong value read silently."""
+    lorafa_fx.save_adapter(gm, tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    with pytest.raises(AdapterFileError) as e:
+        lorafa_fx.load_adapter(gm, tmp_path / "a")
+    assert str(config_file) in str(e.value) and named in str(e.value) and "save the adapter again" in str(e.value)
+
+
+def test_deeply_nested_json_is_the_librarys_error(gm, tmp_path):
+    """Before: RecursionError from json's decoder."""
+    lorafa_fx.save_adapter(gm, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFileError, match="nests JSON deeper"):
+        lorafa_fx.load_adapter(gm, tmp_path / "a")
+
+
+def test_save_adapter_to_an_empty_path_is_refused(gm, tmp_path, monkeypatch):
+    """Before: Path("") is the working directory, whose files were hard-linked into the adapter."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="path=''"):
+        lorafa_fx.save_adapter(gm, "")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
