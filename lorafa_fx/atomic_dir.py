@@ -51,8 +51,9 @@ def recover(path: Path) -> Path:
     if not path.parent.is_dir():
         return path
     dead = []
+    prefix = f".{path.name}."
     for entry in path.parent.iterdir():
-        match = _LEFTOVER.fullmatch(entry.name[len(path.name) + 2:]) if entry.name.startswith(f".{path.name}.") else None
+        match = _LEFTOVER.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
         if match and not _alive(int(match["pid"])):
             dead.append((entry, match["kind"]))
     for entry, kind in sorted(dead, key=lambda e: e[0].stat().st_mtime, reverse=True):

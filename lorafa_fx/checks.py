@@ -99,5 +99,5 @@ def check_model_config(config: object, source: str) -> None:
     layers = max((getattr(config, name, None) or 0 for name in ("num_hidden_layers", "n_layer", "num_layers",
                                                                  "num_decoder_layers")), default=0)
     if layers > MAX_LAYERS:
-        raise ConfigError(f"{source}: {layers} layers is more than the {MAX_LAYERS} lorafa_fx plans (planning time "
-                          f"grows with depth, about 0.08 s a layer on two CPU cores); plan at most {MAX_LAYERS} layers.")
+        raise ConfigError(f"{source}: {layers} layers is more than the {MAX_LAYERS} lorafa_fx plans (planning "
+                          f"time grows with depth, about 0.08 s a layer on two CPU cores); plan at most {MAX_LAYERS}.")

@@ -122,7 +122,7 @@ class LoraFAConfig:
             if not isinstance(value, (str, list, tuple)) or (
                 not isinstance(value, str) and not all(isinstance(v, str) for v in value)
             ):
-                raise ConfigError(f"{name}={value!r} must be module-name suffixes (a list of strings), or a regex string.")
+                raise ConfigError(f"{name}={value!r} must be module-name suffixes (a list of strings), or a regex.")
         if not self.target_modules:
             raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
         if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":

@@ -7,8 +7,8 @@
   paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
   loads it. The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or nothing),
   never half a new one, and the next save or load of `path` removes what the crash left
-  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job every rank calls it (FSDP2 shards are gathered);
-  rank 0 writes.
+  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job
+  every rank calls it (FSDP2 shards are gathered); rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig
 from transformers import __version__ as transformers_version
@@ -48,13 +49,16 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     data = read_json_object(path, ConfigError, "pass a transformers config.json")
     model_type = field(data, "model_type", STRING, path, ConfigError, "a transformers config.json names its "
                        "architecture, e.g. \"model_type\": \"llama\"")
+    # Sizes first, as the file has them: transformers logs warnings about some (vocab_size=-1), then accepts them.
+    check_model_config(SimpleNamespace(**data), str(path))
     if model_type not in CONFIG_MAPPING:
-        raise ConfigError(f"{path}: model_type={model_type!r} is not an architecture transformers {transformers_version} "
-                          "knows: correct it, or install a transformers that has it.")
+        raise ConfigError(f"{path}: model_type={model_type!r} is not an architecture transformers "
+                          f"{transformers_version} knows: correct it, or install a transformers that has it.")
     try:
         config = AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
     except Exception as e:  # transformers' own checks raise ValueError, KeyError or huggingface_hub's errors
-        raise ConfigError(f"{path} is not a valid {model_type!r} config: {_first_lines(e)}") from None
+        problem = _first_lines(e)
+        raise ConfigError(f"{path} is not a valid {model_type!r} config: {problem}; correct that field.") from None
     check_model_config(config, str(path))
     return config
 

@@ -219,9 +219,9 @@ def _tied_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=128,
-                                        tie_word_embeddings=True))
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        max_position_embeddings=128, tie_word_embeddings=True))
 
 
 @pytest.mark.parametrize("name,model_fn,targets,peft_targets", [
@@ -240,7 +240,8 @@ def test_a_tied_head_warns_like_peft_and_merges_untied(name, model_fn, targets, 
     assert model.get_output_embeddings().weight is embedding
     with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
         get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=peft_targets))
-    with pytest.warns(UserWarning, match=r"lm_head is adapted but its weight is tied to .*exclude_modules=\['lm_head'\]"):
+    tied = r"lm_head is adapted but its weight is tied to .*exclude_modules=\['lm_head'\]"
+    with pytest.warns(UserWarning, match=tied):
         gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE),
                                  config=LoraFAConfig(r=4, lora_alpha=8, target_modules=targets))
     assert "lm_head" in {a.path for a in gm.lorafa_adapters}

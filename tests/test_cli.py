@@ -247,15 +247,16 @@ def test_help_has_examples(capsys):
 
 
 @pytest.mark.parametrize(("field", "value", "named"), [
-    ("hidden_size", "abc", "'hidden_size'"), ("vocab_size", -1, "vocab_size=-1"),
+    ("hidden_size", "abc", "hidden_size='abc'"), ("vocab_size", -1, "vocab_size=-1"),
+    ("rms_norm_eps", "x", "'rms_norm_eps'"),  # transformers' own type check, named with the file
     ("num_key_value_heads", 0, "num_key_value_heads=0"), ("num_key_value_heads", 3, "num_key_value_heads=3"),
     ("num_hidden_layers", 32000, "32000 layers"), ("model_type", "nosuch", "model_type='nosuch'"),
 ])
 def test_a_wrong_typed_or_degenerate_config_field_is_one_line_naming_it(tmp_path, capsys, field, value, named):
     """Before: a Python traceback (exit 1, and an empty stdout under --json), or for 32000 layers
     about 45 minutes of planning (1000 layers take 83 s)."""
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({**json.loads((Path(_tiny_config(tmp_path)) / "config.json").read_text()), field: value}))
+    path = Path(_tiny_config(tmp_path)) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
     args = ["plan", "--config", str(path), "--batch", "1", "--seq", "8"]
     assert main(args) == 2
     line = _one_error_line(capsys.readouterr().err)
