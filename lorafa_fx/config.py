@@ -36,7 +36,8 @@ class LoraFAConfig:
 
     Attributes:
         r: rank of each adapter (default for modules not named in ``rank_pattern``).
-        lora_alpha: scaling numerator (default for modules not named in ``alpha_pattern``).
+        lora_alpha: scaling numerator (default for modules not named in ``alpha_pattern``); every
+            scaling the config can give an adapter must lie in `SCALING_RANGE`.
         target_modules: which linears to adapt: ``"all-linear"`` (PEFT's set: every
             ``nn.Linear``/``Conv1D`` but the output embedding), a list of module-name suffixes
             (``["q_proj", "v_proj"]``), or a regex string full-matched against the module path.
