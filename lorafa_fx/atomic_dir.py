@@ -55,12 +55,13 @@ def recover(path: Path) -> Path:
     for entry in path.parent.iterdir():
         match = _LEFTOVER.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
         if match and not _alive(int(match["pid"])):
-            dead.append((entry, match["kind"]))
-    for entry, kind in sorted(dead, key=lambda e: e[0].stat().st_mtime, reverse=True):
+            with contextlib.suppress(FileNotFoundError):  # another process recovering the same path
+                dead.append((entry.stat().st_mtime, entry, match["kind"]))
+    for _, entry, kind in sorted(dead, reverse=True):  # the newest old directory first
         if kind == "old" and not path.exists() and (entry / path.name).is_dir():
             with contextlib.suppress(OSError):
                 os.replace(entry / path.name, path)
-    for entry, _ in dead:
+    for _, entry, _ in dead:
         shutil.rmtree(entry, ignore_errors=True)
     return path
 
