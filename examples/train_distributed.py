@@ -94,6 +94,7 @@ def main() -> None:
             print(f"step {step:3d}  loss {mean.item() / world:.4f}  ({world} ranks, sharding={args.sharding})", flush=True)
     if args.save:
         lorafa_fx.save_adapter(gm, args.save)  # every rank: FSDP2's shards are gathered, rank 0 writes
+    dist.barrier()  # every rank is done with its collectives before any tears its group down
     dist.destroy_process_group()
 
 

@@ -4,17 +4,22 @@
 sweep, captured once), or the largest batch that fits (--max-batch); a status line on stderr
 shows the stage and the shape being planned. Every bad input ends in one plain ``error: ...``
 line on stderr and exit status 2 (with ``plan --json``: one JSON object ``{"error": ...}`` on
-stdout), never a traceback. Warnings the planner gives (the chunked-loss notice) are printed as
-``note: ...`` lines (``"notes"`` in JSON; a sweep's JSON is the list of plans, so its notes stay
-on stderr).
+stdout), never a traceback: an error lorafa_fx does not foresee is that line too, naming the
+exception and where it was raised. Ctrl-C ends with one line and status 130; a stdout its
+reader closed (``| head``) ends quietly with status 141. Warnings the planner gives (the
+chunked-loss notice) are printed as ``note: ...`` lines (``"notes"`` in JSON; a sweep's JSON
+is the list of plans, so its notes stay on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import traceback
 import warnings
 
 PLAN_EXAMPLES = """examples:
@@ -33,7 +38,11 @@ presets: """
 #: The demo's models (``--model``).
 DEMO_MODELS = ("tiny", "smollm2")
 
+#: Exit statuses: a bad input (argparse's); Ctrl-C and a closed stdout, 128 + the signal's number
+#: (SIGINT, SIGPIPE), as a shell reports a process those signals end.
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_CLOSED_STDOUT = 141
 
 
 class _UsageError(Exception):
@@ -75,6 +84,27 @@ def _positive_ints(flag: str, what: str, example: int):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     json_mode = "plan" in argv and "--json" in argv
+    try:
+        try:
+            status = _run(argv, json_mode)
+            sys.stdout.flush()  # here, not at exit: a closed stdout raises where it is caught below
+            return status
+        except KeyboardInterrupt:
+            _fail("interrupted", json_mode)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            raise
+        except Exception as e:  # the last resort: no input ends in a traceback
+            return _fail(_unexpected(e), json_mode)
+    except BrokenPipeError:
+        # The reader closed stdout (`| head`): nothing more can be said there. Python flushes
+        # stdout again at exit, which would print a BrokenPipeError of its own.
+        with contextlib.suppress(OSError, ValueError):  # ValueError, OSError: not a real file
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_STDOUT
+
+
+def _run(argv: list[str], json_mode: bool) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -83,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     return _plan(args)
+
+
+def _unexpected(e: Exception) -> str:
+    """An error lorafa_fx did not foresee, in one line: what and where (the innermost frame)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return (f"unexpected {type(e).__name__}{where}: {e}. This is an input lorafa_fx does not check yet, or a bug: "
+            "please report it with the command line.")
 
 
 def _build_parser() -> _Parser:

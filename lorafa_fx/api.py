@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Pretrained
 
 from .capture import position_limit
 from .captured_model import CapturedModel, Progress
+from .checks import check_estimate_arguments, check_example_inputs
 from .config import LoraFAConfig
 from .errors import AlreadyTransformedError, ConfigError, InfeasibleBudgetError
 from .memory.report import MemoryPlan
@@ -82,6 +83,7 @@ def transform(
             f"example_inputs must be the keyword batch for model(**batch) (a dict such as "
             f"{{'input_ids': ..., 'labels': ...}}), got {type(example_inputs).__name__}."
         )
+    check_example_inputs(model, example_inputs)
     return emit(CapturedModel(model, example_inputs, config or LoraFAConfig()), model, example_inputs, settings)
 
 
@@ -145,6 +147,7 @@ def estimate(
         can be met and ``plan.fits`` False (so one such shape does not end the sweep).
     """
     model_or_config = _model_or_config(model_or_config)
+    check_estimate_arguments(model_or_config, dtype, progress)
     batch_sizes, seq_lens = _sizes("batch_size", batch_size), _sizes("seq_len", seq_len)
     _check_seq_len(model_or_config, max(seq_lens))
     settings = _resolve(with_budget(plan, budget), model_or_config)
@@ -186,6 +189,7 @@ def largest_batch_size(
             "device's free memory."
         )
     model_or_config = _model_or_config(model_or_config)
+    check_estimate_arguments(model_or_config, dtype, progress)
     _sizes("seq_len", seq_len, sweep=False)
     _check_seq_len(model_or_config, seq_len)
     settings = _resolve(plan, model_or_config)

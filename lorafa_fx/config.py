@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 INIT_LORA_A = ("kaiming_uniform", "gaussian", "orthogonal", "ones")
+#: The scalings (``lora_alpha / r``) a config accepts. The LoRA-FA optimizer's correction divides
+#: lora_B's gradient (which carries one factor of scaling) by scaling**2, so its step grows as
+#: 1 / scaling; Adam squares it in float32 (max ~3.4e38, smallest normal ~1.2e-38). At 1e-6 a
+#: gradient of 1e13 still squares finitely, at 1e6 one of 1e-13 does not vanish: PEFT's usual
+#: scalings (0.01 to 64) are far inside, and lora_alpha=1e-20 or 1e30 (NaN after two steps, or
+#: lora_B frozen at 0) far outside.
+SCALING_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,8 @@ class LoraFAConfig:
 
     Attributes:
         r: rank of each adapter (default for modules not named in ``rank_pattern``).
-        lora_alpha: scaling numerator (default for modules not named in ``alpha_pattern``).
+        lora_alpha: scaling numerator (default for modules not named in ``alpha_pattern``); every
+            scaling the config can give an adapter must lie in `SCALING_RANGE`.
         target_modules: which linears to adapt: ``"all-linear"`` (PEFT's set: every
             ``nn.Linear``/``Conv1D`` but the output embedding), a list of module-name suffixes
             (``["q_proj", "v_proj"]``), or a regex string full-matched against the module path.
@@ -70,6 +78,8 @@ class LoraFAConfig:
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
+        for name in ("rank_pattern", "alpha_pattern"):
+            _check_pattern_dict(name, getattr(self, name))
         for pattern, r in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", r)
         if self.min_r is not None and (not isinstance(self.min_r, int) or isinstance(self.min_r, bool) or not 0 <= self.min_r <= self.r):
@@ -80,21 +90,36 @@ class LoraFAConfig:
         _check_alpha("lora_alpha", self.lora_alpha)
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        _check_bool("use_rslora", self.use_rslora, "True turns on rank-stabilised scaling lora_alpha / sqrt(r)")
+        _check_bool("chunked_cross_entropy", self.chunked_cross_entropy,
+                    "True: always chunk the loss, False: never, None: when the planner needs it", none=True)
+        self._check_scaling()
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+            0.0 <= self.lora_dropout < 1.0
+        ):
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1); use 0.0 to disable it.")
         if self.init_lora_weights is not True and self.init_lora_weights not in INIT_LORA_A:
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; LoRA-FA needs a random "
                 f"frozen lora_A: use one of {INIT_LORA_A} (True means 'kaiming_uniform')."
             )
-        if not self.target_modules:
-            raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed={self.seed!r} must be an int (it seeds the generator that draws every lora_A).")
+        if isinstance(self.modules_to_save, str):
+            raise ConfigError(
+                f"modules_to_save={self.modules_to_save!r} is a string; pass a list of module names, e.g. "
+                f"modules_to_save=[{self.modules_to_save!r}] (PEFT 0.21 would read a string character by character)."
+            )
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name}={value!r} must be module-name suffixes (strings), or a regex string.")
+            if value is None and name != "target_modules":
+                continue
+            if not isinstance(value, (str, list, tuple)) or (
+                not isinstance(value, str) and not all(isinstance(v, str) for v in value)
+            ):
+                raise ConfigError(f"{name}={value!r} must be module-name suffixes (a list of strings), or a regex.")
+        if not self.target_modules:
+            raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
         if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
             _check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):
@@ -102,6 +127,24 @@ class LoraFAConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             for pattern in getattr(self, name):
                 _check_regex(f"{name} key", pattern)
+
+    def _check_scaling(self) -> None:
+        """Every scaling an adapter can get (any rank the config or the planner may give it, with
+        any of its alphas) within `SCALING_RANGE`: see there why."""
+        ranks = [self.r, *self.rank_pattern.values(), *([self.min_r] if self.min_r else [])]
+        alphas = [self.lora_alpha, *self.alpha_pattern.values()]
+        low, high = SCALING_RANGE
+        for r in (min(ranks), max(ranks)):
+            root, formula = (math.sqrt(r), "lora_alpha / sqrt(r)") if self.use_rslora else (r, "lora_alpha / r")
+            for alpha in (min(alphas), max(alphas)):
+                if not low <= alpha / root <= high:
+                    raise ConfigError(
+                        f"lora_alpha={alpha!r} with r={r} gives scaling {formula} = {alpha / root:g}, outside "
+                        f"[{low:g}, {high:g}]: the LoRA-FA optimizer divides lora_B's gradient by scaling**2, "
+                        "so beyond that range Adam's moments overflow (NaN) or underflow (lora_B never moves). "
+                        f"Pick lora_alpha between {low * root:g} and {high * root:g} for r={r} (PEFT's default "
+                        "lora_alpha is 8)."
+                    )
 
     @property
     def init_lora_A(self) -> str:
@@ -117,6 +160,21 @@ def _check_alpha(name: str, alpha: object) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ConfigError(f"{name}={alpha!r} must be a finite number > 0; scaling is lora_alpha / r (PEFT's "
                           "default lora_alpha is 8).")
+
+
+def _check_bool(name: str, value: object, meaning: str, none: bool = False) -> None:
+    # "false" and "no" are truthy: only a real bool (or None where it has a meaning) is read as one.
+    if not isinstance(value, bool) and not (none and value is None):
+        accepted = "True, False or None" if none else "True or False"
+        raise ConfigError(f"{name}={value!r} must be {accepted} ({meaning}); a string such as 'false' is not a bool.")
+
+
+def _check_pattern_dict(name: str, patterns: object) -> None:
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) for k in patterns):
+        raise ConfigError(
+            f"{name}={patterns!r} must be a dict from module-name pattern to value, e.g. {name}={{'q_proj': 16}} "
+            "(patterns match the end of the module path, as in PEFT)."
+        )
 
 
 def _check_regex(name: str, pattern: str) -> None:

@@ -20,6 +20,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -72,9 +73,7 @@ def synthetic_batch(batch: int, seq: int, generator: torch.Generator) -> dict[st
 
 
 def run(steps: int = 40, batch: int = 8, seq: int = 64, lr: float = 1e-2, console: Console | None = None) -> list[float]:
-    if seq > TINY_MAX_SEQ:
-        raise ValueError(f"--seq {seq} is longer than the demo Llama's position limit "
-                         f"(max_position_embeddings={TINY_MAX_SEQ}): pass --seq {TINY_MAX_SEQ} or less.")
+    _check_seq(seq, TINY_MAX_SEQ, f"the demo Llama's position limit (max_position_embeddings={TINY_MAX_SEQ})")
     console = console or Console()
     generator = torch.Generator().manual_seed(0)
     example = synthetic_batch(batch, seq, generator)
@@ -95,6 +94,16 @@ def run(steps: int = 40, batch: int = 8, seq: int = 64, lr: float = 1e-2, consol
 # --- shared by both demos --------------------------------------------------------------------
 
 
+def _check_seq(seq: int, limit: int, what: str) -> None:
+    if seq < 2:
+        # The loss compares token i + 1 with the prediction at i: one token leaves nothing to
+        # predict, and the mean over no tokens is nan.
+        raise ValueError(f"--seq {seq} leaves no next token to predict (the loss compares each token with the "
+                         "prediction from the one before): pass --seq 2 or more.")
+    if seq > limit:
+        raise ValueError(f"--seq {seq} is longer than {what}: pass --seq {limit} or less.")
+
+
 def train(gm: torch.nn.Module, next_batch: Callable[[], dict[str, torch.Tensor]], steps: int, lr: float,
           console: Console, every: int = 5) -> list[float]:
     """`steps` AdamW steps on the trainable parameters (the ``lora_B``); prints every `every`th loss."""
@@ -107,6 +116,8 @@ def train(gm: torch.nn.Module, next_batch: Callable[[], dict[str, torch.Tensor]]
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise ValueError(f"the loss is {losses[-1]} at step {step}: training diverged; pass a smaller lr.")
         if step % every == 0 or step == steps - 1:
             console.print(f"  step {step:3d}  loss {losses[-1]:.4f}")
     return losses
@@ -264,8 +275,7 @@ def run_smollm2(steps: int = SMOLLM2_STEPS, batch: int = SMOLLM2_BATCH, seq: int
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2(console)
     ids = tokenizer(demo_text.TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if seq > len(ids):
-        raise ValueError(f"--seq {seq} is longer than the demo text ({len(ids)} tokens): pass --seq {len(ids)} or less.")
+    _check_seq(seq, len(ids), f"the demo text ({len(ids)} tokens)")
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]lorafa_fx demo[/]: SmolLM2-135M-Instruct ({n_params / 1e6:.1f}M params, float32, "
                   f"loaded in {time.perf_counter() - t0:.0f} s), fine-tuned on \"{demo_text.TITLE}\" "

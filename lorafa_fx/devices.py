@@ -84,14 +84,19 @@ ACHIEVED_FRACTION = 0.4
 
 def device_profile(device: object) -> str | None:
     """The `PROFILES` key `device` names ("h100", any case), or for a local CUDA device the key
-    its name contains ("NVIDIA H100 80GB HBM3" -> "h100"); None for anything else."""
+    its name contains ("NVIDIA H100 80GB HBM3" -> "h100"); None for another device. A name that
+    is neither a profile nor a torch device ("h10", "banana") raises `ConfigError`: read as no
+    card, it would silently plan without the card's timing and offload."""
     key = device.strip().lower() if isinstance(device, str) else None
     if key in PROFILES:
         return key
     try:
         local = torch.device(device) if device is not None else None
     except (RuntimeError, TypeError):
-        return None
+        raise ConfigError(
+            f"device={device!r} is neither a card to plan for ({', '.join(PROFILES)}) nor a torch device: pass one "
+            "of those names, or a torch device string such as 'cpu', 'cuda' or 'cuda:0'."
+        ) from None
     if local is None or local.type != "cuda" or not torch.cuda.is_available():
         return None
     if local.index is not None and local.index >= torch.cuda.device_count():

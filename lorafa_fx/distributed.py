@@ -15,9 +15,20 @@ submodule owning its parameters (`passes/outline_layers.py`). Inside the job (``
 
 The recompute decisions of a budgeted plan run inside each called layer (torch's activation
 checkpointing nested in the FSDP unit).
+
+End the job in order: ``dist.barrier()`` (every rank done with its collectives), then
+``dist.destroy_process_group()``. `prepare` keeps each DDP module's process group referenced
+from Python until the process exits: DDP's C++ reducer holds the group through a handle whose
+destructor keeps the GIL, and a gloo group's destructor joins its worker threads, one of which
+may still need the GIL to free the last collective's tensor. When the reducer held the last
+reference (the group destroyed before the DDP module was freed, the usual order at the end of
+``main()``), a rank hung at exit (the example, 5 of 22 runs on 2 loaded cores); a reference
+from Python is freed with the GIL released.
 """
 
 from __future__ import annotations
+
+import atexit
 
 import torch.distributed as dist
 import torch.fx as fx
@@ -57,7 +68,9 @@ def prepare(gm: fx.GraphModule, *, mesh=None, **ddp_kwargs) -> nn.Module:
             f"processes: transform with world_size={dist.get_world_size()}."
         )
     if plan.sharding is Sharding.NONE:
-        return nn.parallel.DistributedDataParallel(gm, **ddp_kwargs)
+        ddp = nn.parallel.DistributedDataParallel(gm, **ddp_kwargs)
+        _hold_until_exit(ddp.process_group)
+        return ddp
     if mesh is None:
         device = next(gm.parameters()).device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -65,3 +78,14 @@ def prepare(gm: fx.GraphModule, *, mesh=None, **ddp_kwargs) -> nn.Module:
         fully_shard(gm.get_submodule(path), mesh=mesh)
     fully_shard(gm, mesh=mesh)
     return gm
+
+
+#: Process groups of the DDP modules `prepare` made, released at exit (see the module docstring).
+_HELD_GROUPS: list[dist.ProcessGroup] = []
+
+
+def _hold_until_exit(group: dist.ProcessGroup) -> None:
+    if not _HELD_GROUPS:
+        # atexit runs before the interpreter finalizes, while gloo's threads can still take the GIL.
+        atexit.register(_HELD_GROUPS.clear)
+    _HELD_GROUPS.append(group)

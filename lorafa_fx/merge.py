@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -10,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import LoraFAError
 from .peft_files import check_transformed, saved_module_params
+from .targets import tied_weights
 
 
 @torch.no_grad()
@@ -20,6 +23,11 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     which stores ``W`` as ``(in, out)``), computed in float32 and cast to ``W``'s dtype;
     ``modules_to_save`` parameters are copied from `gm`. `model` has no ``lora_`` parameters
     and works with ``save_pretrained`` and ``generate``.
+
+    An adapted weight tied to another module's (``lm_head`` and the input embedding under
+    ``tie_word_embeddings``) is untied first: the adapted module gets its own copy, the other
+    keeps the base weight, ``model.config.tie_word_embeddings`` becomes False, and a warning
+    says so. (PEFT adds the delta into the shared weight, changing the embedding too.)
 
     `model` is changed in place, as PEFT's ``merge_and_unload`` does (no second copy of the
     weights is made). Usually it is the model `gm` was made from, whose weights `gm` shares:
@@ -47,6 +55,12 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     if problems:
         raise LoraFAError("merge: cannot merge into this model:\n  " + "\n  ".join(problems))
 
+    untied = tied_weights(model, [a.path for a in gm.lorafa_adapters])
+    for path in untied:
+        module = model.get_submodule(path)
+        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # or from_pretrained would tie the saved model again
     for a in gm.lorafa_adapters:
         module = model.get_submodule(a.path)
         lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
@@ -63,6 +77,14 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
             target.copy_(p)
     for lora_B in shared:
         lora_B.zero_()
+    if untied:
+        warnings.warn(
+            "merge untied " + ", ".join(f"{path} from {others[0]}" for path, others in untied.items())
+            + ": each adapted weight that was tied now has its own copy with the adapter added (the modules tied to "
+            "it keep the base weight), so the merged model computes what the trained module does; "
+            "config.tie_word_embeddings is now False. The saved model holds both weights.",
+            stacklevel=2,
+        )
     return model
 
 

@@ -297,7 +297,8 @@ def _check_hyperparameters(lr: float, weight_decay: float, betas: tuple[float, f
         raise ConfigError(f"lr={lr!r} must be a finite number >= 0, e.g. 1e-4.")
     if not _finite_at_least_0(weight_decay):
         raise ConfigError(f"weight_decay={weight_decay!r} must be a finite number >= 0 (0 disables it).")
-    if len(betas) != 2 or not all(_finite_at_least_0(b) and b < 1.0 for b in betas):
+    pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+    if not pair or not all(_finite_at_least_0(b) and b < 1.0 for b in betas):
         raise ConfigError(f"betas={betas!r} must be two floats in [0, 1), e.g. (0.9, 0.999).")
     if not _finite_at_least_0(eps):
         raise ConfigError(f"eps={eps!r} must be a finite number >= 0, e.g. 1e-6 (PEFT's default).")

@@ -6,8 +6,9 @@
   ``LoraConfig`` with ``peft_type: "LORA"`` whose ``target_modules`` is the exact list of adapted
   paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
   loads it. The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or nothing),
-  never half a new one. In a distributed job every rank calls it (FSDP2 shards are gathered);
-  rank 0 writes.
+  never half a new one, and the next save or load of `path` removes what the crash left
+  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job
+  every rank calls it (FSDP2 shards are gathered); rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
@@ -30,8 +31,20 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from .atomic_dir import atomic_directory, fsync_file
-from .errors import AdapterFileError, AdapterMismatchError, LoraFAError
+from .atomic_dir import atomic_directory, fsync_file, recover
+from .errors import AdapterFileError, AdapterMismatchError, ConfigError, LoraFAError
+from .json_fields import (
+    BOOL,
+    NAMES,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    STRING,
+    STRINGS,
+    field,
+    optional,
+    pattern_map,
+    read_json_object,
+)
 from .targets import _pattern_value, select_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,11 +63,15 @@ def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name
     Args:
         gm: a module returned by `lorafa_fx.transform`.
         path: the adapter directory; created, or replaced as a whole if it exists (files in it
-            other than the two adapter files are kept).
+            other than the two adapter files are kept). A symlink to a directory stays a link:
+            the directory it points to receives the adapter.
         base_model_name_or_path: recorded in the config for ``AutoPeftModel`` loaders; defaults
             to the model's ``name_or_path`` when the model was loaded with ``from_pretrained``.
     """
     check_transformed(gm)
+    if os.fspath(path) == "":
+        raise ConfigError("save_adapter(gm, path='') names no directory (it would be the working directory): pass "
+                          "a directory path for the adapter, e.g. 'my-adapter'.")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LoraFAError(f"{path} exists and is not a directory; pass a directory path for the adapter.")
@@ -75,12 +92,15 @@ def save_adapter(gm: fx.GraphModule, path: str | os.PathLike, *, base_model_name
 def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Load the adapter in directory `path` (ours or PEFT's, LoRA) into `gm`, in place.
 
+    Every field of ``adapter_config.json`` that loading reads is checked first (`AdapterFileError`
+    naming the file, the field and the value).
+
     Raises `AdapterMismatchError` listing every adapted module missing from the file or not in
     `gm`, every shape, rank or scaling (``lora_alpha / r``) that differs, and the
     ``modules_to_save`` parameters that do not match; nothing is loaded in that case.
     """
     check_transformed(gm)
-    path = Path(path)
+    path = recover(Path(path))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise AdapterFileError(
@@ -158,16 +178,32 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
     }
 
 
+#: The fields of PEFT's LoraConfig that loading reads: their tests and PEFT's defaults.
+_CONFIG_FIELDS = {
+    "peft_type": (optional(STRING), None),
+    "r": (POSITIVE_INT, 8),
+    "lora_alpha": (POSITIVE_NUMBER, 8),
+    "rank_pattern": (optional(pattern_map(POSITIVE_INT)), None),
+    "alpha_pattern": (optional(pattern_map(POSITIVE_NUMBER)), None),
+    "use_rslora": (BOOL, False),
+    "target_modules": (optional(NAMES), None),
+    "modules_to_save": (optional(STRINGS), None),
+    "bias": (STRING, "none"),
+    "use_dora": (optional(BOOL), False),
+    "lora_bias": (optional(BOOL), False),
+    "use_qalora": (optional(BOOL), False),
+}
+_SAVE_AGAIN = "save the adapter again (lorafa_fx.save_adapter or PEFT's save_pretrained write it)"
+
+
 def _read_config(file: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{file} is not valid JSON ({e}); save the adapter again (save_adapter or PEFT's "
-                               "save_pretrained write it).") from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{file} holds a JSON {type(config).__name__}, not a PEFT adapter config (a JSON "
-                               "object with peft_type, r, lora_alpha, target_modules); save the adapter again.")
-    return config
+    """The saved config, every field loading reads checked (`AdapterFileError` naming the file,
+    the field and the value otherwise), PEFT's defaults filled in."""
+    config = read_json_object(file, AdapterFileError, "a PEFT adapter config is a JSON object with peft_type, r, "
+                              f"lora_alpha, target_modules: {_SAVE_AGAIN}")
+    checked = {key: field(config, key, check, file, AdapterFileError, f"correct it, or {_SAVE_AGAIN}", default)
+               for key, (check, default) in _CONFIG_FIELDS.items()}
+    return {**config, **checked}
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -185,7 +221,7 @@ def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
     for key in ("use_dora", "lora_bias", "use_qalora"):
         if config.get(key):
             unsupported.append(f"{key}=true")
-    if config.get("bias", "none") != "none":
+    if config["bias"] != "none":
         unsupported.append(f"bias={config['bias']!r} (only 'none')")
     if config.get("trainable_token_indices"):
         unsupported.append("trainable_token_indices")
@@ -196,9 +232,9 @@ def _check_peft_config(config: Mapping[str, Any], path: Path) -> None:
 
 
 def _saved_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float, float]:
-    r = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
-    return r, alpha, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    r = _pattern_value(config["rank_pattern"] or {}, path, config["r"])
+    alpha = _pattern_value(config["alpha_pattern"] or {}, path, config["lora_alpha"])
+    return r, alpha, alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
 
 
 def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[str]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig
+from transformers import __version__ as transformers_version
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .checks import check_model_config
 from .errors import ConfigError
+from .json_fields import STRING, field, read_json_object
 
 
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int,
@@ -30,7 +34,9 @@ PRESETS = {
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
-    """A preset name, or a ``config.json`` file (or the directory holding one)."""
+    """A preset name, or a ``config.json`` file (or the directory holding one); a file that is
+    not a valid config (unreadable, a wrong-typed or degenerate field) raises `ConfigError`
+    naming the file and the field."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     path = Path(name_or_path)
@@ -40,13 +46,23 @@ def load_config(name_or_path: str) -> PretrainedConfig:
         raise ConfigError(
             f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or directory."
         )
+    data = read_json_object(path, ConfigError, "pass a transformers config.json")
+    model_type = field(data, "model_type", STRING, path, ConfigError, "a transformers config.json names its "
+                       "architecture, e.g. \"model_type\": \"llama\"")
+    # Sizes first, as the file has them: transformers logs warnings about some (vocab_size=-1), then accepts them.
+    check_model_config(SimpleNamespace(**data), str(path))
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"{path}: model_type={model_type!r} is not an architecture transformers "
+                          f"{transformers_version} knows: correct it, or install a transformers that has it.")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); pass a transformers config.json.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not a transformers config (a JSON object).")
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError(f"{path} has no 'model_type'; it is not a transformers config.json.")
-    return AutoConfig.for_model(model_type, **data)
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
+    except Exception as e:  # transformers' own checks raise ValueError, KeyError or huggingface_hub's errors
+        problem = _first_lines(e)
+        raise ConfigError(f"{path} is not a valid {model_type!r} config: {problem}; correct that field.") from None
+    check_model_config(config, str(path))
+    return config
+
+
+def _first_lines(e: Exception) -> str:
+    # transformers' validation errors put the field on the first line and the cause on the next.
+    return " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())[:300] or type(e).__name__

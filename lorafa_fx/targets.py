@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -105,7 +106,31 @@ def select_adapters(model: nn.Module, config: LoraFAConfig) -> list[Adapter]:
             + '\nPass suffixes of these names (e.g. ["q_proj", "v_proj"]), a regex over the full '
             'path, or "all-linear".'
         )
+    for path, others in tied_weights(model, [a.path for a in adapters]).items():
+        warnings.warn(
+            f"{path} is adapted but its weight is tied to {', '.join(others)} (the model ties them, e.g. "
+            "tie_word_embeddings=True); PEFT warns for the same config. Training is unaffected (the adapter adds to "
+            f"{path}'s output only), but a merge cannot add it into a weight {others[0]} also uses: lorafa_fx.merge "
+            f"gives {path} its own copy of the weight (and sets config.tie_word_embeddings=False). To keep the tie, "
+            f"leave {path} out: exclude_modules=[{path!r}].",
+            stacklevel=3,
+        )
     return adapters
+
+
+def tied_weights(model: nn.Module, paths: list[str]) -> dict[str, list[str]]:
+    """For each module of `paths` whose ``weight`` other modules of `model` hold too (tied
+    embeddings), those modules' paths."""
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name.removesuffix(".weight"))
+    tied = {}
+    for path in paths:
+        weight = getattr(model.get_submodule(path), "weight", None)
+        others = [h for h in holders.get(id(weight), []) if h != path]
+        if others:
+            tied[path] = others
+    return tied
 
 
 def cap_ranks(adapters: list[Adapter], config: LoraFAConfig, cap: int | None) -> list[Adapter]:

@@ -6,15 +6,19 @@ A leaf module: it imports nothing from lorafa_fx.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
-from accelerate.utils import convert_file_size_to_int
-
-#: A budget string: a number and a unit in accelerate's spelling. A lowercase ``b`` means bits to
-#: accelerate ("40Gb" = 5 GB), which nobody means for a memory budget, so units are matched here.
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", re.IGNORECASE)
+#: A budget string: a number and a unit, accelerate's spellings (KB, MB, GB; KiB, MiB, GiB) and
+#: the T units after them. Units are bytes whatever their case: accelerate reads a lowercase
+#: ``b`` as bits ("40Gb" = 5 GB), which nobody means for a memory budget. Digits are ASCII only
+#: (``str.isdigit`` also accepts "²", which ``int`` then refuses).
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b\s*", re.IGNORECASE)
+_DIGITS = re.compile(r"\s*[0-9]+\s*")
+_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _ACCEPTED = (
-    "an int number of bytes, a string such as '40GB' (40*10^9 bytes) or '40GiB' (40*2^30 bytes), or 'auto' "
-    "(the device's free memory minus a reserve)"
+    "an int number of bytes, a string such as '40GB' (40*10^9 bytes; KB, MB, GB, TB) or '40GiB' (40*2^30 bytes; "
+    "KiB, MiB, GiB, TiB), or 'auto' (the device's free memory minus a reserve)"
 )
 
 
@@ -27,27 +31,26 @@ def format_bytes(n: int) -> str:
 
 
 def parse_budget(budget: int | str | None) -> int | None:
-    """Bytes from an int, a digit string, or a size with accelerate's units ("40GB" = 40e9,
-    "40GiB" = 40*2^30). Units are read case-insensitively as bytes ("40gb" = "40GB"); a bare
-    "b" is never bits. ("auto" is resolved before, by its callers: it needs a device.)"""
+    """Bytes from an int, a digit string, or a size with a unit ("40GB" = 40e9, "40GiB" =
+    40*2^30, "1.5TB" = 1.5e12; fractions of a byte are dropped). Units are read
+    case-insensitively as bytes ("40gb" = "40GB"); a bare "b" is never bits. ("auto" is resolved
+    before, by its callers: it needs a device.) Anything else, or a size under one byte, raises
+    ValueError naming the value and what is accepted."""
     if budget is None:
         return None
+    value = None
     if isinstance(budget, int) and not isinstance(budget, bool):
-        if budget <= 0:
-            raise ValueError(f"budget={budget!r} must be positive: pass {_ACCEPTED}.")
-        return budget
-    if isinstance(budget, str):
-        text = budget.strip()
-        if text.isdigit() and int(text) > 0:
-            return int(text)
-        match = _SIZE.fullmatch(text)
-        if match:
-            number, unit = match.groups()
-            unit = unit[0].upper() + unit[1:-1].lower() + "B"  # "gib" -> "GiB", "gb" -> "GB"
-            value = convert_file_size_to_int(f"{number}{unit}")
-            if value > 0:
-                return value
-    raise ValueError(f"budget={budget!r} is not a memory size: pass {_ACCEPTED}.")
+        value = budget
+    elif isinstance(budget, str) and _DIGITS.fullmatch(budget):
+        value = int(budget)
+    elif isinstance(budget, str) and (match := _SIZE.fullmatch(budget)):
+        number, unit = match.groups()
+        value = int(Fraction(number) * _SCALE[(unit or "").lower()])
+    if value is None:
+        raise ValueError(f"budget={budget!r} is not a memory size: pass {_ACCEPTED}.")
+    if value <= 0:
+        raise ValueError(f"budget={budget!r} must be at least one byte: pass {_ACCEPTED}.")
+    return value
 
 
 def block_of_path(path: str) -> str:

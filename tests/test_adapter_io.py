@@ -213,3 +213,48 @@ def test_merge_into_another_model_leaves_gm_alone():
     w.weight = torch.nn.Parameter(w.weight.data.to(torch.int8), requires_grad=False)
     with pytest.raises(LoraFAError, match="model.layers.0.self_attn.q_proj: weight .* torch.int8"):
         merge(gm, int8)
+
+
+def _tied_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                        max_position_embeddings=128, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("name,model_fn,targets,peft_targets", [
+    ("qwen2", _tied_qwen2, ["q_proj", "lm_head"], ["q_proj", "lm_head"]),
+    # a regex reaches the tied head too (PEFT's ".*" would also match non-linear modules, which it refuses)
+    ("gpt2", lambda: make_model("gpt2"), ".*", ["c_attn", "c_proj", "c_fc", "lm_head"]),
+])
+def test_a_tied_head_warns_like_peft_and_merges_untied(name, model_fn, targets, peft_targets, tmp_path):
+    """Reference: PEFT warns for the same config; the trained module's logits, which the merged model
+    (and its saved and reloaded copy) must give; the untouched input embedding. Before, merge added
+    the head's delta into the shared weight: the embedding changed too (logits off by up to 14.7)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = model_fn()
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=peft_targets))
+    tied = r"lm_head is adapted but its weight is tied to .*exclude_modules=\['lm_head'\]"
+    with pytest.warns(UserWarning, match=tied):
+        gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE),
+                                 config=LoraFAConfig(r=4, lora_alpha=8, target_modules=targets))
+    assert "lm_head" in {a.path for a in gm.lorafa_adapters}
+    randomize_lora_B(gm)
+    embedding_before, trained = embedding.detach().clone(), _logits(gm, name)
+
+    with pytest.warns(UserWarning, match="merge untied lm_head from"):
+        merged = merge(gm, model)
+    assert merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight
+    assert torch.equal(merged.get_input_embeddings().weight, embedding_before)
+    assert merged.config.tie_word_embeddings is False
+    torch.testing.assert_close(_logits(merged, name), trained, atol=2e-5, rtol=0)
+    torch.testing.assert_close(_logits(gm, name), trained, atol=2e-5, rtol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = type(merged).from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_logits(reloaded, name), trained, atol=2e-5, rtol=0)

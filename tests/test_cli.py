@@ -4,6 +4,12 @@ is one plain error line (or one JSON object with --json) and exit status 2."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +19,8 @@ from transformers import LlamaConfig
 import lorafa_fx
 from lorafa_fx.__main__ import main
 from lorafa_fx.units import format_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(tmp_path, vocab_size: int = 96) -> str:
@@ -234,3 +242,93 @@ def test_help_has_examples(capsys):
         main(["plan", "--help"])
     assert exit.value.code == 0
     assert "--config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("hidden_size", "abc", "hidden_size='abc'"), ("vocab_size", -1, "vocab_size=-1"),
+    ("rms_norm_eps", "x", "'rms_norm_eps'"),  # transformers' own type check, named with the file
+    ("num_key_value_heads", 0, "num_key_value_heads=0"), ("num_key_value_heads", 3, "num_key_value_heads=3"),
+    ("num_hidden_layers", 32000, "32000 layers"), ("model_type", "nosuch", "model_type='nosuch'"),
+])
+def test_a_wrong_typed_or_degenerate_config_field_is_one_line_naming_it(tmp_path, capsys, field, value, named):
+    """Before: a Python traceback (exit 1, and an empty stdout under --json), or for 32000 layers
+    about 45 minutes of planning (1000 layers take 83 s)."""
+    path = Path(_tiny_config(tmp_path)) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    args = ["plan", "--config", str(path), "--batch", "1", "--seq", "8"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(path) in line and named in line
+    assert main([*args, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert named in json.loads(out)["error"] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("raised", "status", "named"), [
+    (RuntimeError("boom"), 2, "unexpected RuntimeError at "),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_whatever_escapes_planning_is_one_line_or_one_json_object(monkeypatch, capsys, raised, status, named):
+    """The last resort of main(): an exception lorafa_fx does not foresee, and Ctrl-C (status 130)."""
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(lorafa_fx, "estimate", fail)
+    args = ["plan", "--config", "llama-2-7b", "--batch", "1", "--seq", "8"]
+    assert main(args) == status
+    assert named in _one_error_line(capsys.readouterr().err)
+    assert main([*args, "--json"]) == status
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 1 and named in json.loads(out)["error"] and err == ""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from lorafa_fx.__main__ import main; print('ready', file=sys.stderr, "
+            f"flush=True); sys.exit(main({list(args)!r}))"]
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_with_one_line_and_a_closed_stdout_exits_quietly(tmp_path):
+    """A real Ctrl-C while the 7B preset is being planned (about 7 s), and a reader that closed stdout
+    before the plan was printed. Before: a KeyboardInterrupt traceback; a BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for json_flag in ([], ["--json"]):
+        proc = subprocess.Popen(_cli("plan", "--config", "llama-2-7b", "--batch", "1", "--seq", "8", *json_flag),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert proc.stderr.readline() == "ready\n"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        if json_flag:
+            assert json.loads(out) == {"error": "interrupted", "notes": []} and "Traceback" not in err
+        else:
+            assert _one_error_line(err) == "error: interrupted" and out == ""
+
+    proc = subprocess.Popen(_cli("plan", "--config", _tiny_config(tmp_path), "--batch", "1", "--seq", "8"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdout.close()  # `| head` that has read what it wanted
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == "ready\n", err
+
+
+def test_demo_with_one_token_per_sequence_is_refused_not_a_nan_loss(capsys):
+    """Before: "loss nan" at every step and exit status 0 (a causal LM has no next token to predict)."""
+    assert main(["demo", "--seq", "1"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--seq 1" in line and "--seq 2 or more" in line
+
+
+def test_an_unknown_device_is_one_line_naming_the_cards(capsys):
+    """Before: --device banana was read as no card: the plan had no timing and no offload, and no note."""
+    assert main(["plan", "--config", "llama-2-7b", "--batch", "1", "--seq", "8", "--device", "banana"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "device='banana'" in line and "a100, h100, h200" in line
+
+
+def test_a_budget_in_terabytes_is_read_as_documented(tmp_path, capsys):
+    """Reference: 2 TB = 2 * 10**12 bytes (accelerate's parser refused T units)."""
+    assert main(["plan", "--config", _tiny_config(tmp_path), "--batch", "1", "--seq", "8", "--budget", "2TB",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_bytes"] == 2 * 10**12

@@ -1,7 +1,7 @@
 """The package's layers, read from its source: imports only go down, no cycles, small files.
 
 Layers, bottom to top (a module may import its own layer and the ones below): leaves (units,
-choices, meta, errors, config, plan_config, atomic_dir, devices) -> graph editing (graph) and what the graph
+choices, meta, errors, config, plan_config, atomic_dir, devices, checks, json_fields) -> graph editing (graph) and what the graph
 runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets, shallow) -> passes/ ->
 memory/ -> stages (the pass lists) -> the training-side modules (optim, peft_files, merge,
 hf_compat, backbone, distributed, measure) -> captured_model -> pipeline -> api. memory/ never
@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "lorafa_fx"
 
 LAYERS = [
-    {"units", "choices", "meta", "errors", "config", "plan_config", "atomic_dir", "devices"},
+    {"units", "choices", "meta", "errors", "config", "plan_config", "atomic_dir", "devices", "checks", "json_fields"},
     {"graph", "ops"},
     {"targets", "capture", "bnb_layers", "presets", "shallow"},
     {"passes"},

@@ -138,7 +138,6 @@ def test_a_config_plans_for_the_current_cuda_device_by_default(monkeypatch):
     (False, "cuda:0", "CUDA is not available"),
     (True, "cuda:3", "1 CUDA device(s)"),
     (True, "mps", "cuda and cpu devices only"),
-    (True, "gpu0", "is not a device"),
 ])
 def test_budget_auto_on_a_device_it_cannot_read_says_what_to_pass(monkeypatch, cuda, device, named):
     if cuda:
