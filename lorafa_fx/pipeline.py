@@ -57,7 +57,15 @@ from .passes.recognize_linears import RecognizeLinears
 from .passes.recompute_regions import RecomputeRegions
 from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
 from .passes.simplify_attention import SimplifyAttention
-from .targets import Adapter, cap_ranks, planned_config, rank_is_fixed, select_adapters, select_modules_to_save
+from .targets import (
+    Adapter,
+    cap_ranks,
+    planned_config,
+    rank_is_fixed,
+    resolve_task,
+    select_adapters,
+    select_modules_to_save,
+)
 from .units import format_bytes
 
 #: Exact rewrites that keep less for backward than eager PyTorch keeps: free memory, applied
@@ -91,6 +99,7 @@ class Adaptable:
         progress: Progress = _silent,
         shallow: nn.Module | None = None,
     ) -> None:
+        self.task, config = resolve_task(model, config)
         adapters = select_adapters(model, config)
         self.saved_modules = select_modules_to_save(model, config)
         self.depths = _repeated_stacks(shallow, model, config) if shallow is not None else {}
@@ -231,7 +240,8 @@ def plan_and_emit(
     annotate_saved_bytes(gm, planned.estimate)
     plan = MemoryPlan.from_estimate(
         gm, planned.estimate, batch, settings, planned.decisions, planned.recompute_flops, planned.step_flops,
-        configured=adaptable.adapters, offload_seconds=planned.offload_seconds,
+        configured=adaptable.adapters, offload_seconds=planned.offload_seconds, task=adaptable.task,
+        trained_modules=adaptable.saved_modules,
     )
     set_attributes(gm, lorafa_plan=plan)
     generate_code(gm)

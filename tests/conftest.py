@@ -14,16 +14,17 @@ from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
 from lorafa_fx.graph import graph_copy
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
-from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
+from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model, make_task_model  # noqa: F401
 
 _TRANSFORMED: dict[str, tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
 _MODELS: dict[str, torch.nn.Module] = {}
 _CAPTURED: dict[str, torch.fx.GraphModule] = {}
 
 
-def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, **config):
+def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, head=None, **config):
     """``(model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
-    config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``.
+    config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``
+    (``make_task_model(name, head)`` and its batch with `head`).
 
     Capturing (torch.export) is most of a test's time, and transform is deterministic: each
     argument set is transformed once per session, budgets of one model and config share one
@@ -31,11 +32,11 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
     the copy of gm still shares the copy of the model's weights). Tests that check what
     transform itself warns or raises call it directly.
     """
-    key = repr((name, shape, budget, model_fn, sorted(config.items())))
+    key = repr((name, shape, budget, model_fn, head, sorted(config.items())))
     if key not in _TRANSFORMED:
-        model_key = repr((name, shape, model_fn, sorted(config.items())))
+        model_key = repr((name, shape, model_fn, head, sorted(config.items())))
         if model_key not in _MODELS:
-            _MODELS[model_key] = (model_fn or make_model)(name)
+            _MODELS[model_key] = make_task_model(name, head) if head else (model_fn or make_model)(name)
         model = _MODELS[model_key]
 
         def capture_once(model, example_inputs):
@@ -43,10 +44,10 @@ def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, mode
                 _CAPTURED[model_key] = capture(model, example_inputs)
             return graph_copy(_CAPTURED[model_key])
 
-        config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
+        config = lorafa_fx.LoraFAConfig(**{**(CONFIG_KWARGS.get(name, {}) if head is None else {}), **config})
         with mock.patch.object(pipeline, "capture", capture_once):
-            _TRANSFORMED[key] = model, lorafa_fx.transform(model, budget, example_inputs=make_batch(name, *shape),
-                                                           config=config)
+            _TRANSFORMED[key] = model, lorafa_fx.transform(
+                model, budget, example_inputs=make_batch(name, *shape, head=head), config=config)
     return copy.deepcopy(_TRANSFORMED[key])
 
 
