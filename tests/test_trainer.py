@@ -263,6 +263,7 @@ def test_deepcopy_keeps_what_trainers_read():
     """Reference: the original module. GraphModule's deepcopy rebuilds the module and drops plain
     attributes unless they are registered; EMA and TRL's reference models deep-copy the model."""
     import copy
+    import inspect
 
     model = make_model("llama")
     batch = make_batch("llama", 2, 8)
@@ -273,6 +274,8 @@ def test_deepcopy_keeps_what_trainers_read():
     assert twin.config is not gm.config and twin.config.to_dict() == gm.config.to_dict()
     assert twin.save_pretrained.__self__ is twin and twin.base_model.root is twin
     assert list(twin.state_dict()) == list(gm.state_dict())
+    # A lazy GraphModule's forward is (*args, **kwargs) until it runs; Trainer reads the signature first.
+    assert list(inspect.signature(twin.forward).parameters) == ["input_ids", "attention_mask", "labels"]
     twin_b = twin.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
     assert twin_b is not gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
     torch.testing.assert_close(twin(**batch).loss, gm(**batch).loss, rtol=0, atol=0)
