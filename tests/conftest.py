@@ -80,6 +80,17 @@ def peft_lora_B(ref, path: str) -> torch.nn.Parameter:
     return ref.base_model.model.get_submodule(path).lora_B["default"].weight
 
 
+def word_tokenizer():
+    """A word-level tokenizer over the test vocabulary ("t0".."t95", split on spaces; pad t0, eos t1):
+    TRL's trainers want one, and nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
+
+
 def compiled_step(gm: torch.fx.GraphModule, batch: dict, measure_saved) -> tuple[object, torch.Tensor]:
     """One step of ``torch.compile(gm, backend="aot_eager", fullgraph=True)`` on `batch` from
     zero grads: (`measure_saved(forward)` of its forward, the loss); grads land on `gm`."""
