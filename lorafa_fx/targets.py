@@ -105,7 +105,7 @@ def resolve_task(model: nn.Module, config: LoraFAConfig) -> tuple[Task, LoraFACo
     """The task `model` is adapted for, and `config` with its ``task_type`` set to it."""
     task = Task(config.task_type) if config.task_type is not None else Task(infer_task_type(model), type(model).__name__)
     heads = TASK_HEADS.get(task.task_type, ())
-    if heads and not any(name.endswith(heads) for name, _ in model.named_modules()):
+    if heads and not config.modules_to_save and not any(name.endswith(heads) for name, _ in model.named_modules()):
         warnings.warn(
             f"task_type={task.task_type!r} trains the modules named {' or '.join(heads)} in full, as PEFT does, but "
             f"{type(model).__name__} has none: its head is adapted like any other linear. Name the head in "
