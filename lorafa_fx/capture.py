@@ -17,6 +17,16 @@ it). Example inputs the model does not take, ``use_cache=True`` and ``return_dic
 refused before export runs (`ExampleInputsError`); a batch outside the captured shapes
 (a sequence longer than the position limit) raises `InputShapeError` when the module is
 called; a dim the model's code narrows during capture gives a warning.
+
+A sequence classifier whose ``config.problem_type`` is None is captured with the problem type
+transformers' own loss (``ForSequenceClassificationLoss``) infers from the example labels:
+integer labels of one per row and several classes are ``"single_label_classification"``
+(cross-entropy, labels of -100 ignored). DeBERTa's loss reaches the same cross-entropy through
+a branch on the label values (``(labels >= 0).nonzero()``, then ``if ... .size(0) > 0``), which
+export cannot capture; with the type fixed it takes the traceable branch. The two differ only
+for negative labels other than -100 (DeBERTa's eager loss skips them; cross-entropy refuses
+them) and for a batch with no label >= 0 (eager 0, captured NaN). The config is restored after
+capture.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ def capture(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tor
     kwargs = {k: _capturable(v) for k, v in example_inputs.items()}
     _check_example_inputs(model, kwargs)
     dynamic_shapes = {name: _dynamic_dims(model, t) for name, t in kwargs.items()}
-    with _capture_mode(model):
+    with _capture_mode(model), _problem_type_of(model, kwargs.get("labels")):
         try:
             program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:
@@ -125,6 +135,24 @@ def _capture_mode(model: nn.Module) -> Iterator[None]:
             configs[k].use_cache = value
         for m, training in modes.items():
             m.training = training
+
+
+@contextlib.contextmanager
+def _problem_type_of(model: nn.Module, labels: object) -> Iterator[None]:
+    """``config.problem_type`` fixed to what `labels` make it (see the module docstring)."""
+    config = getattr(model, "config", None)
+    single_label = (
+        getattr(config, "problem_type", "") is None and getattr(config, "num_labels", 0) > 1
+        and isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+    )
+    if not single_label:
+        yield
+        return
+    config.problem_type = "single_label_classification"
+    try:
+        yield
+    finally:
+        config.problem_type = None
 
 
 #: Example inputs refused whatever the model: (key, the refused value's test, why, what to pass).

@@ -32,7 +32,7 @@ from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.expand_layers import ExpandLayers, repeats_cleanly
 from .passes.rewrite_lora_fa import linear_nodes
 from .shallow import depth_note, repeated_stacks, shallow_path
-from .targets import Adapter, cap_ranks, planned_config, select_adapters, select_modules_to_save
+from .targets import Adapter, cap_ranks, planned_config, resolve_task, select_adapters, select_modules_to_save
 
 #: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
 Progress = Callable[[str], None]
@@ -58,6 +58,7 @@ class CapturedModel:
         graph_passes: Callable[[nn.Module], Sequence[stages.Pass]] = stages.graph_passes,
         lean_passes: Sequence[stages.Pass] = stages.LEAN_PASSES,
     ) -> None:
+        self.task, config = resolve_task(model, config)
         adapters = select_adapters(model, config)
         self.saved_modules = select_modules_to_save(model, config)
         self.depths = repeated_stacks(shallow, model, config) if shallow is not None else {}

@@ -17,6 +17,8 @@ INIT_LORA_A = ("kaiming_uniform", "gaussian", "orthogonal", "ones")
 #: scalings (0.01 to 64) are far inside, and lora_alpha=1e-20 or 1e30 (NaN after two steps, or
 #: lora_B frozen at 0) far outside.
 SCALING_RANGE = (1e-6, 1e6)
+#: PEFT's ``TaskType`` values a LoRA config takes (``peft.utils.peft_types.TaskType``).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class LoraFAConfig:
         lora_dropout: dropout on the adapter's input, as in PEFT (it keeps a mask of the input's
             size for backward, so it costs the memory LoRA-FA otherwise saves).
         modules_to_save: module names (suffixes) trained in full, e.g. ``["classifier"]``.
+        task_type: PEFT's task type (a ``TASK_TYPES`` name or a ``peft.TaskType``). For
+            ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` the modules named ``classifier`` or ``score``, for
+            ``"QUESTION_ANS"`` ``qa_outputs``, are added to ``modules_to_save`` as PEFT adds them
+            (trained in full, no adapter); the other types change only the saved adapter config.
+            ``None`` (default): the task the model's class is for (`targets.infer_task_type`:
+            ``BertForSequenceClassification`` -> ``"SEQ_CLS"``), shown in the plan's printout.
         init_lora_weights: init of the frozen ``lora_A``: ``"kaiming_uniform"`` (PEFT's, also
             accepted as ``True``), ``"gaussian"`` (std ``1/r``, PEFT's), ``"orthogonal"``,
             ``"ones"`` (the paper's Table 6 options).
@@ -71,6 +79,7 @@ class LoraFAConfig:
     use_rslora: bool = False
     lora_dropout: float = 0.0
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
     init_lora_weights: str | bool = "kaiming_uniform"
     seed: int = 0
     min_r: int | None = None
@@ -103,6 +112,12 @@ class LoraFAConfig:
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; LoRA-FA needs a random "
                 f"frozen lora_A: use one of {INIT_LORA_A} (True means 'kaiming_uniform')."
             )
+        if self.task_type is not None:
+            task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType is a str Enum
+            if task_type not in TASK_TYPES:
+                raise ConfigError(f"task_type={self.task_type!r} is not one of PEFT's task types {TASK_TYPES}; pass "
+                                  "None to take the task the model's class is for.")
+            object.__setattr__(self, "task_type", str(task_type))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed={self.seed!r} must be an int (it seeds the generator that draws every lora_A).")
         if isinstance(self.modules_to_save, str):

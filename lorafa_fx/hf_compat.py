@@ -4,7 +4,10 @@
 (transformers 5.x ``Trainer``, accelerate 1.x ``Accelerator.prepare_model``):
 
 - ``forward``'s signature: already the batch's keyword names (export keeps them), so
-  ``Trainer``'s column removal and label-name discovery (``find_labels``) work unchanged.
+  ``Trainer``'s column removal and label-name discovery (``find_labels``) work unchanged; a
+  ``copy.deepcopy(gm)`` generates its code at once so that its signature is the same (a lazy
+  GraphModule's is ``(*args, **kwargs)`` until its first call, and ``Trainer`` would then drop
+  every column).
 - ``config``, ``name_or_path``, ``main_input_name``, ``loss_type``, ``generation_config``: the
   model's; ``Trainer`` sets ``config.use_cache``, counts tokens by ``main_input_name``;
   `save_adapter` records ``name_or_path``; TRL's ``SFTTrainer`` writes the tokenizer's eos/pad
@@ -45,7 +48,7 @@ import torch.nn as nn
 
 from .backbone import causal_lm_backbone
 from .errors import LoraFAError
-from .graph import set_attributes
+from .graph import generate_code, set_attributes
 from .peft_files import adapter_tensors, save_adapter
 
 #: Attributes copied from the model when it has them.
@@ -80,6 +83,7 @@ def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
         # GraphModule's deepcopy copies meta (the backbone, re-rooted at the copy) but rebuilds the module.
         gm._register_deepcopy_hook(_attach_backbone)
 
+    gm._register_deepcopy_hook(generate_code)
     trained = frozenset(adapter_tensors(gm))
     gm.register_state_dict_post_hook(_TrainedOnly(trained))
     gm.register_load_state_dict_post_hook(_ForgiveFrozen(trained))

@@ -31,6 +31,11 @@ What differs from PEFT is cost, not values:
   Python loop of about 15 tensor ops per parameter.
 * ``A`` and ``B`` are paired through ``gm.lorafa_adapters``; PEFT pairs them by the order of
   parameter names containing ``"lora"`` (L117-L129).
+* State is keyed by parameter, as in every torch optimizer: ``state_dict()`` /
+  ``load_state_dict()`` (HF Trainer's ``optimizer.pt``) round-trip it, and a resumed run
+  continues bit for bit like the uninterrupted one (tests/test_resume.py). The states follow
+  their parameter when the model moves to another device after the optimizer was built
+  (``gm.to("cuda")``); ``load_state_dict`` casts saved states to the parameters' devices.
 * The correction's matmul runs in float32. PEFT runs it under bfloat16 autocast whenever
   ``accelerate.utils.is_bf16_available()`` is true (L169-L171), which includes every CPU, so
   its corrected gradient carries bfloat16 rounding.
@@ -173,6 +178,9 @@ class LoraFAOptimizer(Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["exp_avg"].device != p.device:  # the model moved (gm.to("cuda")) after its last step
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = state[key].to(p.device)
             state["step"] += 1
             bucket = buckets[(state["step"], p.device, p.dtype)]
             for lst, t in zip(bucket, (p, g, state["exp_avg"], state["exp_avg_sq"])):

@@ -4,11 +4,13 @@
   PEFT's ``save_pretrained`` does: keys ``base_model.model.<path>.lora_A.weight`` /
   ``.lora_B.weight`` and ``base_model.model.<module>.<param>`` for ``modules_to_save``; a
   ``LoraConfig`` with ``peft_type: "LORA"`` whose ``target_modules`` is the exact list of adapted
-  paths (as PEFT writes for ``"all-linear"``). ``peft.PeftModel.from_pretrained(model, path)``
-  loads it. The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or nothing),
-  never half a new one, and the next save or load of `path` removes what the crash left
-  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job
-  every rank calls it (FSDP2 shards are gathered); rank 0 writes.
+  paths (as PEFT writes for ``"all-linear"``), the ``task_type`` and ``modules_to_save`` as PEFT's
+  task model writes them (the configured names, then the task's heads: ``["classifier", "score"]``
+  for ``SEQ_CLS``). ``peft.PeftModel.from_pretrained(model, path)`` loads it (as the task's
+  ``PeftModelFor...``). The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or
+  nothing), never half a new one, and the next save or load of `path` removes what the crash left
+  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job every
+  rank calls it (FSDP2 shards are gathered); rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
@@ -45,7 +47,7 @@ from .json_fields import (
     pattern_map,
     read_json_object,
 )
-from .targets import _pattern_value, select_modules_to_save
+from .targets import _pattern_value, saved_module_names, select_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,12 +114,16 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     saved = {k.removeprefix(PREFIX): v for k, v in _read_weights(weights_file).items()}
 
     problems = _mismatches(gm, saved, saved_config)
+    task_type = saved_config.get("task_type")
+    if problems and task_type != gm.lorafa_config.task_type:
+        problems.append(f"task_type: saved {task_type!r}, here {gm.lorafa_config.task_type!r} (a task's head is "
+                        "trained in full, not adapted: transform with LoraFAConfig(task_type=...) as saved)")
     if problems:
         raise AdapterMismatchError(
             f"The adapter in {path} does not fit this transformed model:\n  " + "\n  ".join(problems)
             + "\nTransform the base model with a LoraFAConfig matching the adapter's "
             f"{CONFIG_NAME} (target_modules, r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, "
-            "modules_to_save)."
+            "modules_to_save, task_type)."
         )
     with torch.no_grad():
         for name, value in saved.items():
@@ -158,7 +164,7 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
     # The keys of PEFT's LoraConfig that define the adapter; PEFT fills the rest with defaults.
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": cfg.task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "r": cfg.r,
@@ -169,7 +175,7 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
         "alpha_pattern": dict(cfg.alpha_pattern),
         "use_rslora": cfg.use_rslora,
         "lora_dropout": cfg.lora_dropout,
-        "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        "modules_to_save": saved_module_names(cfg) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

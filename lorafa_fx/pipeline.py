@@ -50,7 +50,8 @@ def plan_and_emit(
     annotate_saved_bytes(gm, planned.estimate)
     plan = MemoryPlan.from_estimate(
         gm, planned.estimate, batch, settings, planned.decisions, planned.recompute_flops, planned.step_flops,
-        configured=captured.adapters, offload_seconds=planned.offload_seconds,
+        configured=captured.adapters, offload_seconds=planned.offload_seconds, task=captured.task,
+        trained_modules=captured.saved_modules,
     )
     set_attributes(gm, lorafa_plan=plan)
     generate_code(gm)

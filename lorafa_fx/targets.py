@@ -1,8 +1,17 @@
-"""Which modules to adapt: PEFT's matching rules, applied to the model's module paths.
+"""Which modules to adapt and which to train in full: PEFT's matching rules, applied to the
+model's module paths.
 
 The rules are PEFT's (`peft.tuners.tuners_utils.check_target_module_exists`,
 `_maybe_include_all_linear_layers`, `peft.utils.other.get_pattern_key`), so a
 `LoraFAConfig` adapts exactly the modules a `LoraConfig` with the same fields adapts.
+
+Task heads follow PEFT's task models (`peft.PeftModelForSequenceClassification` and its
+siblings): a task type adds its head's names (`TASK_HEADS`) to ``modules_to_save``; a module
+whose path ends with one of them is trained in full (PEFT's ``_set_trainable`` matches with a
+plain ``str.endswith``) and gets no adapter. PEFT 0.21 adds the names for ``TOKEN_CLS`` and
+``QUESTION_ANS`` only after it has put LoRA layers in, so with ``target_modules="all-linear"``
+it adapts the head and then fails to wrap it (``TypeError``); here every task behaves as
+``SEQ_CLS`` does in PEFT, which is PEFT's result with the head listed in ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -15,12 +24,26 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 from transformers import PreTrainedModel
+from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraFAConfig
 from .errors import TargetNotFoundError
 
 ALL_LINEAR = "all-linear"
+
+#: The heads PEFT's task models add to ``modules_to_save`` (peft_model.py, peft 0.21).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+#: The task of each transformers auto class, the classes listed by model type (`modeling_auto`).
+_TASK_CLASSES = (
+    ("SEQ_CLS", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+    ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+    ("QUESTION_ANS", modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+    ("SEQ_2_SEQ_LM", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    ("CAUSAL_LM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    ("FEATURE_EXTRACTION", modeling_auto.MODEL_MAPPING_NAMES),
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +81,47 @@ def _matches(patterns: list[str] | str, key: str) -> bool:
     return key in patterns or any(key.endswith(f".{p}") for p in patterns)
 
 
+@dataclass(frozen=True)
+class Task:
+    """The task a model is adapted for: PEFT's task type, and the model class it was inferred
+    from (None when ``LoraFAConfig.task_type`` gave it)."""
+
+    task_type: str | None
+    inferred_from: str | None = None
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for `model`'s class (or the nearest base class transformers' auto
+    classes list): ``*ForSequenceClassification`` -> ``"SEQ_CLS"``, ``*ForCausalLM`` ->
+    ``"CAUSAL_LM"``, a bare ``*Model`` -> ``"FEATURE_EXTRACTION"``...; None for other classes."""
+    for cls in type(model).__mro__:
+        for task_type, classes in _TASK_CLASSES:
+            if any(cls.__name__ in ((c,) if isinstance(c, str) else c) for c in classes.values()):
+                return task_type
+    return None
+
+
+def resolve_task(model: nn.Module, config: LoraFAConfig) -> tuple[Task, LoraFAConfig]:
+    """The task `model` is adapted for, and `config` with its ``task_type`` set to it."""
+    task = Task(config.task_type) if config.task_type is not None else Task(infer_task_type(model), type(model).__name__)
+    heads = TASK_HEADS.get(task.task_type, ())
+    if heads and not config.modules_to_save and not any(name.endswith(heads) for name, _ in model.named_modules()):
+        warnings.warn(
+            f"task_type={task.task_type!r} trains the modules named {' or '.join(heads)} in full, as PEFT does, but "
+            f"{type(model).__name__} has none: its head is adapted like any other linear. Name the head in "
+            "modules_to_save to train it in full.",
+            stacklevel=3,
+        )
+    return task, dataclasses.replace(config, task_type=task.task_type)
+
+
+def saved_module_names(config: LoraFAConfig) -> list[str]:
+    """``modules_to_save`` as PEFT's task model extends it: the configured names, then the task's heads."""
+    return list(dict.fromkeys([*(config.modules_to_save or ()), *TASK_HEADS.get(config.task_type, ())]))
+
+
 def _in_modules_to_save(config: LoraFAConfig, key: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or ())
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved_module_names(config))
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -173,12 +235,11 @@ def _scaling(config: LoraFAConfig, alpha: float, r: int) -> float:
 
 
 def select_modules_to_save(model: nn.Module, config: LoraFAConfig) -> list[str]:
-    """Paths of the outermost modules named by `modules_to_save`; each must match something."""
-    if not config.modules_to_save:
-        return []
-    names = [name for name, _ in model.named_modules() if name]
-    found = []
-    for pattern in config.modules_to_save:
+    """Paths of the outermost modules trained in full: named by `modules_to_save` (each must
+    match something) or ending with a name of the task's heads (PEFT's rule; none may match)."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    found = [n for n in names if n.endswith(TASK_HEADS.get(config.task_type, ()))]
+    for pattern in config.modules_to_save or ():
         hits = [n for n in names if n == pattern or n.endswith(f".{pattern}")]
         if not hits:
             children = sorted({n.rsplit(".", 1)[-1] for n in names})

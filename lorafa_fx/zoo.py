@@ -5,16 +5,26 @@ the demo, the tests and the benchmarks share, so their figures are about the sam
 hidden 64: the test suite), ``"demo"`` (the demo's Llama), ``"quick"`` and ``"full"`` (the
 benchmarks' two modes; "full" is GPT-2 small, RoBERTa-base, T5-small and a 56M Llama).
 ``make_batch(model_or_name, batch, seq)`` is a seeded token batch with labels for the model's task.
+``make_task_model(name, head)`` builds the family with another head (``"ForSequenceClassification"``,
+``"ForTokenClassification"``, ``"ForQuestionAnswering"``, ``"ForCausalLM"``, ``"Model"``...), and
+``make_batch(..., head=head)`` its batch; BERT, DeBERTa-v2 (DeBERTa-v3's relative attention) and
+Mamba exist only this way, at the "test" size.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import transformers
 from transformers import (
+    BertConfig,
+    DebertaV2Config,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -62,12 +72,29 @@ _CONFIGS: dict[str, dict[str, PretrainedConfig]] = {
         "quick": T5Config(d_model=256, d_ff=1024, num_layers=3, num_heads=4, d_kv=64, vocab_size=8192, **_T5_IDS),
         "full": T5Config(**_T5_IDS),
     },
+    "bert": {
+        "test": BertConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                           vocab_size=VOCAB, max_position_embeddings=128, num_labels=3),
+    },
+    "deberta-v2": {
+        "test": DebertaV2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                                vocab_size=VOCAB, max_position_embeddings=128, num_labels=3, relative_attention=True,
+                                pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1,
+                                norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False),
+    },
+    "mamba": {
+        "test": MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=128,
+                            conv_kernel=4, time_step_rank=8),
+    },
 }
 _CLASSES = {
     "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel,
     "roberta": RobertaForSequenceClassification, "t5": T5ForConditionalGeneration,
 }
 ARCHITECTURES = tuple(_CLASSES)
+#: Class-name prefix of each family, for `make_task_model`.
+_PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "gpt2": "GPT2", "roberta": "Roberta", "t5": "T5", "bert": "Bert",
+             "deberta-v2": "DebertaV2", "mamba": "Mamba"}
 
 #: `LoraFAConfig` fields each architecture needs beyond the defaults (RoBERTa trains its head in full).
 CONFIG_KWARGS = {"roberta": {"modules_to_save": ["classifier"]}}
@@ -79,17 +106,39 @@ def make_model(name: str, size: str = "test", seed: int = 0) -> torch.nn.Module:
     return _CLASSES[name](_CONFIGS[name][size])
 
 
-def make_batch(name: str, batch: int, seq: int, seed: int = 1, size: str = "test") -> dict[str, torch.Tensor]:
-    """A batch for ``make_model(name, size)``: token ids in ``[2, vocab)``, an all-ones
-    attention mask and labels (the ids; a class for RoBERTa; ``seq // 2`` target ids for T5)."""
+def make_task_model(name: str, head: str, size: str = "test", seed: int = 0) -> torch.nn.Module:
+    """Family `name` with the head `head` (the class name's end: ``"ForSequenceClassification"``),
+    weights drawn from `seed`. Sequence classifiers get ``pad_token_id`` 0 (decoders find each
+    row's last token by it; batches never hold it), question answering two labels (start, end)."""
+    config = copy.deepcopy(_CONFIGS[name][size])
+    if head == "ForSequenceClassification" and config.pad_token_id is None:
+        config.pad_token_id = 0
+    if head == "ForQuestionAnswering":
+        config.num_labels = 2
+    torch.manual_seed(seed)
+    return getattr(transformers, _PREFIXES[name] + head)(config)
+
+
+def make_batch(name: str, batch: int, seq: int, seed: int = 1, size: str = "test", head: str | None = None
+               ) -> dict[str, torch.Tensor]:
+    """A batch for ``make_model(name, size)`` (or ``make_task_model(name, head, size)``): token ids
+    in ``[2, vocab)``, an all-ones attention mask and labels: the ids (causal LM); ``seq // 2``
+    target ids (T5); a class per row (sequence classification: RoBERTa's default head), per
+    token (token classification), start and end positions (question answering); none for a bare
+    ``"Model"``."""
     config = _CONFIGS[name][size]
+    head = head or _CLASSES[name].__name__.removeprefix(_PREFIXES[name])
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, config.vocab_size, (batch, seq), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if name == "roberta":
+    if head == "ForSequenceClassification":
         out["labels"] = torch.randint(0, config.num_labels, (batch,), generator=g)
-    elif name == "t5":
+    elif head == "ForTokenClassification":
+        out["labels"] = torch.randint(0, config.num_labels, (batch, seq), generator=g)
+    elif head == "ForQuestionAnswering":
+        out["start_positions"], out["end_positions"] = torch.randint(0, seq, (2, batch), generator=g)
+    elif head == "ForConditionalGeneration":
         out["labels"] = torch.randint(2, config.vocab_size, (batch, max(seq // 2, 2)), generator=g)
-    else:
+    elif head != "Model":
         out["labels"] = ids.clone()
     return out

@@ -15,7 +15,7 @@ from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.graph import graph_copy
 from lorafa_fx.plan_config import resolve, with_budget
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
-from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model  # noqa: F401
+from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model, make_task_model  # noqa: F401
 
 _TRANSFORMED: dict[str, tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
 _CAPTURES: dict[tuple, torch.fx.GraphModule] = {}
@@ -92,19 +92,21 @@ def transform(model, budget=None, *, example_inputs, config=None, plan=None) -> 
     return pipeline.emit(captured, model, example_inputs, resolve(with_budget(plan, budget), model))
 
 
-def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, **config):
+def transformed(name: str, shape: tuple[int, int] = (2, 8), *, budget=None, model_fn=None, head=None, **config):
     """``(model, transform(model, budget, example_inputs=make_batch(name, *shape),
-    config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``.
+    config=LoraFAConfig(**CONFIG_KWARGS[name], **config)))`` for a fresh seeded ``model``
+    (``make_task_model(name, head)`` and its batch with `head`).
 
     Each argument set is transformed once per session (transform is deterministic), and every
     caller gets a deep copy of the pair (copied together, so the copy of gm still shares the copy
     of the model's weights).
     """
-    key = repr((name, shape, budget, model_fn, sorted(config.items())))
+    key = repr((name, shape, budget, model_fn, head, sorted(config.items())))
     if key not in _TRANSFORMED:
-        model = (model_fn or make_model)(name)
-        config = lorafa_fx.LoraFAConfig(**{**CONFIG_KWARGS.get(name, {}), **config})
-        _TRANSFORMED[key] = model, transform(model, budget, example_inputs=make_batch(name, *shape), config=config)
+        model = make_task_model(name, head) if head else (model_fn or make_model)(name)
+        config = lorafa_fx.LoraFAConfig(**{**(CONFIG_KWARGS.get(name, {}) if head is None else {}), **config})
+        _TRANSFORMED[key] = model, transform(model, budget, example_inputs=make_batch(name, *shape, head=head),
+                                             config=config)
     return copy.deepcopy(_TRANSFORMED[key])
 
 
@@ -135,6 +137,17 @@ def peft_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, lora_A_trai
 
 def peft_lora_B(ref, path: str) -> torch.nn.Parameter:
     return ref.base_model.model.get_submodule(path).lora_B["default"].weight
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the test vocabulary ("t0".."t95", split on spaces; pad t0, eos t1):
+    TRL's trainers want one, and nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
 
 
 def compiled_step(gm: torch.fx.GraphModule, batch: dict, measure_saved) -> tuple[object, torch.Tensor]:

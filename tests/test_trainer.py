@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
+from conftest import make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B, word_tokenizer
 from safetensors.torch import load_file
 
 import lorafa_fx
@@ -188,16 +188,11 @@ def test_sft_trainer_trains_like_peft(tmp_path):
     """TRL's SFTTrainer (bf16, 3 steps) on a pre-tokenized dataset. Reference: PEFT LoRA with the
     same A (frozen) and B under the same SFTTrainer: same logged losses and final lora_B, moved."""
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     gm, ref, start = _with_reference()
     rows = make_batch("llama", 8, SEQ, seed=4)["input_ids"]
-    # A word-level tokenizer over the test vocabulary: SFTTrainer wants one, nothing is downloaded.
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                        pad_token="t0", eos_token="t1")
+    tokenizer = word_tokenizer()
 
     def train(module, out):
         # SFTConfig switches activation checkpointing on by default; gm refuses it (a budget plans recomputation).
@@ -263,6 +258,7 @@ def test_deepcopy_keeps_what_trainers_read():
     """Reference: the original module. GraphModule's deepcopy rebuilds the module and drops plain
     attributes unless they are registered; EMA and TRL's reference models deep-copy the model."""
     import copy
+    import inspect
 
     model = make_model("llama")
     batch = make_batch("llama", 2, 8)
@@ -273,6 +269,8 @@ def test_deepcopy_keeps_what_trainers_read():
     assert twin.config is not gm.config and twin.config.to_dict() == gm.config.to_dict()
     assert twin.save_pretrained.__self__ is twin and twin.base_model.root is twin
     assert list(twin.state_dict()) == list(gm.state_dict())
+    # A lazy GraphModule's forward is (*args, **kwargs) until it runs; Trainer reads the signature first.
+    assert list(inspect.signature(twin.forward).parameters) == ["input_ids", "attention_mask", "labels"]
     twin_b = twin.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
     assert twin_b is not gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
     torch.testing.assert_close(twin(**batch).loss, gm(**batch).loss, rtol=0, atol=0)

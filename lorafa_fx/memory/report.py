@@ -24,7 +24,7 @@ from ..units import block_of_path, format_bytes, natural_key
 if TYPE_CHECKING:
     import torch.fx as fx
 
-    from ..targets import Adapter
+    from ..targets import Adapter, Task
     from .simulate import StepEstimate
 
 
@@ -69,6 +69,9 @@ class MemoryPlan:
     device_profile: str | None = None  # the card the step is timed on (`devices.PROFILES`)
     offload_seconds: float = 0.0  # offloaded blocks' transfers not hidden behind compute
     offload: bool = True  # False: the planner was forbidden to offload (offload=False, --no-offload)
+    task_type: str | None = None  # PEFT's task type the model is adapted for
+    task_inferred_from: str | None = None  # the model class task_type was inferred from (None: configured)
+    trained_modules: tuple[str, ...] = ()  # trained in full (modules_to_save, the task's head)
 
     @property
     def fits(self) -> bool | None:
@@ -109,9 +112,12 @@ class MemoryPlan:
         step_flops: int = 0,
         configured: Sequence[Adapter] = (),
         offload_seconds: float = 0.0,
+        task: Task | None = None,
+        trained_modules: Sequence[str] = (),
     ) -> MemoryPlan:
         """`settings`: the budget and the step planned (default: none, one process);
-        `configured`: the adapters the config asked for, when the planner changed them."""
+        `configured`: the adapters the config asked for, when the planner changed them;
+        `task`: the task adapted for; `trained_modules`: the modules trained in full."""
         settings = settings or PlanSettings()
         decisions = dict(recompute_by_block or {})
         configured_r = {a.path: a.r for a in configured}
@@ -153,6 +159,9 @@ class MemoryPlan:
             device_profile=settings.device_profile,
             offload_seconds=offload_seconds,
             offload=settings.offload,
+            task_type=task.task_type if task else None,
+            task_inferred_from=task.inferred_from if task else None,
+            trained_modules=tuple(trained_modules),
         )
 
     @property
@@ -195,6 +204,11 @@ class MemoryPlan:
         if self.world_size is not None:
             t.add_row("data parallel", _data_parallel(self.world_size, self.sharding))
         t.add_row("precision", _PRECISION[self.mixed_precision])
+        if self.task_type is not None:
+            how = f"inferred from {self.task_inferred_from}; " if self.task_inferred_from else ""
+            t.add_row("task (PEFT's task_type)", f"{self.task_type} ({how}LoraFAConfig(task_type=...) sets it)")
+        if self.trained_modules:
+            t.add_row("trained in full (modules_to_save)", ", ".join(self.trained_modules))
         t.add_row("weights + buffers", format_bytes(self.weights_bytes + self.buffers_bytes))
         t.add_row("optimizer states", format_bytes(self.optimizer_state_bytes))
         t.add_row("saved activations (end of forward)", format_bytes(self.saved_activation_bytes))

@@ -1,6 +1,7 @@
-"""Attention as the rewritten graph calls it: `SDPAttention` (dropout follows ``training``) and
+"""Attention as the rewritten graph calls it: `SDPAttention` (dropout follows ``training``),
 `elide_mask` (a mask that adds nothing over causal attention is dropped at run time, so SDPA
-takes its fused path). `passes/simplify_attention.py` puts both in the graph.
+takes its fused path) and `position_bias_mask` (T5's position bias under such a mask, at the
+bias's own size). `passes/simplify_attention.py` puts them in the graph.
 """
 
 from __future__ import annotations
@@ -64,3 +65,17 @@ def elide_mask(mask: torch.Tensor, is_causal: bool, causal_module: bool) -> tupl
     elif not bool(mask.any()):  # additive float mask of zeros
         return None, False
     return mask, is_causal
+
+
+def position_bias_mask(mask: torch.Tensor | None, causal: bool, bias: torch.Tensor, fill: float | torch.Tensor
+                       ) -> torch.Tensor:
+    """transformers' ``create_position_bias_mask`` (``torch.where(mask, bias, fill)``) after
+    `elide_mask` dropped `mask`: the bias itself, or the bias over a (q, k) causal mask, both of
+    the bias's size ``(1, h, q, k)`` as eager transformers builds them; not broadcast to the
+    batch's ``(b, h, q, k)``, which SDPA's fused kernels would keep for backward."""
+    if mask is None and not causal:
+        return bias
+    if mask is None:
+        q_len, kv_len = bias.shape[-2:]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=bias.device).tril_()
+    return torch.where(mask, bias, fill)

@@ -11,7 +11,11 @@ contiguous format: the same values) where that frees bytes: every use of the buf
 known (a view of it, an op that keeps nothing of it, or an op that keeps its input), and the
 views kept need fewer bytes together than the buffer. Where the buffer itself (or a view as
 large) is kept, or a use is unknown (it might keep the buffer), nothing changes: a copy would
-only add bytes.
+only add bytes. The op that made the buffer may keep it too (``exp``, ``tanh``, softmax keep
+their result for backward: Mamba's ``exp`` of the discretised state matrix, whose per-step
+slices the scan keeps): that is asked of autograd itself, by running the op once on fake
+copies of its inputs and comparing the tensors it saves with its result; an op that cannot be
+asked (a submodule, a Python function) counts as keeping it.
 
 Known to keep their input: attention (``scaled_dot_product_attention`` and its kernels, the
 `SDPAttention` submodules: q, k and v), the matmuls (their two factors), ``mul`` (the operand
@@ -30,6 +34,8 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -73,7 +79,8 @@ class CompactSavedViews(PassBase):
         modified = False
         for nodes in _buffers(gm.graph).values():
             kept = _kept_views(gm, nodes, grad)
-            if kept and statically_known_true(sum(map(_compact_bytes, kept)) < _buffer_bytes(nodes[0])):
+            if (kept and statically_known_true(sum(map(_compact_bytes, kept)) < _buffer_bytes(nodes[0]))
+                    and not _keeps_its_result(nodes[0], grad)):
                 for view, keepers in kept.items():
                     _give_copy(gm, view, keepers)
                 modified = True
@@ -131,6 +138,29 @@ def _keeps(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, grad: set[fx.Node]) 
         a, b = user.args
         return (a is arg and b in grad) or (b is arg and a in grad)
     return False if user.target in _KEEP_NOTHING else None
+
+
+def _keeps_its_result(node: fx.Node, grad: set[fx.Node]) -> bool:
+    """Whether autograd keeps `node`'s result for its backward: the op run on fake copies of its
+    inputs (those in `grad` requiring a gradient), its saved tensors compared with its result."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    mode = detect_fake_mode([a.meta.get("val") for a in node.all_input_nodes])
+    if mode is None:
+        return True
+
+    def fake(a: object) -> object:
+        val = a.meta.get("val") if isinstance(a, fx.Node) else a
+        if isinstance(val, torch.Tensor):
+            return val.detach().requires_grad_(a in grad and val.is_floating_point())
+        return val
+
+    saved: list[torch.Tensor] = []
+    args, kwargs = pytree.tree_map(fake, (node.args, node.kwargs))
+    with mode, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        result = node.target(*args, **kwargs)
+    ours = {StorageWeakRef(t.untyped_storage()) for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)}
+    return any(StorageWeakRef(t.untyped_storage()) in ours for t in saved)
 
 
 def _compact_bytes(node: fx.Node) -> int:
