@@ -23,6 +23,7 @@ passes.lean_norms                     nn_module_stack, val                      
 passes.lean_gated_mlp                 val                                         new nodes inherit nn_module_stack, val
 passes.lean_pointwise                 val, nn_module_stack                        new nodes inherit nn_module_stack, val
 passes.compact_saved_views            val                                         new nodes inherit nn_module_stack, val
+passes.lean_experts                   val                                         new nodes inherit nn_module_stack, val
 passes.rewrite_lora_fa                val                                         ADAPTER, ROLE (every node it adds), val
 passes.annotate_saved_tensors         ROLE                                        torch's "recompute" = MUST_SAVE on xa
 passes.chunk_cross_entropy            val                                         ROLE (chunked_ce, eval_logits)
@@ -58,8 +59,10 @@ BLOCK = "block"
 LAYER = "layer"
 
 #: What a node is in the paper's terms (rewrite_lora_fa), or in the chunked loss.
-Role = Literal["lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "chunked_ce", "eval_logits"]
-ADAPTER_ROLES: tuple[Role, ...] = ("lora_A", "lora_B", "dropout", "down", "xa", "xab", "out")
+Role = Literal["lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "experts", "chunked_ce", "eval_logits"]
+ADAPTER_ROLES: tuple[Role, ...] = ("lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "experts")
+#: Roles of the nodes whose saved output is an adapter's ``xa`` (an adapted experts' call keeps its own).
+XA_ROLES: tuple[Role, ...] = ("xa", "experts")
 
 
 class LoraFAMeta(TypedDict, total=False):

@@ -3,7 +3,7 @@
     capture (capture.py)
       -> drop_metadata_asserts -> follow_input_device -> follow_param_dtype
       -> drop_full_slices -> recognize_linears -> gate_dropout -> simplify_attention
-      -> lean_norms -> lean_gated_mlp -> lean_pointwise -> compact_saved_views
+      -> lean_norms -> lean_gated_mlp -> lean_pointwise -> compact_saved_views -> lean_experts
                                                                         once per model (`Adaptable`)
       -> rewrite_lora_fa -> annotate_saved_tensors [-> chunk_cross_entropy]
                                                                         once per rung of the
@@ -49,20 +49,21 @@ from .passes.expand_layers import ExpandLayers, repeats_cleanly
 from .passes.follow_input_device import FollowInputDevice
 from .passes.follow_param_dtype import FollowParamDtype
 from .passes.gate_dropout import GateDropout
+from .passes.lean_experts import LeanExperts
 from .passes.lean_gated_mlp import LeanGatedMLP
 from .passes.lean_norms import LeanNorms
 from .passes.lean_pointwise import LeanPointwise
 from .passes.outline_layers import OutlineLayers
 from .passes.recognize_linears import RecognizeLinears
 from .passes.recompute_regions import RecomputeRegions
-from .passes.rewrite_lora_fa import RewriteLoraFA, linear_nodes
+from .passes.rewrite_lora_fa import RewriteLoraFA, weight_nodes
 from .passes.simplify_attention import SimplifyAttention
 from .targets import Adapter, cap_ranks, planned_config, rank_is_fixed, select_adapters, select_modules_to_save
 from .units import format_bytes
 
 #: Exact rewrites that keep less for backward than eager PyTorch keeps: free memory, applied
 #: to every model before anything is planned (after `follow_param_dtype`, whose casts they read).
-LEAN_PASSES = (LeanNorms, LeanGatedMLP, LeanPointwise, CompactSavedViews)
+LEAN_PASSES = (LeanNorms, LeanGatedMLP, LeanPointwise, CompactSavedViews, LeanExperts)
 
 #: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
 Progress = Callable[[str], None]
@@ -99,8 +100,8 @@ class Adaptable:
         if self.depths and not all(repeats_cleanly(base.graph, stack) for stack in self.depths):
             self.depths = {}
             base = self._capture(model, example_inputs)
-        linears = linear_nodes(base)
-        self.adapters = _drop_unused(adapters, {a.path for a in adapters if _shallow_path(a.path, self.depths) in linears})
+        weights = weight_nodes(base)
+        self.adapters = _drop_unused(adapters, {a.path for a in adapters if _shallow_path(a.weight, self.depths) in weights})
         if not self.adapters and not self.saved_modules:
             raise TargetNotFoundError(
                 f"Nothing to train: none of the {len(adapters)} modules target_modules={config.target_modules!r} "
@@ -111,7 +112,7 @@ class Adaptable:
         self.base, self.config = base, config
         self._by_rank_cap: dict[int | None, fx.GraphModule] = {}
         chunk_applies = config.chunked_cross_entropy is not False and ChunkCrossEntropy.applies(base)
-        adjustable = [a.r for a in self.adapters if not rank_is_fixed(config, a.path)]
+        adjustable = [a.r for a in self.adapters if not rank_is_fixed(config, a.key)]
         max_r = max(adjustable, default=0)
         # Dropping every adapter would leave nothing to train: then the floor is rank 1.
         keeps_some = len(adjustable) < len(self.adapters) or self.saved_modules
