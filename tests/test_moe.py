@@ -19,7 +19,7 @@ import torch
 from conftest import compiled_step, make_batch, make_model, randomize_lora_B, transformed
 from torch.testing import FileCheck
 
-from lorafa_fx import LoraFAConfig
+from lorafa_fx import LoraFAConfig, create_lorafa_optimizer, load_adapter, merge, save_adapter
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.ops.experts import expert_linear, grouped_mm, grouped_mm_t
 from lorafa_fx.peft_files import _peft_config
@@ -262,3 +262,84 @@ def test_grouped_mm_kernel_and_fallback_agree():
     per_expert = torch.stack([x[s:e].T @ grad[s:e] for s, e in _groups(offs)])
     torch.testing.assert_close(grouped_mm_t(x, grad, offs), per_expert)
     torch.testing.assert_close(grouped_mm_t(x[:, :7], grad, offs), per_expert[:, :7])
+
+
+def _logits(module: torch.nn.Module, name: str) -> torch.Tensor:
+    module.eval()
+    with torch.no_grad():
+        return module(**make_batch(name, 3, 9, seed=7)).logits
+
+
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
+def test_adapter_files_round_trip_with_peft_both_ways(name, tmp_path):
+    """References: ``PeftModel.from_pretrained`` of the adapter `save_adapter` wrote (its logits),
+    and a PEFT model with its own init and a random B saved with ``save_pretrained`` (PEFT's own
+    ``"all-linear"`` config on the families it converts, the saved target_parameters on Qwen2-MoE),
+    loaded into gm with `load_adapter` (its logits)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, gm = _pair(name)
+    gm = copy.deepcopy(gm)
+    save_adapter(gm, tmp_path / "ours")
+    with warnings.catch_warnings(action="ignore"):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours")
+    torch.testing.assert_close(_logits(loaded, name), _logits(gm, name), atol=2e-5, rtol=0)
+
+    if name in PEFT_CONVERTS:
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear")
+    else:
+        config = _peft(model, gm).peft_config["default"]
+    with warnings.catch_warnings(action="ignore"):
+        theirs = get_peft_model(copy.deepcopy(model), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    load_adapter(gm, tmp_path / "peft")
+    torch.testing.assert_close(_logits(gm, name), _logits(theirs, name), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
+def test_merged_model_equals_gm_and_peft_merge_and_unload(name):
+    """References: gm's logits (the merged model computes them without adapters), and PEFT's
+    ``merge_and_unload`` of the same adapters (every expert weight, each ``W_e + s·B_e A_e``)."""
+    model, gm = _pair(name)
+    merged = merge(gm, copy.deepcopy(model))
+    torch.testing.assert_close(_logits(merged, name), _logits(copy.deepcopy(gm), name), atol=2e-5, rtol=0)
+    with warnings.catch_warnings(action="ignore"):
+        peft_merged = _peft(model, gm).merge_and_unload()
+    for a in gm.lorafa_adapters:
+        torch.testing.assert_close(merged.get_parameter(a.weight), peft_merged.get_parameter(a.weight),
+                                   atol=1e-6, rtol=1e-5, msg=a.weight)
+
+
+def test_optimizer_corrects_each_experts_gradient_with_its_own_A():
+    """Reference: the paper's correction per expert, ``grad_B_e @ pinv(A_e A_e^T + 1e-8 I) / s^2``
+    with ``A_e = lora_A.view(E, r, in)[e]`` and ``B_e = lora_B.view(out, r, E)[:, :, e]``, read
+    back from one step of the documented update with betas (0, 0), no bias correction and a large
+    eps: ``B -= lr * g / (|g| + eps)``, which `g` solves exactly."""
+    _, gm = _pair("mixtral")
+    gm = copy.deepcopy(gm)
+    gm.zero_grad(set_to_none=True)
+    gm(**make_batch("mixtral", *SHAPE, seed=3)).loss.backward()
+    lr, eps = 1.0, 1e3
+    opt = create_lorafa_optimizer(gm, lr=lr, betas=(0.0, 0.0), eps=eps, correct_bias=False)
+    with torch.no_grad():  # B = 0 before the step: the step is -B after it, without cancellation
+        for a in gm.lorafa_adapters:
+            gm.get_parameter(f"{a.path}.lora_B.weight").zero_()
+    opt.step()
+    for a in gm.lorafa_adapters:
+        lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
+        step = -lora_B.detach().double()
+        corrected = step * eps / (lr - step.abs())  # g from lr * g / (|g| + eps)
+        lora_A = gm.get_parameter(f"{a.path}.lora_A.weight").double().view(a.num_experts, a.r, -1)
+        grad = lora_B.grad.double().view(a.out_features, a.r, a.num_experts)
+        expected = torch.empty_like(grad)
+        for e in range(a.num_experts):
+            gram = lora_A[e] @ lora_A[e].T + 1e-8 * torch.eye(a.r, dtype=torch.float64)
+            expected[:, :, e] = grad[:, :, e] @ torch.linalg.pinv(gram) / a.scaling**2
+        expected = expected.view(lora_B.shape)
+        assert (corrected - expected).norm() <= 1e-5 * expected.norm(), a.path  # float32 pinv: 4e-7
+    assert any(a.num_experts == 4 for a in gm.lorafa_adapters)
