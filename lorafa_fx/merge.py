@@ -34,16 +34,18 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     check_transformed(gm)
     problems, shared = [], []
     for a in gm.lorafa_adapters:
+        name = a.path if a.parameter is None else a.weight
         try:
             module = model.get_submodule(a.module)
             w = model.get_parameter(a.weight)
         except AttributeError:
-            problems.append(f"{a.weight}: no such weight in {type(model).__name__}")
+            problems.append(f"{name}: no such {'module' if a.parameter is None else 'parameter'} in "
+                            f"{type(model).__name__}")
             continue
         expected = _shape(a, module)
         if not w.dtype.is_floating_point or tuple(w.shape) != expected:
             problems.append(
-                f"{a.weight}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
+                f"{name}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
                 "(a quantised weight cannot hold the merged sum: merge into a float copy of the base model)"
             )
     if problems:

@@ -59,10 +59,8 @@ BLOCK = "block"
 LAYER = "layer"
 
 #: What a node is in the paper's terms (rewrite_lora_fa), or in the chunked loss.
-Role = Literal["lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "experts", "chunked_ce", "eval_logits"]
-ADAPTER_ROLES: tuple[Role, ...] = ("lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "experts")
-#: Roles of the nodes whose saved output is an adapter's ``xa`` (an adapted experts' call keeps its own).
-XA_ROLES: tuple[Role, ...] = ("xa", "experts")
+Role = Literal["lora_A", "lora_B", "dropout", "down", "xa", "xab", "out", "chunked_ce", "eval_logits"]
+ADAPTER_ROLES: tuple[Role, ...] = ("lora_A", "lora_B", "dropout", "down", "xa", "xab", "out")
 
 
 class LoraFAMeta(TypedDict, total=False):

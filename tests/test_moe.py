@@ -18,10 +18,11 @@ import pytest
 import torch
 from conftest import compiled_step, make_batch, make_model, randomize_lora_B, transformed
 from torch.testing import FileCheck
+from torch.utils.checkpoint import CheckpointPolicy
 
 from lorafa_fx import LoraFAConfig, create_lorafa_optimizer, load_adapter, merge, save_adapter
 from lorafa_fx.measure import module_state, saved_activation_bytes
-from lorafa_fx.ops.experts import expert_linear, grouped_mm, grouped_mm_t
+from lorafa_fx.ops.experts import expert_linear, expert_xa, grouped_mm, grouped_mm_t
 from lorafa_fx.peft_files import _peft_config
 from lorafa_fx.targets import select_adapters
 from lorafa_fx.zoo import MOE_ARCHITECTURES
@@ -111,12 +112,17 @@ def test_target_parameters_mean_what_they_mean_in_peft(name):
 @pytest.mark.parametrize("name", MOE_ARCHITECTURES)
 def test_every_expert_projection_runs_as_expert_linear(name):
     """Structure: transformers' grouped matmul is gone; each layer's two expert projections call
-    `expert_linear` with their adapter (lora_A, lora_B, scaling)."""
+    `expert_linear` with their adapter's ``xa = expert_xa(x, offs, lora_A, scaling)`` and lora_B,
+    and ``xa`` is pinned for the partitioner as a linear's is."""
     _, gm = _pair(name)
-    code = gm.code
-    FileCheck().check_not("grouped_mm_fallback").check_not("_grouped_mm").run(code)
+    FileCheck().check_not("grouped_mm_fallback").check_not("_grouped_mm").run(gm.code)
     calls = [n for n in gm.graph.nodes if n.target is expert_linear]
-    assert len(calls) == 2 * 2 and all(len(n.args) == 6 and n.args[5] == ALPHA / R for n in calls)
+    assert len(calls) == 2 * 2
+    for call in calls:
+        x, _, offs, xa, lora_B = call.args
+        assert xa.target is expert_xa and xa.args[:2] == (x, offs) and xa.args[3] == ALPHA / R
+        assert xa.args[2].target == lora_B.target.replace("lora_B", "lora_A")
+        assert xa.meta["recompute"] == CheckpointPolicy.MUST_SAVE
 
 
 @pytest.mark.parametrize("name", MOE_ARCHITECTURES)
@@ -232,9 +238,11 @@ def test_expert_linear_equals_a_loop_over_experts_of_W_plus_sBA(dims):
     lora_B = torch.randn(d_out, r * experts, generator=g).requires_grad_()
     x = torch.randn(rows, d_in, generator=g).requires_grad_()
     out = {}
-    saved = saved_activation_bytes(lambda: out.setdefault("y", expert_linear(x, w.transpose(-2, -1), offs, lora_A,
-                                                                              lora_B, scaling)), exclude=[w, lora_A, lora_B])
-    assert saved == rows * r * 4 + offs.nbytes
+
+    def step():
+        out["y"] = expert_linear(x, w.transpose(-2, -1), offs, expert_xa(x, offs, lora_A, scaling), lora_B)
+
+    assert saved_activation_bytes(step, exclude=[w, lora_A, lora_B]) == rows * r * 4 + offs.nbytes
     A_e = lora_A.view(experts, r, d_in)
     B_e = lora_B.view(d_out, r, experts).permute(2, 0, 1)
     merged = w + scaling * B_e @ A_e

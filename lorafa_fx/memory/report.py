@@ -120,7 +120,7 @@ class MemoryPlan:
         # Layers outlined for FSDP2 hold their adapters in their own graphs.
         for node in meta.all_graph_nodes(gm):
             info = meta.lorafa_meta(node)
-            if info.get(meta.ROLE) in meta.XA_ROLES:
+            if info.get(meta.ROLE) == "xa":
                 xa_bytes[info[meta.ADAPTER]] = xa_bytes.get(info[meta.ADAPTER], 0) + info.get(meta.SAVED_BYTES, 0)
         return cls(
             predicted_peak_bytes=estimate.peak,

@@ -8,14 +8,15 @@ tokens x top_k``) are sorted by expert, and each fused projection is one grouped
 op saves ``x`` and ``w`` for backward (``transformers::grouped_mm_fallback``, or autograd's
 ``_grouped_mm``), although a frozen ``w`` needs no gradient. `expert_linear` is the same
 product keeping nothing of ``x`` when ``w`` is frozen, and with an adapter the paper's eq. (1)
-per expert::
+per expert, as two calls (so ``xa`` is a node of the graph, as for a linear's adapter)::
 
-    y_s = x_s w_e + scaling * (x_s A_e^T) B_e^T      (row s routed to expert e)
+    xa  = expert_xa(x, offs, lora_A, scaling)        xa_s = scaling * x_s A_e^T  (row s routed to e)
+    y   = expert_linear(x, w, offs, xa, lora_B)      y_s  = x_s w_e + xa_s B_e^T
 
 in PEFT's layout for a 3-D parameter (``ParamWrapper``, the expert count folded into the rank):
 ``lora_A`` is ``(E·r, in)`` with ``A_e = lora_A.view(E, r, in)[e]``, ``lora_B`` is ``(out, E·r)``
-with ``B_e = lora_B.view(out, r, E)[:, :, e]``. It keeps ``xa = scaling * x A_e^T`` (S x r
-values) for ``grad_B_e = grad_e^T xa_e``; ``A`` and ``w`` are frozen.
+with ``B_e = lora_B.view(out, r, E)[:, :, e]``. Only ``xa`` (S x r values) is kept, for
+``grad_B_e = grad_e^T xa_e``; ``A`` and ``w`` are frozen.
 
 The matmuls are two custom ops (opaque to `torch.compile`, with fake kernels for the cost model):
 `grouped_mm` (``(S, K) x (E, K, N) -> (S, N)``) and `grouped_mm_t` (``x_e^T g_e`` per group, a
@@ -113,54 +114,66 @@ def _lora_B_groups(lora_B: torch.Tensor, experts: int, transposed: bool = True) 
     return (per_expert.permute(2, 1, 0) if transposed else per_expert.permute(2, 0, 1)).contiguous()
 
 
+class _ExpertXA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, offs, lora_A, scaling):
+        ctx.save_for_backward(offs, lora_A)  # A is frozen: x's gradient needs nothing of x
+        ctx.scaling = scaling
+        xa = grouped_mm(x, _lora_A_groups(lora_A, offs.shape[0]), offs)
+        return xa * scaling if scaling != 1 else xa
+
+    @staticmethod
+    def backward(ctx, grad):
+        offs, lora_A = ctx.saved_tensors
+        if ctx.scaling != 1:
+            grad = grad * ctx.scaling
+        return grouped_mm(grad, _lora_A_groups(lora_A, offs.shape[0]).transpose(-2, -1), offs), None, None, None
+
+
 class _ExpertLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, offs, lora_A, lora_B, scaling):
-        experts = w.shape[0]
+    def forward(ctx, x, w, offs, xa, lora_B):
         y = grouped_mm(x, w, offs)
-        xa = None
-        if lora_A is not None:
-            xa = grouped_mm(x, _lora_A_groups(lora_A, experts), offs)
-            if scaling != 1:
-                xa = xa * scaling
-            y = y + grouped_mm(xa, _lora_B_groups(lora_B, experts), offs)
-        # x only for a trained w (its gradient); B's gradient needs xa alone.
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, xa, w, offs, lora_A, lora_B)
-        ctx.scaling = scaling
+        if xa is not None:
+            y = y + grouped_mm(xa, _lora_B_groups(lora_B, offs.shape[0]), offs)
+        # x only for a trained w's gradient, xa only for B's.
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(x if needs[1] else None, xa if needs[4] else None, w, offs, lora_B)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, xa, w, offs, lora_A, lora_B = ctx.saved_tensors
-        experts = w.shape[0]
-        grad_x = grad_w = grad_B = None
+        x, xa, w, offs, lora_B = ctx.saved_tensors
+        grad_x = grad_w = grad_xa = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad, w.transpose(-2, -1), offs)
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_mm_t(x, grad, offs)
+        if ctx.needs_input_grad[3]:
+            # B_e copied anew, not forward's B_e^T transposed: compile's CSE would merge the two
+            # copies and keep forward's for backward (E·r·out values per adapter).
+            grad_xa = grouped_mm(grad, _lora_B_groups(lora_B, offs.shape[0], transposed=False), offs)
         if ctx.needs_input_grad[4]:
             # (E, r, out) per expert back to PEFT's (out, r·E), the expert last
             grad_B = grouped_mm_t(xa, grad, offs).permute(2, 1, 0).reshape(lora_B.shape)
-        if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad, w.transpose(-2, -1), offs)
-            if lora_A is not None:
-                # B_e copied anew, not forward's B_e^T transposed: compile's CSE would merge the
-                # two copies and keep forward's for backward (E·r·out values per adapter).
-                grad_xa = grouped_mm(grad, _lora_B_groups(lora_B, experts, transposed=False), offs)
-                if ctx.scaling != 1:
-                    grad_xa = grad_xa * ctx.scaling
-                grad_x = grad_x + grouped_mm(grad_xa, _lora_A_groups(lora_A, experts).transpose(-2, -1), offs)
-        if ctx.needs_input_grad[1]:
-            grad_w = grouped_mm_t(x, grad, offs)
-        return grad_x, grad_w, None, None, grad_B, None
+        return grad_x, grad_w, None, grad_xa, grad_B
+
+
+def expert_xa(x: torch.Tensor, offs: torch.Tensor, lora_A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """``scaling * x A_e^T`` for the rows routed to each expert ``e`` (`lora_A` ``(E·r, in)``,
+    frozen): ``(S, r)``, keeping nothing for backward."""
+    return _ExpertXA.apply(x.to(lora_A.dtype), offs, lora_A, scaling)
 
 
 def expert_linear(
     x: torch.Tensor,
     w: torch.Tensor,
     offs: torch.Tensor,
-    lora_A: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
-    scaling: float = 1.0,
 ) -> torch.Tensor:
     """``x @ w[e]`` for the rows routed to each expert ``e`` (`w` ``(E, in, out)``, `offs` the
-    cumulative row counts), plus the LoRA-FA branch when `lora_A`/`lora_B` are given (see the
-    module docstring), in `w`'s dtype (`x` is cast to it, as transformers does). Keeps ``xa``
-    for backward, and `x` only if `w` requires grad."""
-    return _ExpertLinear.apply(x.to(w.dtype), w, offs, lora_A, lora_B, scaling)
+    cumulative row counts), plus ``xa B_e^T`` when `xa` (`expert_xa`) and `lora_B` (``(out,
+    E·r)``) are given, in `w`'s dtype (`x` is cast to it, as transformers does). Keeps `xa` for
+    B's gradient, and `x` only if `w` requires grad."""
+    return _ExpertLinear.apply(x.to(w.dtype), w, offs, xa, lora_B)

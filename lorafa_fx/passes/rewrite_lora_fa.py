@@ -24,15 +24,14 @@ Because ``A`` does not require grad, autograd needs only ``xa = scaling * x A^T`
 
 An adapted parameter (`targets`' ``target_parameters``) run by a linear op (an MoE router's
 ``weight``) is rewritten the same way. An experts' 3-D parameter, run by the grouped matmul
-``expert_linear(x, w, offs)`` (`lean_experts`), becomes ``expert_linear(x, w, offs, lora_A,
-lora_B, scaling)``: the same branch per expert (`ops/experts.py`), with ``lora_A``/``lora_B``
-of shapes ``(E·r, in)``/``(out, E·r)`` (PEFT's ``ParamWrapper``); the call keeps ``xa`` itself.
+``expert_linear(x, w, offs)`` (`lean_experts`), becomes ``expert_linear(x, w, offs, xa, lora_B)``
+with ``xa = expert_xa(x, offs, lora_A, scaling)``: the same branch per expert (`ops/experts.py`),
+``lora_A``/``lora_B`` of shapes ``(E·r, in)``/``(out, E·r)`` (PEFT's ``ParamWrapper``).
 
 Writes ``meta.ADAPTER`` (the adapter's path) and ``meta.ROLE`` on every node it creates,
 ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"down"`` (``x A^T``, absent when
 ``scaling == 1``), ``"xa"`` (``scaling * x A^T``, the tensor backward keeps), ``"xab"``
-(``xa B^T``), ``"out"`` (the base output plus ``xab``), ``"experts"`` (an experts' adapted call,
-which keeps its ``xa``); new nodes inherit
+(``xa B^T``), ``"out"`` (the base output plus ``xab``, or an experts' adapted matmul); new nodes inherit
 ``nn_module_stack``/``stack_trace`` and get ``meta["val"]``. Reads ``node.meta["val"]``.
 """
 
@@ -51,7 +50,7 @@ from .. import meta
 from ..bnb_layers import QUANTIZED_LINEAR_OPS
 from ..config import LoraFAConfig
 from ..graph import get_attr, new_node, pass_result, replace_node, set_fake_val
-from ..ops.experts import expert_linear
+from ..ops.experts import expert_linear, expert_xa
 from ..targets import Adapter
 from .lean_experts import expert_weight
 
@@ -129,15 +128,19 @@ class RewriteLoraFA(PassBase):
 
 
 def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> None:
-    """The experts' matmul with its adapter: ``expert_linear(x, w, offs, lora_A, lora_B, scaling)``."""
-    with gm.graph.inserting_before(node):
-        lora_A = get_attr(gm, node, f"{adapter.path}.lora_A.weight")
-        lora_B = get_attr(gm, node, f"{adapter.path}.lora_B.weight")
-    meta.annotate(lora_A, adapter=adapter.path, role="lora_A")
-    meta.annotate(lora_B, adapter=adapter.path, role="lora_B")
-    call = replace_node(node, "call_function", expert_linear, (*node.args[:3], lora_A, lora_B, adapter.scaling))
-    meta.annotate(call, adapter=adapter.path, role="experts")
-    gm.graph.erase_node(node)
+    """The experts' matmul ``expert_linear(x, w, offs)`` with its adapter: ``xa = expert_xa(x, offs,
+    lora_A, scaling)``, ``expert_linear(x, w, offs, xa, lora_B)``."""
+    graph, path = gm.graph, adapter.path
+    x, w, offs = node.args[:3]
+    with graph.inserting_before(node):
+        lora_A = get_attr(gm, node, f"{path}.lora_A.weight")
+        lora_B = get_attr(gm, node, f"{path}.lora_B.weight")
+        xa = new_node(graph, node, "call_function", expert_xa, (x, offs, lora_A, adapter.scaling))
+    set_fake_val(xa, lambda x, offs, lora_A, scaling: x.new_empty((x.shape[0], adapter.r), dtype=lora_A.dtype), gm)
+    out = replace_node(node, "call_function", expert_linear, (x, w, offs, xa, lora_B))
+    for n, role in ((lora_A, "lora_A"), (lora_B, "lora_B"), (xa, "xa"), (out, "out")):
+        meta.annotate(n, adapter=path, role=role)
+    graph.erase_node(node)
 
 
 # The branch's values are shaped like its input: made directly, since running linear on
