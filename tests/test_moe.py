@@ -21,6 +21,8 @@ from torch.testing import FileCheck
 from torch.utils.checkpoint import CheckpointPolicy
 
 from lorafa_fx import LoraFAConfig, create_lorafa_optimizer, load_adapter, merge, save_adapter
+from lorafa_fx.graph import generate_code
+from lorafa_fx.hf_compat import attach_hf_attributes
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.ops.experts import expert_linear, expert_xa, grouped_mm, grouped_mm_t
 from lorafa_fx.peft_files import _peft_config
@@ -351,3 +353,24 @@ def test_optimizer_corrects_each_experts_gradient_with_its_own_A():
         expected = expected.view(lora_B.shape)
         assert (corrected - expected).norm() <= 1e-5 * expected.norm(), a.path  # float32 pinv: 4e-7
     assert any(a.num_experts == 4 for a in gm.lorafa_adapters)
+
+
+def test_trainer_trains_the_expert_adapters_as_peft(tmp_path):
+    """Reference: HF Trainer on PEFT LoRA with A frozen (the same A and B), the same arguments
+    (test_trainer's: batch 2 x 2 accumulation steps, AdamW 1e-2): the same logged losses and final
+    lora_B, experts' and router's included."""
+    from test_trainer import _train
+
+    model, gm = _pair("mixtral")
+    gm = copy.deepcopy(gm)
+    generate_code(gm)  # a deep copy's forward reads (*args, **kwargs) until its code is generated again
+    if not hasattr(gm, "accepts_loss_kwargs"):
+        attach_hf_attributes(gm, model)
+    ref = _peft(model, gm)
+    _, ours = _train(gm, tmp_path / "gm", steps=3)
+    _, theirs = _train(ref, tmp_path / "peft", steps=3)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for a in gm.lorafa_adapters:
+        torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight"),
+                                   ref.base_model.model.get_submodule(a.path).lora_B["default"].weight,
+                                   atol=1e-5, rtol=1e-4, msg=a.path)
