@@ -21,6 +21,7 @@ from torch.testing import FileCheck
 from torch.utils.checkpoint import CheckpointPolicy
 
 from lorafa_fx import LoraFAConfig, create_lorafa_optimizer, load_adapter, merge, save_adapter
+from lorafa_fx.errors import ConfigError
 from lorafa_fx.graph import generate_code
 from lorafa_fx.hf_compat import attach_hf_attributes
 from lorafa_fx.measure import module_state, saved_activation_bytes
@@ -109,6 +110,15 @@ def test_target_parameters_mean_what_they_mean_in_peft(name):
         ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, **EXPLICIT))
     assert ours == _lora_shapes(ref)
     assert {a.r for a in adapters} == {R}
+
+
+def test_bad_expert_configs_say_how_to_fix():
+    """Reference: PEFT's own refusals (target_parameters is a list; ParamWrapper refuses dropout)."""
+    with pytest.raises(ConfigError, match="list of parameter names"):
+        LoraFAConfig(target_parameters="mlp.experts.gate_up_proj")
+    with pytest.raises(ConfigError, match="lora_dropout=0.0, or exclude the experts"):
+        select_adapters(make_model("mixtral"), LoraFAConfig(lora_dropout=0.1))
+    assert select_adapters(make_model("mixtral"), LoraFAConfig(lora_dropout=0.1, exclude_modules=["experts", "gate"]))
 
 
 @pytest.mark.parametrize("name", MOE_ARCHITECTURES)

@@ -36,20 +36,32 @@ class LeanExperts(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in GROUPED_MM_OPS and expert_weight(node) is not None:
-                replace_node(node, "call_function", expert_linear, node.args[:3])
+            if node.target in GROUPED_MM_OPS and expert_weight(node) is not None:
+                replace_node(node, "call_function", expert_linear, expert_operands(node))
                 modified = True
         return pass_result(gm, modified, drop_unused=True)
 
 
-def expert_weight(node: fx.Node) -> str | None:
-    """The 3-D parameter an expert matmul (a `GROUPED_MM_OPS` op or `expert_linear`) multiplies
-    its rows with, or None if its operand is not (a transpose of) a parameter."""
+def expert_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(x, w, offs)`` of an experts' matmul without an adapter: a `GROUPED_MM_OPS` op with no
+    bias or output dtype, or `expert_linear`; else None."""
     if node.op != "call_function" or (node.target not in GROUPED_MM_OPS and node.target is not expert_linear):
         return None
-    if len(node.args) < 3 or any(node.args[3:]) or any(node.kwargs.values()):  # no bias, no out_dtype
+    names = ("x", "w", "offs")
+    operands = {**dict(zip(names, node.args)), **{k: v for k, v in node.kwargs.items() if k in names}}
+    rest = [*node.args[3:], *(v for k, v in node.kwargs.items() if k not in names)]
+    if len(operands) != 3 or any(v is not None for v in rest):  # a bias, an output dtype, an adapter
         return None
-    w = node.args[1]
+    return operands["x"], operands["w"], operands["offs"]
+
+
+def expert_weight(node: fx.Node) -> str | None:
+    """The 3-D parameter an experts' matmul (`expert_operands`) multiplies its rows with, or None
+    if it has no such operand (or is not one)."""
+    operands = expert_operands(node)
+    if operands is None:
+        return None
+    w = operands[1]
     if isinstance(w, fx.Node) and w.op == "call_function" and w.target == aten.transpose.int:
         if sorted(d % 3 for d in w.args[1:]) != [1, 2]:
             return None

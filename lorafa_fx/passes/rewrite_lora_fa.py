@@ -52,7 +52,7 @@ from ..config import LoraFAConfig
 from ..graph import get_attr, new_node, pass_result, replace_node, set_fake_val
 from ..ops.experts import expert_linear, expert_xa
 from ..targets import Adapter
-from .lean_experts import expert_weight
+from .lean_experts import expert_operands, expert_weight
 
 aten = torch.ops.aten
 
@@ -131,7 +131,7 @@ def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> Non
     """The experts' matmul ``expert_linear(x, w, offs)`` with its adapter: ``xa = expert_xa(x, offs,
     lora_A, scaling)``, ``expert_linear(x, w, offs, xa, lora_B)``."""
     graph, path = gm.graph, adapter.path
-    x, w, offs = node.args[:3]
+    x, w, offs = expert_operands(node)
     with graph.inserting_before(node):
         lora_A = get_attr(gm, node, f"{path}.lora_A.weight")
         lora_B = get_attr(gm, node, f"{path}.lora_B.weight")
