@@ -124,7 +124,8 @@ def main() -> None:
                       f"{r['smallest_budget'] / GB:.2f} GB")
     Console(width=150).print(table)
     for preset, nbytes in folded.items():
-        print(f"{preset}: PEFT 0.21's ParamWrapper also keeps W + s·B A of every expert: {nbytes / GB:.2f} GB per step")
+        print(f"{preset}: PEFT 0.21's ParamWrapper also keeps W + s·B A of every expert: {nbytes / GB:.2f} GB "
+              "per step")
     OUT.mkdir(exist_ok=True)
     (OUT / "moe.json").write_text(json.dumps({"env": H.env_info(), "rows": rows, "peft_folded_weights": folded},
                                              indent=2))

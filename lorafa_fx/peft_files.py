@@ -151,10 +151,8 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
         "target_modules": [a.path for a in gm.lorafa_adapters if a.parameter is None],
         "target_parameters": [a.weight for a in parameters] or None,
         "exclude_modules": None,
-        "rank_pattern": {**cfg.rank_pattern, **{re.escape(a.key): a.r for a in parameters
-                                                 if _pattern_value(cfg.rank_pattern, a.key, cfg.r) != a.r}},
-        "alpha_pattern": {**cfg.alpha_pattern, **{re.escape(a.key): a.lora_alpha for a in parameters
-                                                   if _pattern_value(cfg.alpha_pattern, a.key, cfg.lora_alpha) != a.lora_alpha}},
+        "rank_pattern": _exact_patterns(cfg.rank_pattern, cfg.r, {a.key: a.r for a in parameters}),
+        "alpha_pattern": _exact_patterns(cfg.alpha_pattern, cfg.lora_alpha, {a.key: a.lora_alpha for a in parameters}),
         "use_rslora": cfg.use_rslora,
         "lora_dropout": cfg.lora_dropout,
         "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
@@ -164,6 +162,13 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
         "use_dora": False,
         "lora_bias": False,
     }
+
+
+def _exact_patterns(patterns: Mapping[str, Any], default: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`patterns` plus an exact pattern for each key of `values` whose value `patterns` (and
+    `default`) do not give."""
+    exact = {re.escape(key): v for key, v in values.items() if _pattern_value(patterns, key, default) != v}
+    return {**patterns, **exact}
 
 
 def _read_config(file: Path) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def _groups(offs: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+    if x.device.type in ("cpu", "cuda"):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _kernel_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
