@@ -30,7 +30,7 @@ from .graph import graph_copy, set_attributes
 from .memory.planner import Levers, lever_ladder
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.expand_layers import ExpandLayers, repeats_cleanly
-from .passes.rewrite_lora_fa import linear_nodes
+from .passes.rewrite_lora_fa import weight_nodes
 from .shallow import depth_note, repeated_stacks, shallow_path
 from .targets import Adapter, cap_ranks, planned_config, resolve_task, select_adapters, select_modules_to_save
 
@@ -73,8 +73,8 @@ class CapturedModel:
         if self.depths and not all(repeats_cleanly(base.graph, stack) for stack in self.depths):
             self.depths = {}
             base = captured(model)
-        linears = linear_nodes(base)
-        self.adapters = _drop_unused(adapters, {a.path for a in adapters if shallow_path(a.path, self.depths) in linears})
+        weights = weight_nodes(base)
+        self.adapters = _drop_unused(adapters, {a.path for a in adapters if shallow_path(a.weight, self.depths) in weights})
         if not self.adapters and not self.saved_modules:
             raise TargetNotFoundError(
                 f"Nothing to train: none of the {len(adapters)} modules target_modules={config.target_modules!r} "

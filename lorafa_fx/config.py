@@ -38,7 +38,15 @@ class LoraFAConfig:
             ``nn.Linear``/``Conv1D`` but the output embedding), a list of module-name suffixes
             (``["q_proj", "v_proj"]``), or a regex string full-matched against the module path.
             Unlike PEFT, the default is ``"all-linear"``: LoRA-FA's memory saving is largest
-            when every linear is adapted.
+            when every linear is adapted. On a mixture-of-experts model ``"all-linear"`` also
+            adapts each MoE block's fused expert parameters and its router, as PEFT 0.21 does
+            for Mixtral, Qwen3-MoE and OLMoE (see `targets.py`); a name or regex matching an
+            experts module or a router adapts its parameters.
+        target_parameters: PEFT's: full names or dotted suffixes of parameters adapted as
+            such (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]``),
+            the experts' 3-D ones with the expert count folded into the rank (``lora_A``
+            ``(E·r, in)``, ``lora_B`` ``(out, E·r)``). LoRA-FA adapts only parameters that run
+            as a linear or as an experts' grouped matmul.
         exclude_modules: suffix list or full-match regex of modules never adapted.
         rank_pattern: ``{pattern: r}``, pattern matched at the end of the module path.
         alpha_pattern: ``{pattern: lora_alpha}``, same matching.
@@ -73,6 +81,7 @@ class LoraFAConfig:
     r: int = field(default=8, metadata={"help": "the adapter rank r"})
     lora_alpha: float = field(default=8, metadata={"help": "lora_alpha: scaling = lora_alpha / r"})
     target_modules: list[str] | str = "all-linear"
+    target_parameters: list[str] | None = None
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -125,7 +134,10 @@ class LoraFAConfig:
                 f"modules_to_save={self.modules_to_save!r} is a string; pass a list of module names, e.g. "
                 f"modules_to_save=[{self.modules_to_save!r}] (PEFT 0.21 would read a string character by character)."
             )
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(self.target_parameters, str):
+            raise ConfigError(f"target_parameters={self.target_parameters!r} must be a list of parameter names (as in "
+                              'PEFT, which has no regex form), e.g. ["mlp.experts.gate_up_proj"].')
+        for name in ("target_modules", "target_parameters", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is None and name != "target_modules":
                 continue
@@ -133,8 +145,9 @@ class LoraFAConfig:
                 not isinstance(value, str) and not all(isinstance(v, str) for v in value)
             ):
                 raise ConfigError(f"{name}={value!r} must be module-name suffixes (a list of strings), or a regex.")
-        if not self.target_modules:
-            raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex.')
+        if not self.target_modules and not self.target_parameters:
+            raise ConfigError('target_modules is empty; pass "all-linear", a list of suffixes or a regex (or name '
+                              "parameters in target_parameters).")
         if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
             _check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):

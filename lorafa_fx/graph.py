@@ -242,12 +242,23 @@ def block_of(node: fx.Node) -> str:
     return block_of_path(owner(node)[0])
 
 
+def is_size(node: fx.Node) -> bool:
+    """Whether `node` computes a symbolic size (``mul(2, sym_size)``), not a tensor. Export
+    computes each size expression once: the first block that needs one holds its node, and the
+    blocks after it read that node."""
+    return node.op == "call_function" and isinstance(node.meta.get("val"), torch.SymInt)
+
+
 def block_structure(block: str, nodes: list[fx.Node]) -> tuple:
     """What makes two blocks the same graph: ops, targets (the block's path made relative),
-    the wiring inside the block, constants, and every output's shape and dtype."""
+    the wiring inside the block, constants, and every output's shape and dtype. Sizes
+    (`is_size`) count by their expression, wherever they are computed."""
+    nodes = [n for n in nodes if not is_size(n)]
     index = {n: i for i, n in enumerate(nodes)}
 
     def arg(a: fx.Node) -> str:
+        if is_size(a):
+            return f"%size({a.meta['val']})"
         return f"%{index[a]}" if a in index else "%in"
 
     def target(n: fx.Node) -> object:

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import LoraFAError
 from .peft_files import check_transformed, saved_module_params
-from .targets import tied_weights
+from .targets import Adapter, tied_weights
 
 
 @torch.no_grad()
@@ -20,7 +20,8 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     """Fold `gm`'s adapters into `model`'s weights; return `model`, a plain Hugging Face model.
 
     Each adapted weight becomes ``W + scaling * B @ A`` (transposed for GPT-2's ``Conv1D``,
-    which stores ``W`` as ``(in, out)``), computed in float32 and cast to ``W``'s dtype;
+    which stores ``W`` as ``(in, out)``; per expert ``W_e + scaling * B_e @ A_e`` for an MoE's
+    experts), computed in float32 and cast to ``W``'s dtype;
     ``modules_to_save`` parameters are copied from `gm`. `model` has no ``lora_`` parameters
     and works with ``save_pretrained`` and ``generate``.
 
@@ -40,37 +41,44 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     check_transformed(gm)
     problems, shared = [], []
     for a in gm.lorafa_adapters:
+        name = a.path if a.parameter is None else a.weight
         try:
-            module = model.get_submodule(a.path)
+            module = model.get_submodule(a.module)
+            w = model.get_parameter(a.weight)
         except AttributeError:
-            problems.append(f"{a.path}: no such module in {type(model).__name__}")
+            problems.append(f"{name}: no such {'module' if a.parameter is None else 'parameter'} in "
+                            f"{type(model).__name__}")
             continue
-        w = module.weight
-        expected = (a.in_features, a.out_features) if isinstance(module, Conv1D) else (a.out_features, a.in_features)
+        expected = _shape(a, module)
         if not w.dtype.is_floating_point or tuple(w.shape) != expected:
             problems.append(
-                f"{a.path}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
+                f"{name}: weight {tuple(w.shape)} {w.dtype}, expected a float weight of shape {expected} "
                 "(a quantised weight cannot hold the merged sum: merge into a float copy of the base model)"
             )
     if problems:
         raise LoraFAError("merge: cannot merge into this model:\n  " + "\n  ".join(problems))
 
-    untied = tied_weights(model, [a.path for a in gm.lorafa_adapters])
+    untied = tied_weights(model, [a.module for a in gm.lorafa_adapters if a.parameter is None])
     for path in untied:
         module = model.get_submodule(path)
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # or from_pretrained would tie the saved model again
     for a in gm.lorafa_adapters:
-        module = model.get_submodule(a.path)
+        module, w = model.get_submodule(a.module), model.get_parameter(a.weight)
         lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
         lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
-        delta = (lora_B.float() @ lora_A.float()) * a.scaling
-        if isinstance(module, Conv1D):
-            delta = delta.T
-        module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
-        if _shares(gm, f"{a.path}.weight", module.weight):
-            shared.append(lora_B)
+        # Per expert e: B_e A_e with A_e = lora_A.view(E, r, in)[e], B_e = lora_B.view(out, r, E)[:, :, e]
+        # (PEFT's ParamWrapper layout); E = 1 for a linear.
+        experts = a.num_experts
+        lora_A = lora_A.float().view(experts, a.r, a.in_features)
+        lora_B = lora_B.float().view(a.out_features, a.r, experts).permute(2, 0, 1)
+        delta = (lora_B @ lora_A) * a.scaling
+        if _stored_in_out(a, module):
+            delta = delta.transpose(-2, -1)
+        w.add_(delta.reshape(w.shape).to(device=w.device, dtype=w.dtype))
+        if _shares(gm, a.weight, w):
+            shared.append(gm.get_parameter(f"{a.path}.lora_B.weight"))
     for name, p in saved_module_params(gm).items():
         target = model.get_parameter(name)
         if target is not p:
@@ -86,6 +94,18 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def _stored_in_out(a: Adapter, module: nn.Module) -> bool:
+    """Whether the weight is stored ``(in, out)``: GPT-2's ``Conv1D``, experts that ``is_transposed``."""
+    if a.num_experts > 1:
+        return bool(getattr(module, "is_transposed", False))
+    return isinstance(module, Conv1D)
+
+
+def _shape(a: Adapter, module: nn.Module) -> tuple[int, ...]:
+    shape = (a.in_features, a.out_features) if _stored_in_out(a, module) else (a.out_features, a.in_features)
+    return (a.num_experts, *shape) if a.num_experts > 1 else shape
 
 
 def _shares(gm: fx.GraphModule, name: str, weight: torch.Tensor) -> bool:

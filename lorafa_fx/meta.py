@@ -23,6 +23,7 @@ passes.lean_norms                     nn_module_stack, val                      
 passes.lean_gated_mlp                 val                                         new nodes inherit nn_module_stack, val
 passes.lean_pointwise                 val, nn_module_stack                        new nodes inherit nn_module_stack, val
 passes.compact_saved_views            val                                         new nodes inherit nn_module_stack, val
+passes.lean_experts                   val                                         new nodes inherit nn_module_stack, val
 passes.rewrite_lora_fa                val                                         ADAPTER, ROLE (every node it adds), val
 passes.annotate_saved_tensors         ROLE                                        torch's "recompute" = MUST_SAVE on xa
 passes.chunk_cross_entropy            val                                         ROLE (chunked_ce, eval_logits)

@@ -12,6 +12,12 @@ with frozen ``A`` (``(r, in)``), trained ``B`` (``(out, r)``), scaling ``s`` and
     B -= lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)           (L184-L190)
     B -= lr * weight_decay * B           # on the already-updated B               (L191-L192)
 
+An MoE's experts adapter (``lora_A`` ``(E·r, in)``, ``lora_B`` ``(out, E·r)``, PEFT's layout: ``A_e =
+lora_A.view(E, r, in)[e]``, ``B_e = lora_B.view(out, r, E)[:, :, e]``) is E adapters: each
+``B_e``'s gradient is corrected with its own ``A_e``. (PEFT's optimizer would invert the Gram
+matrix of the whole folded ``lora_A``, mixing experts, in an order that does not match
+``lora_B``'s columns.)
+
 Every other trainable parameter (``modules_to_save``) takes the same update with ``g = grad``
 (L195-L226). Two consequences differ from `torch.optim.AdamW` with the same arguments:
 ``eps`` is added to ``sqrt(v)`` before the bias correction, not to ``sqrt(v / (1 - beta2**t))``,
@@ -67,6 +73,7 @@ class _Pair:
     path: str
     lora_A: torch.Tensor
     scaling: float
+    experts: int = 1
 
 
 class LoraFAOptimizer(Optimizer):
@@ -141,15 +148,19 @@ class LoraFAOptimizer(Optimizer):
         super().load_state_dict(state_dict)
 
     def _corrected(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        # One bmm per (out, r) shape: adapters of equal shape share a single kernel launch.
+        # One bmm per (out, r, E) shape: adapters of equal shape share a single kernel launch,
+        # each of their E experts (1 for a linear) a (out, r) block of it.
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, g in enumerate(grads):
-            buckets[(g.shape, g.device, g.dtype)].append(i)
+            buckets[(g.shape, g.device, g.dtype, self._pairs[params[i]].experts)].append(i)
         out = list(grads)
-        for idx in buckets.values():
-            inverses = self._scaled_inverses([params[i] for i in idx])
-            stacked = torch.stack([grads[i] for i in idx])
-            corrected = torch.bmm(stacked.to(torch.float32), inverses).to(stacked.dtype)
+        for (shape, _, dtype, experts), idx in buckets.items():
+            inverses = self._scaled_inverses([params[i] for i in idx])  # (n·E, r, r)
+            rows, r = shape[0], shape[1] // experts
+            # (out, r·E), expert last -> (n·E, out, r)
+            blocks = torch.stack([grads[i] for i in idx]).view(len(idx), rows, r, experts).permute(0, 3, 1, 2)
+            corrected = torch.bmm(blocks.reshape(-1, rows, r).to(torch.float32), inverses).to(dtype)
+            corrected = corrected.view(len(idx), experts, rows, r).permute(0, 2, 3, 1).reshape(len(idx), *shape)
             for i, c in zip(idx, corrected.unbind(0)):
                 out[i] = c
         return out
@@ -163,7 +174,7 @@ class LoraFAOptimizer(Optimizer):
         hit = self._inverses.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        inverses = torch.stack([_scaled_inverse(p.lora_A, p.scaling) for p in pairs])
+        inverses = torch.cat([_scaled_inverse(p.lora_A, p.scaling, p.experts) for p in pairs])
         inverses = inverses.to(bs[0].device)
         self._inverses[key] = (stamp, inverses)
         return inverses
@@ -260,9 +271,10 @@ def _adamw_hf_foreach(
         torch._foreach_add_(params, params, alpha=-lr * weight_decay)
 
 
-def _scaled_inverse(lora_A: torch.Tensor, scaling: float) -> torch.Tensor:
-    a = lora_A.detach().to(torch.float32)
-    gram = a @ a.T + PINV_DELTA * torch.eye(a.shape[0], device=a.device)
+def _scaled_inverse(lora_A: torch.Tensor, scaling: float, experts: int) -> torch.Tensor:
+    """``(E, r, r)``: each expert's ``pinv(A_e A_e^T + delta I) / scaling**2``."""
+    a = lora_A.detach().to(torch.float32).view(experts, -1, lora_A.shape[-1])
+    gram = a @ a.mT + PINV_DELTA * torch.eye(a.shape[1], device=a.device)
     # pinv, not inv: PEFT's choice, and it stays finite if A is rank-deficient (e.g. init "ones").
     return torch.linalg.pinv(gram) / scaling**2
 
@@ -284,10 +296,11 @@ def _adapter_pairs(gm: nn.Module) -> dict[torch.Tensor, _Pair]:
     for a in adapters:
         lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
         lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
-        if tuple(lora_A.shape) != (a.r, a.in_features) or tuple(lora_B.shape) != (a.out_features, a.r):
+        if tuple(lora_A.shape) != (a.folded_r, a.in_features) or tuple(lora_B.shape) != (a.out_features, a.folded_r):
+            experts = f" x {a.num_experts} experts" if a.num_experts > 1 else ""
             raise ValueError(
                 f"Adapter {a.path}: lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not "
-                f"match r={a.r}, in={a.in_features}, out={a.out_features}; re-run lorafa_fx.transform "
+                f"match r={a.r}{experts}, in={a.in_features}, out={a.out_features}; re-run lorafa_fx.transform "
                 "instead of replacing adapter weights with tensors of another shape."
             )
         if lora_A.requires_grad:
@@ -296,7 +309,7 @@ def _adapter_pairs(gm: nn.Module) -> dict[torch.Tensor, _Pair]:
                 "correction assumes it). Call .requires_grad_(False) on it, or train A with a plain "
                 "LoRA optimizer such as torch.optim.AdamW."
             )
-        pairs[lora_B] = _Pair(a.path, lora_A, float(a.scaling))
+        pairs[lora_B] = _Pair(a.path, lora_A, float(a.scaling), a.num_experts)
     return pairs
 
 

@@ -4,13 +4,15 @@
   PEFT's ``save_pretrained`` does: keys ``base_model.model.<path>.lora_A.weight`` /
   ``.lora_B.weight`` and ``base_model.model.<module>.<param>`` for ``modules_to_save``; a
   ``LoraConfig`` with ``peft_type: "LORA"`` whose ``target_modules`` is the exact list of adapted
-  paths (as PEFT writes for ``"all-linear"``), the ``task_type`` and ``modules_to_save`` as PEFT's
-  task model writes them (the configured names, then the task's heads: ``["classifier", "score"]``
-  for ``SEQ_CLS``). ``peft.PeftModel.from_pretrained(model, path)`` loads it (as the task's
-  ``PeftModelFor...``). The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or
-  nothing), never half a new one, and the next save or load of `path` removes what the crash left
-  beside it (restoring the old adapter if the crash came mid-swap). In a distributed job every
-  rank calls it (FSDP2 shards are gathered); rank 0 writes.
+  paths (as PEFT writes for ``"all-linear"``), whose ``target_parameters`` names every adapted
+  parameter (an MoE's experts and routers: keys ``<wrapper path>.lora_A.weight``, see `targets`),
+  and the ``task_type`` and ``modules_to_save`` as PEFT's task model writes them (the configured
+  names, then the task's heads: ``["classifier", "score"]`` for ``SEQ_CLS``).
+  ``peft.PeftModel.from_pretrained(model, path)`` loads it (as the task's ``PeftModelFor...``).
+  The write is atomic (`atomic_dir.py`): a crash leaves the old adapter (or nothing), never half a
+  new one, and the next save or load of `path` removes what the crash left beside it (restoring
+  the old adapter if the crash came mid-swap). In a distributed job every rank calls it (FSDP2
+  shards are gathered); rank 0 writes.
 - `load_adapter(gm, path)` reads such a directory, ours or one PEFT saved (LoRA, same targets),
   into ``gm``'s ``lora_A``/``lora_B``/``modules_to_save`` in place (optimizers holding them keep
   working). Any difference in targets, shapes, rank or scaling raises `AdapterMismatchError`
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,9 @@ def adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 
 def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dict[str, Any]:
     cfg = gm.lorafa_config
+    # Adapted parameters (PEFT's target_parameters) are listed by name; those whose rank is not
+    # the config's plain r (an experts' fused gate_up_proj under "all-linear") get an exact pattern.
+    parameters = [a for a in gm.lorafa_adapters if a.parameter is not None]
     # The keys of PEFT's LoraConfig that define the adapter; PEFT fills the rest with defaults.
     return {
         "peft_type": "LORA",
@@ -169,10 +175,11 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
         "inference_mode": True,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
-        "target_modules": [a.path for a in gm.lorafa_adapters],
+        "target_modules": [a.path for a in gm.lorafa_adapters if a.parameter is None],
+        "target_parameters": [a.weight for a in parameters] or None,
         "exclude_modules": None,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
+        "rank_pattern": _exact_patterns(cfg.rank_pattern, cfg.r, {a.key: a.r for a in parameters}),
+        "alpha_pattern": _exact_patterns(cfg.alpha_pattern, cfg.lora_alpha, {a.key: a.lora_alpha for a in parameters}),
         "use_rslora": cfg.use_rslora,
         "lora_dropout": cfg.lora_dropout,
         "modules_to_save": saved_module_names(cfg) or None,
@@ -200,6 +207,13 @@ _CONFIG_FIELDS = {
     "use_qalora": (optional(BOOL), False),
 }
 _SAVE_AGAIN = "save the adapter again (lorafa_fx.save_adapter or PEFT's save_pretrained write it)"
+
+
+def _exact_patterns(patterns: Mapping[str, Any], default: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`patterns` plus an exact pattern for each key of `values` whose value `patterns` (and
+    `default`) do not give."""
+    exact = {re.escape(key): v for key, v in values.items() if _pattern_value(patterns, key, default) != v}
+    return {**patterns, **exact}
 
 
 def _read_config(file: Path) -> dict[str, Any]:
@@ -257,7 +271,7 @@ def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: M
         problems.append(f"in the file but not adapted here ({len(unexpected)}): {', '.join(unexpected)}")
     for path in sorted(saved_paths & set(adapted)):
         a = adapted[path]
-        r, alpha, scaling = _saved_scaling(config, path)
+        r, alpha, scaling = _saved_scaling(config, a.key)
         if r != a.r or not math.isclose(scaling, a.scaling, rel_tol=1e-6):
             problems.append(
                 f"{path}: saved r={r}, lora_alpha={alpha} (scaling {scaling:g}); here r={a.r}, "

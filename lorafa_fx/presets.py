@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from transformers import AutoConfig, LlamaConfig, MistralConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
 from transformers import __version__ as transformers_version
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -30,6 +30,17 @@ PRESETS = {
     "mistral-7b": lambda: MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                                         max_position_embeddings=32768, sliding_window=None),
+    # Mixtral-8x7B-v0.1: 8 experts of width 14336, 2 per token.
+    "mixtral-8x7b": lambda: MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                          max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
+                                          rope_theta=1e6, sliding_window=None),
+    # Qwen3-30B-A3B: 128 experts of width 768, 8 per token, in every layer.
+    "qwen3-30b-a3b": lambda: Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                            head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                            rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
 
 

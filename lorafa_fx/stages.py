@@ -34,6 +34,7 @@ from .passes.drop_metadata_asserts import DropMetadataAsserts
 from .passes.follow_input_device import FollowInputDevice
 from .passes.follow_param_dtype import FollowParamDtype
 from .passes.gate_dropout import GateDropout
+from .passes.lean_experts import LeanExperts
 from .passes.lean_gated_mlp import LeanGatedMLP
 from .passes.lean_norms import LeanNorms
 from .passes.lean_pointwise import LeanPointwise
@@ -57,7 +58,7 @@ def graph_passes(model: nn.Module) -> list[PassBase]:
 
 #: Exact rewrites that keep less for backward than eager PyTorch keeps: free memory, applied
 #: to every model before anything is planned.
-LEAN_PASSES: tuple[PassBase, ...] = (LeanNorms(), LeanGatedMLP(), LeanPointwise(), CompactSavedViews())
+LEAN_PASSES: tuple[PassBase, ...] = (LeanNorms(), LeanGatedMLP(), LeanPointwise(), CompactSavedViews(), LeanExperts())
 
 
 def adapter_passes(adapters: Sequence[Adapter], config: LoraFAConfig) -> list[PassBase]:
@@ -81,6 +82,8 @@ ORDER = (
     _before(FollowParamDtype, LeanPointwise),
     # Matmuls with a transposed weight become linears before anything looks for linears.
     _before(RecognizeLinears, RewriteLoraFA),
+    # The experts' adapters go on the lean experts op, which takes the place of transformers' grouped matmul.
+    _before(LeanExperts, RewriteLoraFA),
     # compact_saved_views decides from what the graph keeps once every other lean rewrite is in.
     _before(LeanNorms, CompactSavedViews),
     _before(LeanGatedMLP, CompactSavedViews),

@@ -2,7 +2,8 @@
 the demo, the tests and the benchmarks share, so their figures are about the same models.
 
 ``make_model(name, size)`` builds architecture `name` at a size: ``"test"`` (2 layers,
-hidden 64: the test suite), ``"demo"`` (the demo's Llama), ``"quick"`` and ``"full"`` (the
+hidden 64: the test suite; the mixture-of-experts families `MOE_ARCHITECTURES` have 4 experts,
+top 2, expert width 48), ``"demo"`` (the demo's Llama), ``"quick"`` and ``"full"`` (the
 benchmarks' two modes; "full" is GPT-2 small, RoBERTa-base, T5-small and a 56M Llama).
 ``make_batch(model_or_name, batch, seq)`` is a seeded token batch with labels for the model's task.
 ``make_task_model(name, head)`` builds the family with another head (``"ForSequenceClassification"``,
@@ -25,9 +26,17 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MambaConfig,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     T5Config,
@@ -37,6 +46,8 @@ from transformers import (
 #: Vocabulary of the "test" size (small, so the tests' logits are small).
 VOCAB = 96
 _T5_IDS = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+_MOE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": VOCAB, "max_position_embeddings": 128, "num_experts_per_tok": 2}
 
 _CONFIGS: dict[str, dict[str, PretrainedConfig]] = {
     "llama": {
@@ -86,15 +97,26 @@ _CONFIGS: dict[str, dict[str, PretrainedConfig]] = {
         "test": MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=128,
                             conv_kernel=4, time_step_rank=8),
     },
+    "mixtral": {"test": MixtralConfig(intermediate_size=48, num_local_experts=4, **_MOE)},
+    "qwen2_moe": {"test": Qwen2MoeConfig(intermediate_size=112, moe_intermediate_size=48, num_experts=4,
+                                         shared_expert_intermediate_size=64, **_MOE)},
+    "qwen3_moe": {"test": Qwen3MoeConfig(intermediate_size=112, moe_intermediate_size=48, num_experts=4, head_dim=16,
+                                         **_MOE)},
+    "olmoe": {"test": OlmoeConfig(intermediate_size=48, num_experts=4, pad_token_id=1, eos_token_id=0, **_MOE)},
 }
 _CLASSES = {
     "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "gpt2": GPT2LMHeadModel,
     "roberta": RobertaForSequenceClassification, "t5": T5ForConditionalGeneration,
+    "mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM,
+    "olmoe": OlmoeForCausalLM,
 }
-ARCHITECTURES = tuple(_CLASSES)
+#: Mixture-of-experts families (transformers 5's fused experts); `ARCHITECTURES` are the dense ones.
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHITECTURES = tuple(name for name in _CLASSES if name not in MOE_ARCHITECTURES)
 #: Class-name prefix of each family, for `make_task_model`.
 _PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "gpt2": "GPT2", "roberta": "Roberta", "t5": "T5", "bert": "Bert",
-             "deberta-v2": "DebertaV2", "mamba": "Mamba"}
+             "deberta-v2": "DebertaV2", "mamba": "Mamba", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe",
+             "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
 
 #: `LoraFAConfig` fields each architecture needs beyond the defaults (RoBERTa trains its head in full).
 CONFIG_KWARGS = {"roberta": {"modules_to_save": ["classifier"]}}

@@ -64,22 +64,22 @@ def _measure_with_released_collectives(model: torch.nn.Module, *args) -> int:
     return measure_peak_bytes(*args)
 
 
-def run(name: str, out: str, compile: bool) -> None:
+def run(name: str, out: str, compile: bool, model_name: str = "llama") -> None:
     """`name`: "full" (FSDP2), "none" (DDP), "full_budget" (FSDP2 under a budget that makes the
     planner recompute layers: checkpointing nested in the FSDP units) or "none_lorafaopt" (DDP,
-    `create_lorafa_optimizer` instead of AdamW)."""
+    `create_lorafa_optimizer` instead of AdamW); `model_name`: the zoo's architecture."""
     rank, world = dist.get_rank(), dist.get_world_size()
     sharding = name.split("_")[0]
-    batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
+    batch = make_batch(model_name, GLOBAL_BATCH, SEQ, seed=3)
     rows = GLOBAL_BATCH // world
     local = {k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}
     config = lorafa_fx.LoraFAConfig(r=R)
     budget = None
     if name == "full_budget":
-        unplanned = lorafa_fx.transform(make_model("llama"), example_inputs=local, config=config,
+        unplanned = lorafa_fx.transform(make_model(model_name), example_inputs=local, config=config,
                                         plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
         budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
-    gm = lorafa_fx.transform(make_model("llama"), budget, example_inputs=local, config=config,
+    gm = lorafa_fx.transform(make_model(model_name), budget, example_inputs=local, config=config,
                              plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
     randomize_lora_B(gm)
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
@@ -132,11 +132,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget", "none_lorafaopt"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--model", default="llama")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         for name in args.runs:
-            run(name, args.out, args.compile)
+            run(name, args.out, args.compile, args.model)
     finally:
         dist.destroy_process_group()

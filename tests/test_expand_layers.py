@@ -13,7 +13,16 @@ import dataclasses
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig
+from transformers import (
+    BloomConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OPTConfig,
+    Qwen3MoeConfig,
+)
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.api import model_from_config, token_batch
@@ -58,6 +67,11 @@ _FAMILIES = {
     "bloom": lambda: BloomConfig(hidden_size=64, n_layer=LAYERS, n_head=4, vocab_size=96),
     "opt": lambda: OPTConfig(hidden_size=64, ffn_dim=112, num_hidden_layers=LAYERS, num_attention_heads=4,
                              vocab_size=96, word_embed_proj_dim=64),
+    # Mixture of experts: the experts' adapters (PEFT's nested paths) and grouped matmuls are copied too.
+    "mixtral": lambda: MixtralConfig(**_llama().to_dict() | {"sliding_window": None, "intermediate_size": 48,
+                                                             "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**_llama().to_dict() | {"moe_intermediate_size": 48, "num_experts": 4,
+                                                                "num_experts_per_tok": 2, "head_dim": 16}),
 }
 
 

@@ -2,6 +2,10 @@
 
     matmul (linear, mm, addmm)   2·m·n·k
     attention (SDPA)             4·b·h·s_q·s_k·d   (QK^T and PV)
+    experts (expert_linear)      2·S·in·out (+ 2·S·r·out with an adapter's xa), S = tokens x top_k:
+                                 each routed row through one expert, the experts no token chose
+                                 cost nothing (transformers' MoE is dropless: no capacity, no
+                                 padding); expert_xa 2·S·in·r
     any other op                 one per output element
 
 The planner prices recomputation with it (a recomputed block costs its forward again) and
@@ -19,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.attention import SDPAttention
+from ..ops.experts import expert_linear, expert_xa
 
 aten = torch.ops.aten
 
@@ -62,11 +67,18 @@ def _symbolic_flops(node: fx.Node):
     out = node.meta.get("val")
     if node.op not in ("call_function", "call_module") or not isinstance(out, torch.Tensor):
         return 0
-    if node.target in _MATMULS:
+    if node.target in _MATMULS or node.target in (expert_linear, expert_xa):
         x = node.args[1] if node.target == aten.addmm.default else node.args[0]
-        inner = x.meta["val"].shape[-1] if isinstance(x, fx.Node) and "val" in x.meta else 1
-        return 2 * out.numel() * int(inner)
+        flops = 2 * out.numel() * _inner(x)
+        if node.target is expert_linear and len(node.args) > 3:  # + xa B_e^T
+            flops += 2 * out.numel() * _inner(node.args[3])
+        return flops
     if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), SDPAttention):
         q, k = (a.meta["val"] for a in node.args[:2])
         return 4 * q.numel() * int(k.shape[-2])
     return out.numel()
+
+
+def _inner(x: object) -> int:
+    """The contraction size of a matmul whose left operand is `x`."""
+    return int(x.meta["val"].shape[-1]) if isinstance(x, fx.Node) and "val" in x.meta else 1

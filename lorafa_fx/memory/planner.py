@@ -94,7 +94,7 @@ def lever_ladder(
     ``chunked_cross_entropy=None`` leaves it to the planner (and `chunk_applies`: the model ends
     in a loss the chunked form computes). `trains_modules`: modules_to_save train beside the
     adapters, so dropping every adapter (``min_r=0``) still leaves something to train."""
-    adjustable = [a.r for a in adapters if not rank_is_fixed(config, a.path)]
+    adjustable = [a.r for a in adapters if not rank_is_fixed(config, a.key)]
     keeps_some = len(adjustable) < len(adapters) or trains_modules
     # Dropping every adapter would leave nothing to train: then the floor is rank 1.
     min_r = 1 if config.min_r == 0 and not keeps_some else config.min_r

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
-from ..graph import block_ranges, block_structure, pass_result
+from ..graph import block_ranges, block_structure, is_size, pass_result
 
 
 class ExpandLayers(PassBase):
@@ -69,7 +69,9 @@ def _append_copy(gm: fx.GraphModule, stack: str, blocks: list[list[fx.Node]], in
     prev, last = blocks[-2], blocks[-1]
     source, path = f"{stack}.{len(blocks) - 1}", f"{stack}.{index}"
     gm.add_submodule(path, _fresh_copy(gm.get_submodule(source)))
-    inside, position = set(last), {n: i for i, n in enumerate(prev)}
+    # Sizes (`is_size`) are the same in every block: the copy reads those the last block reads.
+    last_body = [n for n in last if not is_size(n)]
+    inside, position = set(last), {n: i for i, n in enumerate(n for n in prev if not is_size(n))}
     readers = {n: [u for u in n.users if u not in inside] for n in last}
     env: dict[fx.Node, fx.Node] = {}
     params: dict[str, fx.Node] = {}
@@ -78,7 +80,7 @@ def _append_copy(gm: fx.GraphModule, stack: str, blocks: list[list[fx.Node]], in
         if a in env:
             return env[a]
         if a in position:  # the predecessor's output: the last block's, for the copy
-            return last[position[a]]
+            return last_body[position[a]]
         if a.op == "get_attr" and _under(a.target, source):
             if a.target not in params:  # next to the read it copies, outside the block as that one is
                 with graph.inserting_after(a):

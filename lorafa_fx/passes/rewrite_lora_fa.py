@@ -22,10 +22,16 @@ Because ``A`` does not require grad, autograd needs only ``xa = scaling * x A^T`
 ``x``) to compute ``grad_B = grad_y^T xa``; `annotate_saved_tensors` pins that choice for
 `torch.compile`'s partitioner.
 
+An adapted parameter (`targets`' ``target_parameters``) run by a linear op (an MoE router's
+``weight``) is rewritten the same way. An experts' 3-D parameter, run by the grouped matmul
+``expert_linear(x, w, offs)`` (`lean_experts`), becomes ``expert_linear(x, w, offs, xa, lora_B)``
+with ``xa = expert_xa(x, offs, lora_A, scaling)``: the same branch per expert (`ops/experts.py`),
+``lora_A``/``lora_B`` of shapes ``(E·r, in)``/``(out, E·r)`` (PEFT's ``ParamWrapper``).
+
 Writes ``meta.ADAPTER`` (the adapter's path) and ``meta.ROLE`` on every node it creates,
 ROLE one of ``"lora_A"``, ``"lora_B"``, ``"dropout"``, ``"down"`` (``x A^T``, absent when
 ``scaling == 1``), ``"xa"`` (``scaling * x A^T``, the tensor backward keeps), ``"xab"``
-(``xa B^T``), ``"out"`` (the base output plus ``xab``); new nodes inherit
+(``xa B^T``), ``"out"`` (the base output plus ``xab``, or an experts' adapted matmul); new nodes inherit
 ``nn_module_stack``/``stack_trace`` and get ``meta["val"]``. Reads ``node.meta["val"]``.
 """
 
@@ -42,9 +48,11 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import meta
 from ..config import LoraFAConfig
-from ..graph import get_attr, new_node, pass_result, set_fake_val
+from ..graph import get_attr, new_node, pass_result, replace_node, set_fake_val
 from ..ops.bnb import QUANTIZED_LINEAR_OPS
+from ..ops.experts import expert_linear, expert_xa
 from ..targets import Adapter
+from .lean_experts import expert_operands, expert_weight
 
 aten = torch.ops.aten
 
@@ -53,19 +61,23 @@ aten = torch.ops.aten
 LINEAR_OPS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2), **QUANTIZED_LINEAR_OPS}
 
 
-def linear_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Linear op nodes by the module path of their weight (one module may be called twice)."""
+def weight_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """The op nodes that multiply by each weight, by the weight's name (one module may be
+    called twice): linear ops (`LINEAR_OPS`) by their ``{path}.weight``, experts' grouped
+    matmuls (`lean_experts.expert_weight`) by their 3-D parameter."""
     found: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in LINEAR_OPS:
             weight = node.args[LINEAR_OPS[node.target][1]]
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
-                found.setdefault(weight.target.removesuffix(".weight"), []).append(node)
+                found.setdefault(weight.target, []).append(node)
+        elif (name := expert_weight(node)) is not None:
+            found.setdefault(name, []).append(node)
     return found
 
 
 class RewriteLoraFA(PassBase):
-    """Adds the LoRA-FA branch to the linears of `adapters` (each must be in `linear_nodes`)."""
+    """Adds the LoRA-FA branch to the weights of `adapters` (each must be in `weight_nodes`)."""
 
     def __init__(self, adapters: Sequence[Adapter], config: LoraFAConfig) -> None:
         super().__init__()
@@ -74,12 +86,16 @@ class RewriteLoraFA(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         generator = torch.Generator().manual_seed(self.config.seed)
-        linears = linear_nodes(gm)
-        for path, adapter in self.adapters.items():
-            weight = gm.get_parameter(f"{path}.weight")
-            _add_adapter_params(gm, adapter, weight, _compute_dtype(weight, linears[path][0]), self.config, generator)
-            for node in linears[path]:
-                self._rewrite(gm, node, adapter)
+        nodes = weight_nodes(gm)
+        for adapter in self.adapters.values():
+            weight = gm.get_parameter(adapter.weight)
+            users = nodes[adapter.weight]
+            _add_adapter_params(gm, adapter, weight, _compute_dtype(weight, users[0]), self.config, generator)
+            for node in users:
+                if expert_weight(node) is None:
+                    self._rewrite(gm, node, adapter)
+                else:
+                    _rewrite_experts(gm, node, adapter)
         return pass_result(gm, bool(self.adapters))
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> None:
@@ -111,6 +127,22 @@ class RewriteLoraFA(PassBase):
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 
+def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, adapter: Adapter) -> None:
+    """The experts' matmul ``expert_linear(x, w, offs)`` with its adapter: ``xa = expert_xa(x, offs,
+    lora_A, scaling)``, ``expert_linear(x, w, offs, xa, lora_B)``."""
+    graph, path = gm.graph, adapter.path
+    x, w, offs = expert_operands(node)
+    with graph.inserting_before(node):
+        lora_A = get_attr(gm, node, f"{path}.lora_A.weight")
+        lora_B = get_attr(gm, node, f"{path}.lora_B.weight")
+        xa = new_node(graph, node, "call_function", expert_xa, (x, offs, lora_A, adapter.scaling))
+    set_fake_val(xa, lambda x, offs, lora_A, scaling: x.new_empty((x.shape[0], adapter.r), dtype=lora_A.dtype), gm)
+    out = replace_node(node, "call_function", expert_linear, (x, w, offs, xa, lora_B))
+    for n, role in ((lora_A, "lora_A"), (lora_B, "lora_B"), (xa, "xa"), (out, "out")):
+        meta.annotate(n, adapter=path, role=role)
+    graph.erase_node(node)
+
+
 # The branch's values are shaped like its input: made directly, since running linear on
 # symbolic fake tensors (its decomposition, guard by guard) is ten times slower and adapting
 # is done once per rank the planner tries.
@@ -134,8 +166,8 @@ def _add_adapter_params(
     gm: fx.GraphModule, adapter: Adapter, weight: torch.Tensor, dtype: torch.dtype, config: LoraFAConfig,
     generator: torch.Generator,
 ) -> None:
-    lora_A = nn.Linear(adapter.in_features, adapter.r, bias=False, device="meta", dtype=dtype)
-    lora_B = nn.Linear(adapter.r, adapter.out_features, bias=False, device="meta", dtype=dtype)
+    lora_A = nn.Linear(adapter.in_features, adapter.folded_r, bias=False, device="meta", dtype=dtype)
+    lora_B = nn.Linear(adapter.folded_r, adapter.out_features, bias=False, device="meta", dtype=dtype)
     if is_fake(weight):
         # A model built under FakeTensorMode (planning a 70B model from its config): the
         # adapters stay fake too, so planning allocates no parameter memory.
