@@ -133,6 +133,7 @@ class EagerModel:
             # By name first: a modules_to_save copy has its module's name in gm, not the original's identity.
             in_gm = name if isinstance(_attribute(gm, name), torch.Tensor) else gm_names.get(id(t))
             self.slots.append((self.model.get_submodule(owner), leaf, in_gm))
+        self.model.train(gm.training)
         self.synced(gm)
 
     def synced(self, gm: fx.GraphModule) -> nn.Module:
@@ -150,7 +151,8 @@ class EagerModel:
             for table, leaf in own:
                 if table[leaf].device != device:
                     table[leaf] = _moved(table[leaf], device)
-        self.model.train(gm.training)
+        if self.model.training != gm.training:  # only this class sets the copy's modes
+            self.model.train(gm.training)
         for dropout, name in self.dropouts:
             followed = _attribute(gm, name)
             dropout.p, dropout.training = followed.p, followed.training

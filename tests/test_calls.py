@@ -198,9 +198,10 @@ def test_deepcopy_runs_its_own_tensors(llama):
         torch.testing.assert_close(gm(**inputs).logits, ref(**inputs).logits, atol=2e-5, rtol=0)
 
 
-def test_other_calls_follow_gm_to_dtype(llama):
+def test_other_calls_follow_gm_to(llama):
     """``gm.double()`` replaces gm's buffers (the rotary frequencies): the eager model runs gm's. Reference:
-    PEFT made double the same way."""
+    PEFT made double the same way. ``gm.to("meta")`` replaces every tensor: the eager model's are all on meta,
+    the model's own (a buffer the captured call does not read, Llama's original_inv_freq) moved with them."""
     _, gm, ref = llama
     gm, ref = copy.deepcopy(gm).double().eval(), copy.deepcopy(ref).double().eval()
     inputs = {"input_ids": make_batch("llama", 2, 8, seed=8)["input_ids"]}
@@ -208,6 +209,10 @@ def test_other_calls_follow_gm_to_dtype(llama):
         out = gm(**inputs).logits
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref(**inputs).logits, atol=1e-10, rtol=0)
+    assert "model.rotary_emb.original_inv_freq" not in dict(gm.named_buffers())
+    eager = eager_model(gm.to("meta"))
+    assert "model.rotary_emb.original_inv_freq" in dict(eager.named_buffers())
+    assert {t.device.type for t in [*eager.parameters(), *eager.buffers()]} == {"meta"}
 
 
 @pytest.mark.slow
