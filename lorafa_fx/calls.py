@@ -180,8 +180,8 @@ class _Forward:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm, self.names = gm, _captured_names(gm)
         # Inputs captured as constants (use_cache=False): the graph holds for that value only.
-        self.constants = {n.target: v for n in gm.graph.find_nodes(op="placeholder")
-                          if not isinstance(v := n.meta.get("val"), torch.Tensor) and "val" in n.meta}
+        self.constants = {n.target: n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")
+                          if "val" in n.meta and not isinstance(n.meta["val"], torch.Tensor)}
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -203,7 +203,7 @@ class _Forward:
                 raise TypeError(f"forward() takes the keywords {', '.join(names)} (positional in that order); "
                                 f"got {len(args)} positional arguments and {', '.join(kwargs) or 'no keywords'}")
             kwargs = dict(zip(names, args)) | kwargs
-        if kwargs.keys() == set(names) and all(self._captured(k, v) for k, v in kwargs.items()):
+        if kwargs.keys() == set(names) and all(self._as_captured(k, v) for k, v in kwargs.items()):
             return type(gm).forward(gm, **kwargs)
         if gm.training and torch.is_grad_enabled():
             warnings.warn(
@@ -216,7 +216,7 @@ class _Forward:
         return eager_model(gm)(**kwargs)
 
 
-    def _captured(self, name: str, value: object) -> bool:
+    def _as_captured(self, name: str, value: object) -> bool:
         if name in self.constants:
             constant = self.constants[name]
             return type(value) is type(constant) and value == constant
