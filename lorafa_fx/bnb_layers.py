@@ -73,7 +73,7 @@ def traceable(model: nn.Module) -> Iterator[None]:
                 patched.append((module, module.__dict__.get("forward", _NONE), list(buffers)))
                 for name, t in buffers.items():
                     module.register_buffer(name, t, persistent=False)
-                forward.lorafa_traceable = True
+                forward.lorafa_traceable, forward.lorafa_buffers = True, tuple(buffers)
                 module.forward = forward
         yield
     finally:
@@ -84,6 +84,25 @@ def traceable(model: nn.Module) -> Iterator[None]:
                 del module.forward
             else:
                 module.forward = forward
+
+
+def runs_shared_weights(model: nn.Module) -> None:
+    """Let `model`, a copy of a transformed model's module objects sharing its tensors (`calls.py`),
+    run bnb's own forwards without changing them: its bnb layers get their own forward back where
+    the copy was made while `traceable` was open (that forward calls the original layer), and a
+    ``Linear4bit`` never repacks its weight for CPU inference (bnb does it in place on an eval-mode
+    no-grad call on a CPU with AVX512-BF16; the captured graph's matmul reads the trainable layout)."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if getattr(forward, "lorafa_traceable", False):
+            del module.forward
+            for name in forward.lorafa_buffers:
+                delattr(module, name)
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _forward_4bit(path: str, module: nn.Module):

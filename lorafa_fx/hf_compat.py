@@ -27,8 +27,9 @@
 - ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``: raise
   `LoraFAError` (the captured graph decides what is saved for backward);
   ``is_activation_checkpointing = False``, ``supports_gradient_checkpointing = False``.
-- ``can_generate()`` is ``False`` (the graph has no KV cache; ``merge`` gives a model that
-  generates); ``_keys_to_ignore_on_save = None`` (``Trainer`` reads it after loading).
+- ``forward`` for every call, ``generate`` and ``can_generate()`` (the model's): `calls.py`
+  (the captured call runs the graph, any other the model on ``gm``'s tensors and adapters);
+  ``_keys_to_ignore_on_save = None`` (``Trainer`` reads it after loading).
 - ``save_pretrained(dir)``: `save_adapter`, PEFT's format.
 - ``state_dict()`` holds what training changes — every ``lora_A``, ``lora_B`` and
   ``modules_to_save`` parameter — not the frozen base weights, which stay the model's (as in
@@ -47,8 +48,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .backbone import causal_lm_backbone
+from .calls import attach_calls
 from .errors import LoraFAError
-from .graph import generate_code, set_attributes
+from .graph import set_attributes
 from .peft_files import adapter_tensors, save_adapter
 
 #: Attributes copied from the model when it has them.
@@ -70,7 +72,6 @@ def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
         supports_gradient_checkpointing=False,
         activation_checkpointing_enable=_no_activation_checkpointing,
         gradient_checkpointing_enable=_no_activation_checkpointing,
-        can_generate=_cannot_generate,
         _keys_to_ignore_on_save=None,
         save_pretrained=types.MethodType(_save_pretrained, gm),
         model_tags=list(getattr(model, "model_tags", None) or []),
@@ -83,7 +84,7 @@ def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
         # GraphModule's deepcopy copies meta (the backbone, re-rooted at the copy) but rebuilds the module.
         gm._register_deepcopy_hook(_attach_backbone)
 
-    gm._register_deepcopy_hook(generate_code)
+    attach_calls(gm, model)  # its deepcopy hook generates a copy's code at once (see the module docstring)
     trained = frozenset(adapter_tensors(gm))
     gm.register_state_dict_post_hook(_TrainedOnly(trained))
     gm.register_load_state_dict_post_hook(_ForgiveFrozen(trained))
@@ -107,10 +108,6 @@ def _no_activation_checkpointing(*args, **kwargs) -> None:
         "TrainingArguments(activation_checkpointing=False) and pass a memory budget instead: "
         "lorafa_fx.transform(model, budget='40GB', ...) recomputes the fewest blocks that fit it."
     )
-
-
-def _cannot_generate() -> bool:
-    return False
 
 
 def _save_pretrained(gm: fx.GraphModule, save_directory: str | os.PathLike, *, is_main_process: bool = True,

@@ -166,13 +166,14 @@ def compiled_step(gm: torch.fx.GraphModule, batch: dict, measure_saved) -> tuple
     return saved, out["loss"]
 
 
-def randomize_lora_B(gm: torch.fx.GraphModule, seed: int = 2) -> None:
-    """B starts at zero; a random B makes the adapter's contribution visible in the outputs."""
+def randomize_lora_B(gm: torch.fx.GraphModule, seed: int = 2, scale: float = 0.1) -> None:
+    """B starts at zero; a random B makes the adapter's contribution visible in the outputs (a `scale`
+    of 1 changes a tiny model's greedy tokens)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for a in gm.lorafa_adapters:
             b = gm.get_parameter(f"{a.path}.lora_B.weight")
-            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            b.copy_(torch.randn(b.shape, generator=g) * scale)
 
 
 @pytest.fixture(autouse=True)

@@ -136,3 +136,23 @@ def test_bf16_compute_matches_peft_to_bf16_precision(llama_dir):
         grad, ref_grad = gm.get_parameter(f"{a.path}.lora_B.weight").grad, peft_lora_B(ref, a.path).grad
         assert grad.dtype == torch.bfloat16
         torch.testing.assert_close(grad.float(), ref_grad, atol=2e-2 * ref_grad.abs().max().item(), rtol=0)
+
+
+def test_other_calls_and_generate_leave_the_4bit_weights_as_the_graph_reads_them(llama_dir):
+    """An eval-mode call without labels and gm.generate run bnb's own Linear4bit on gm's shared weights.
+    Reference: PEFT QLoRA with the same A (frozen) and B, in train mode (bnb cannot repack layers this small for
+    CPU inference; Llama has no dropout): the same logits and greedy tokens. The training call's loss is the same
+    before and after them: bnb's in-place repacking for CPU inference would change the layout the graph reads."""
+    model = _quantised(llama_dir, 4)
+    gm = _transform(model)
+    ref = peft_reference(model, gm)
+    batch = make_batch("llama", *OTHER_SHAPE, seed=7)
+    before = gm(**batch).loss
+    gm.eval()
+    prompt = {"input_ids": batch["input_ids"][:, :5], "attention_mask": batch["attention_mask"][:, :5]}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**prompt).logits, ref(**prompt).logits, atol=2e-5, rtol=0)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(gm.generate(**prompt, **greedy), ref.generate(**prompt, **greedy))
+    gm.train()
+    torch.testing.assert_close(gm(**batch).loss, before, atol=0, rtol=0)

@@ -4,7 +4,7 @@ Layers, bottom to top (a module may import its own layer and the ones below): le
 choices, meta, errors, config, plan_config, atomic_dir, devices, checks, json_fields) -> graph editing (graph) and what the graph
 runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets, shallow) -> passes/ ->
 memory/ -> stages (the pass lists) -> the training-side modules (optim, peft_files, merge,
-hf_compat, backbone, distributed, measure) -> captured_model -> pipeline -> api. memory/ never
+hf_compat, backbone, calls, distributed, measure) -> captured_model -> pipeline -> api. memory/ never
 imports passes/: it receives the rewrites it needs as an object. The package root, the CLI, the
 demo and the zoo may import anything.
 """
@@ -26,7 +26,7 @@ LAYERS = [
     {"passes"},
     {"memory"},
     {"stages"},
-    {"optim", "peft_files", "merge", "hf_compat", "backbone", "distributed", "measure"},
+    {"optim", "peft_files", "merge", "hf_compat", "backbone", "calls", "distributed", "measure"},
     {"captured_model"},
     {"pipeline"},
     {"api"},

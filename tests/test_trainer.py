@@ -146,7 +146,7 @@ def test_model_attributes_trainer_reads():
     model, gm = _transform()
     assert gm.config is model.config and gm.main_input_name == "input_ids"
     assert list(inspect.signature(gm.forward).parameters) == ["input_ids", "attention_mask", "labels"]
-    assert gm.accepts_loss_kwargs is False and gm.can_generate() is False
+    assert gm.accepts_loss_kwargs is False and gm.can_generate() is model.can_generate() is True
     with pytest.raises(LoraFAError, match="activation_checkpointing=False"):
         gm.activation_checkpointing_enable()
 
