@@ -78,7 +78,7 @@ def plan(config, batch: int, seq: int, rank: int, dtype: torch.dtype, train_lora
                                   modules_to_save=["classifier"] if isinstance(config, RobertaConfig) else None)
     gm = CapturedModel(model, inputs, lora).build()
     if train_lora_A:  # LoRA: same graph, A trained too, so backward keeps every adapter's input x
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad_(True)
     # The plan of the graph as it is: no budget, nothing recomputed.
     return MemoryPlan.from_estimate(gm, CostModel(inputs)(gm), inputs)

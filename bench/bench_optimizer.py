@@ -55,7 +55,7 @@ def _peft_model(model: torch.nn.Module, gm: torch.fx.GraphModule, r: int, alpha:
         warnings.simplefilter("ignore")
         ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             layer = ref.base_model.model.get_submodule(a.path)
             layer.lora_A["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_A.weight"))
             layer.lora_B["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_B.weight"))
@@ -89,7 +89,7 @@ def main() -> None:
         r=args.r, lora_alpha=alpha, target_modules="all-linear"))
     transform_s = time.perf_counter() - t0
     ref = _peft_model(model, gm, args.r, alpha)
-    n_adapters = len(gm.lorafa_adapters)
+    n_adapters = len(gm.lorafa.adapters)
 
     ours = create_lorafa_optimizer(gm, lr=1e-4, weight_decay=0.01)
     peft_bf16 = peft_lorafa.create_lorafa_optimizer(ref, r=args.r, lora_alpha=alpha, lr=1e-4, weight_decay=0.01)

@@ -35,6 +35,7 @@ from .pipeline import emit, plan_and_emit
 from .plan_config import PlanConfig, PlanSettings, resolve, with_budget
 from .presets import PRESETS, load_config
 from .shallow import shallow_config
+from .state import state_of
 
 #: Makes the batch of a shape, ``(batch_size, seq_len)``, in the captured model's mode.
 BatchMaker = Callable[[int, int], dict[str, torch.Tensor]]
@@ -68,11 +69,11 @@ def transform(
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
         output type). Trainable parameters: every ``lora_B`` and the ``modules_to_save``.
-        ``gm.lorafa_adapters`` lists the adapters (module path, rank, scaling);
+        ``gm.lorafa.adapters`` lists the adapters (module path, rank, scaling);
         ``gm.lorafa_plan`` is the `MemoryPlan` of a training step at the example batch's shape
         (AdamW; print it).
     """
-    if hasattr(model, "lorafa_adapters"):
+    if state_of(model) is not None:
         raise AlreadyTransformedError(
             "This module was already transformed by lorafa_fx.transform; transform the original "
             "model instead (its weights are shared with the result)."

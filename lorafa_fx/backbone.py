@@ -114,7 +114,7 @@ def causal_lm_backbone(gm: fx.GraphModule, model: nn.Module) -> Backbone | None:
     if graph is None:
         return None
     inputs = [n.target for n in graph.find_nodes(op="placeholder")]
-    head_adapted = any(a.path == head_path for a in gm.lorafa_adapters)
+    head_adapted = any(a.path == head_path for a in gm.lorafa.adapters)
     # Only the generated function is kept, called with gm as `self`: a GraphModule of its own would hold its own
     # containers of gm's tensors, and gm.to(...) replaces buffers in gm's containers only.
     return Backbone(gm, type(fx.GraphModule(gm, graph)).forward, inputs, projections[0].args[1].target,

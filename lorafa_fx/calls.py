@@ -23,7 +23,9 @@ while generating), so `attach_calls` gives ``gm`` two ways to run:
   TRL's ``disable_dropout``, reach it), and with each adapter a
   forward hook adding ``(scaling * dropout(x) A^T) B^T`` to its linear's output: the ops of
   `passes.rewrite_lora_fa` (PEFT's, ``scaling`` applied to ``x A^T``) on ``gm``'s own
-  ``lora_A``/``lora_B``; ``modules_to_save`` run ``gm``'s trained copies. Outputs are the
+  ``lora_A``/``lora_B``; an MoE's expert and router adapters (not a linear module's) instead make
+  their weight ``W + scaling * B A`` for the call, as PEFT's ``ParamWrapper`` does (one copy of
+  those weights while the call runs); ``modules_to_save`` run ``gm``'s trained copies. Outputs are the
   model's (logits without labels, ``past_key_values`` in eval mode, T5 asking for
   ``decoder_input_ids``); gradients reach ``gm``'s ``lora_B``. ``gm.generate`` runs in ``gm``'s
   mode, as ``model.generate`` does (``gm.eval()`` first for no dropout), and changes no state of
@@ -54,10 +56,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .bnb_layers import runs_shared_weights
 from .errors import LoraFAError
 from .graph import generate_code, set_attributes
+from .merge import adapter_delta
+from .targets import Adapter
 
 _EAGER = "lorafa_eager_model"
 #: nn.Module's own containers (parameters, buffers, submodules, hooks): each module's copy gets its own.
@@ -65,7 +70,7 @@ _CONTAINERS = tuple(name for name, value in vars(nn.Module()).items() if isinsta
 
 
 def attach_calls(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Give `gm` (from `transform`, adapters and ``lorafa_config`` set) ``forward`` for every call,
+    """Give `gm` (from `transform`, with its `state.LoraFAState` set) ``forward`` for every call,
     ``generate`` and ``can_generate`` of `model`. All survive ``copy.deepcopy(gm)``."""
     gm.meta[_EAGER] = EagerModel(gm, module_tree(model))
     can_generate = getattr(model, "can_generate", None)
@@ -113,14 +118,25 @@ class EagerModel:
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module) -> None:
         self.model = model
-        for a in gm.lorafa_adapters:
-            linear = self.model.get_submodule(a.path)
+        for a in gm.lorafa.adapters:
+            module = self.model.get_submodule(a.module)
+            if a.parameter is not None or not isinstance(module, (nn.Linear, Conv1D)):
+                leaf = a.weight.rpartition(".")[2]
+                for role in ("lora_A", "lora_B"):
+                    holder = nn.Module()
+                    holder.weight = gm.get_parameter(f"{a.path}.{role}.weight")
+                    module.add_module(f"{leaf}_{role}", holder)
+                merged = MergedWeight(leaf, a)
+                module.register_forward_pre_hook(merged.before)
+                module.register_forward_hook(merged.after)
+                continue
+            linear = module
             for role in ("lora_A", "lora_B"):
                 holder = nn.Module()
                 holder.weight = gm.get_parameter(f"{a.path}.{role}.weight")
                 linear.add_module(role, holder)
-            if gm.lorafa_config.lora_dropout:
-                linear.add_module("lora_dropout", nn.Dropout(gm.lorafa_config.lora_dropout))
+            if gm.lorafa.config.lora_dropout:
+                linear.add_module("lora_dropout", nn.Dropout(gm.lorafa.config.lora_dropout))
             linear.register_forward_hook(LoraFABranch(a.scaling))
         #: (a dropout of the copy, the name of gm's): gm's p and mode are the copy's at each call (TRL zeroes p)
         self.dropouts = [(twin, name) for name, module in gm.named_modules()
@@ -172,6 +188,22 @@ class LoraFABranch:
         if self.scaling != 1:
             xa = xa * self.scaling
         return output + F.linear(xa, linear.lora_B.weight)
+
+
+class MergedWeight:
+    """The forward pre-hook and hook of a module whose adapted weight is not a linear module's (an
+    MoE's experts, a router): while it runs, its weight is ``W + scaling * B A``."""
+
+    def __init__(self, leaf: str, adapter: Adapter) -> None:
+        self.leaf, self.adapter, self.base = leaf, adapter, None
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        self.base = module._parameters[self.leaf]
+        lora_A, lora_B = (getattr(module, f"{self.leaf}_{role}").weight for role in ("lora_A", "lora_B"))
+        module._parameters[self.leaf] = self.base + adapter_delta(self.adapter, module, lora_A, lora_B).to(self.base.dtype)
+
+    def after(self, module: nn.Module, args: tuple, output: object) -> None:
+        module._parameters[self.leaf], self.base = self.base, None
 
 
 class _Forward:

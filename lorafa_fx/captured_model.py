@@ -26,12 +26,13 @@ from .bnb_layers import traceable
 from .capture import capture
 from .config import LoraFAConfig
 from .errors import TargetNotFoundError
-from .graph import graph_copy, set_attributes
+from .graph import graph_copy
 from .memory.planner import Levers, lever_ladder
 from .passes.chunk_cross_entropy import ChunkCrossEntropy
 from .passes.expand_layers import ExpandLayers, repeats_cleanly
 from .passes.rewrite_lora_fa import weight_nodes
 from .shallow import depth_note, repeated_stacks, shallow_path
+from .state import LoraFAState, attach
 from .targets import Adapter, cap_ranks, planned_config, resolve_task, select_adapters, select_modules_to_save
 
 #: Receives a short line per stage ("capturing the model", ...); the CLI shows it.
@@ -97,10 +98,7 @@ class CapturedModel:
             result = ChunkCrossEntropy()(gm)
             gm, chunked = result.graph_module, result.modified
         _set_trainable(gm, adapters, self.saved_modules)
-        set_attributes(
-            gm, lorafa_chunked_cross_entropy=chunked, lorafa_config=planned_config(self.config, self.adapters, adapters),
-            lorafa_adapters=tuple(adapters),
-        )
+        attach(gm, LoraFAState(planned_config(self.config, self.adapters, adapters), tuple(adapters), chunked))
         return gm
 
     def _adapted(self, rank_cap: int | None) -> fx.GraphModule:

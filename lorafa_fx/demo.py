@@ -107,7 +107,7 @@ def run(steps: int = 40, batch: int = 8, seq: int = 64, lr: float = 1e-2, consol
     n_train = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     console.print(
         f"[bold]lorafa_fx demo[/]: Llama {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{len(gm.lorafa_adapters)} LoRA-FA adapters (r={config.r}), {n_train / 1e3:.0f}k trainable"
+        f"{len(gm.lorafa.adapters)} LoRA-FA adapters (r={config.r}), {n_train / 1e3:.0f}k trainable"
     )
     losses = train(gm, lambda: synthetic_batch(batch, seq, generator), steps, lr, console, sample=rule_sample)
     console.print(memory_table(full_model, gm, example, f"Bytes saved for backward, one step (batch {batch}, seq {seq}, fp32)"))
@@ -188,7 +188,7 @@ def _peft_rows(model, gm, batch) -> list[tuple[str, int]]:
     for name, train_A in (("PEFT LoRA", True), ("PEFT LoRA, A frozen", False)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=gm.lorafa_config.r, target_modules="all-linear"))
+            ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=gm.lorafa.config.r, target_modules="all-linear"))
         for n, p in ref.named_parameters():
             if "lora_A" in n:
                 p.requires_grad_(train_A)
@@ -326,7 +326,7 @@ def run_smollm2(steps: int = SMOLLM2_STEPS, batch: int = SMOLLM2_BATCH, seq: int
     config = lorafa_fx.LoraFAConfig(r=r, lora_alpha=2 * r, target_modules="all-linear")
     gm = lorafa_fx.transform(model, example_inputs=example, config=config)
     n_train = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-    console.print(f"  {len(gm.lorafa_adapters)} LoRA-FA adapters (r={r}), {n_train / 1e6:.2f}M trainable; "
+    console.print(f"  {len(gm.lorafa.adapters)} LoRA-FA adapters (r={r}), {n_train / 1e6:.2f}M trainable; "
                   f"{steps} AdamW steps, batch {batch} x {seq} tokens, lr {lr:g}", soft_wrap=True)
     t1 = time.perf_counter()
     losses = train(gm, lambda: next(batches), steps, lr, console,

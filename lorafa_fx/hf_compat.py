@@ -61,7 +61,7 @@ _MIRRORED = (
 
 
 def attach_hf_attributes(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Give `gm` (from `transform`, with ``lorafa_adapters`` set) what ``Trainer`` needs of `model`.
+    """Give `gm` (from `transform`, with its `state.LoraFAState` set) what ``Trainer`` needs of `model`.
     Everything set here survives ``copy.deepcopy(gm)``."""
     set_attributes(
         gm,

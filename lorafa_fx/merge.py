@@ -40,7 +40,7 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     """
     check_transformed(gm)
     problems, shared = [], []
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         name = a.path if a.parameter is None else a.weight
         try:
             module = model.get_submodule(a.module)
@@ -58,25 +58,17 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
     if problems:
         raise LoraFAError("merge: cannot merge into this model:\n  " + "\n  ".join(problems))
 
-    untied = tied_weights(model, [a.module for a in gm.lorafa_adapters if a.parameter is None])
+    untied = tied_weights(model, [a.module for a in gm.lorafa.adapters if a.parameter is None])
     for path in untied:
         module = model.get_submodule(path)
         module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         model.config.tie_word_embeddings = False  # or from_pretrained would tie the saved model again
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         module, w = model.get_submodule(a.module), model.get_parameter(a.weight)
-        lora_A = gm.get_parameter(f"{a.path}.lora_A.weight")
-        lora_B = gm.get_parameter(f"{a.path}.lora_B.weight")
-        # Per expert e: B_e A_e with A_e = lora_A.view(E, r, in)[e], B_e = lora_B.view(out, r, E)[:, :, e]
-        # (PEFT's ParamWrapper layout); E = 1 for a linear.
-        experts = a.num_experts
-        lora_A = lora_A.float().view(experts, a.r, a.in_features)
-        lora_B = lora_B.float().view(a.out_features, a.r, experts).permute(2, 0, 1)
-        delta = (lora_B @ lora_A) * a.scaling
-        if _stored_in_out(a, module):
-            delta = delta.transpose(-2, -1)
-        w.add_(delta.reshape(w.shape).to(device=w.device, dtype=w.dtype))
+        lora_A = gm.get_parameter(f"{a.path}.lora_A.weight").float()
+        lora_B = gm.get_parameter(f"{a.path}.lora_B.weight").float()
+        w.add_(adapter_delta(a, module, lora_A, lora_B).to(device=w.device, dtype=w.dtype))
         if _shares(gm, a.weight, w):
             shared.append(gm.get_parameter(f"{a.path}.lora_B.weight"))
     for name, p in saved_module_params(gm).items():
@@ -94,6 +86,20 @@ def merge(gm: fx.GraphModule, model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def adapter_delta(a: Adapter, module: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """``scaling * B @ A`` in the layout of `module`'s adapted weight: per expert e
+    ``scaling * B_e @ A_e`` with ``A_e = lora_A.view(E, r, in)[e]`` and
+    ``B_e = lora_B.view(out, r, E)[:, :, e]`` (PEFT's ParamWrapper layout; E = 1 for a linear),
+    transposed where the weight is stored ``(in, out)``."""
+    experts = a.num_experts
+    lora_A = lora_A.view(experts, a.r, a.in_features)
+    lora_B = lora_B.view(a.out_features, a.r, experts).permute(2, 0, 1)
+    delta = (lora_B @ lora_A) * a.scaling
+    if _stored_in_out(a, module):
+        delta = delta.transpose(-2, -1)
+    return delta.reshape(_shape(a, module))
 
 
 def _stored_in_out(a: Adapter, module: nn.Module) -> bool:

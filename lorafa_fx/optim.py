@@ -35,7 +35,7 @@ What differs from PEFT is cost, not values:
 * The correction is one ``torch.bmm`` per group of adapters with the same ``(out, r)``, and
   the AdamW update is ``torch._foreach_*`` kernels over all parameters, where PEFT runs a
   Python loop of about 15 tensor ops per parameter.
-* ``A`` and ``B`` are paired through ``gm.lorafa_adapters``; PEFT pairs them by the order of
+* ``A`` and ``B`` are paired through ``gm.lorafa.adapters``; PEFT pairs them by the order of
   parameter names containing ``"lora"`` (L117-L129).
 * State is keyed by parameter, as in every torch optimizer: ``state_dict()`` /
   ``load_state_dict()`` (HF Trainer's ``optimizer.pt``) round-trip it, and a resumed run
@@ -61,6 +61,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .errors import ConfigError, DistributedPlanError
+from .state import state_of
 
 __all__ = ["LoraFAOptimizer", "create_lorafa_optimizer"]
 
@@ -217,7 +218,7 @@ def create_lorafa_optimizer(
     """The LoRA-FA optimizer for ``gm = lorafa_fx.transform(...)``.
 
     Args:
-        gm: the GraphModule returned by `lorafa_fx.transform`; its ``lorafa_adapters`` pair
+        gm: the GraphModule returned by `lorafa_fx.transform`; its adapters (``gm.lorafa.adapters``) pair
             each frozen ``lora_A`` with its ``lora_B``.
         lr: learning rate (PEFT's and the paper's LoRA-FA use AdamW's usual LoRA values).
         weight_decay: decoupled weight decay, applied after the Adam step as in PEFT.
@@ -280,16 +281,17 @@ def _scaled_inverse(lora_A: torch.Tensor, scaling: float, experts: int) -> torch
 
 
 def _adapter_pairs(gm: nn.Module) -> dict[torch.Tensor, _Pair]:
-    adapters = getattr(gm, "lorafa_adapters", None)
-    if adapters is None:
+    state = state_of(gm)
+    if state is None:
         raise ValueError(
             f"create_lorafa_optimizer needs the GraphModule returned by lorafa_fx.transform(model, "
-            f"example_inputs=..., config=...); this {type(gm).__name__} has no `lorafa_adapters`. "
+            f"example_inputs=..., config=...); this {type(gm).__name__} has no LoRA-FA adapters (gm.lorafa). "
             "Pass the transformed module, not the original model."
         )
+    adapters = state.adapters
     if not adapters:
         raise ValueError(
-            "The transformed module has no adapters (gm.lorafa_adapters is empty), so LoRA-FA has "
+            "The transformed module has no adapters (gm.lorafa.adapters is empty), so LoRA-FA has "
             "nothing to train; choose target_modules that the model's forward calls."
         )
     pairs: dict[torch.Tensor, _Pair] = {}

@@ -50,6 +50,7 @@ from .json_fields import (
     pattern_map,
     read_json_object,
 )
+from .state import state_of
 from .targets import _pattern_value, saved_module_names, select_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
@@ -118,8 +119,8 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
 
     problems = _mismatches(gm, saved, saved_config)
     task_type = saved_config.get("task_type")
-    if problems and task_type != gm.lorafa_config.task_type:
-        problems.append(f"task_type: saved {task_type!r}, here {gm.lorafa_config.task_type!r} (a task's head is "
+    if problems and task_type != gm.lorafa.config.task_type:
+        problems.append(f"task_type: saved {task_type!r}, here {gm.lorafa.config.task_type!r} (a task's head is "
                         "trained in full, not adapted: transform with LoraFAConfig(task_type=...) as saved)")
     if problems:
         raise AdapterMismatchError(
@@ -134,7 +135,7 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike) -> None:
 
 
 def check_transformed(gm: nn.Module) -> None:
-    if not hasattr(gm, "lorafa_adapters"):
+    if state_of(gm) is None:
         raise LoraFAError(
             f"{type(gm).__name__} is not a lorafa_fx module; pass the GraphModule lorafa_fx.transform returned."
         )
@@ -143,7 +144,7 @@ def check_transformed(gm: nn.Module) -> None:
 def saved_module_params(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
     # gm keeps the model's module paths, so PEFT's modules_to_save rules find the same modules.
     out = {}
-    for path in select_modules_to_save(gm, gm.lorafa_config):
+    for path in select_modules_to_save(gm, gm.lorafa.config):
         for name, p in gm.get_submodule(path).named_parameters():
             out[f"{path}.{name}"] = p
     return out
@@ -155,7 +156,7 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     out = {}
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         for suffix in _LORA_SUFFIXES:
             out[a.path + suffix] = gm.get_parameter(a.path + suffix)
     out.update(saved_module_params(gm))
@@ -163,10 +164,10 @@ def adapter_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 
 
 def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dict[str, Any]:
-    cfg = gm.lorafa_config
+    cfg = gm.lorafa.config
     # Adapted parameters (PEFT's target_parameters) are listed by name; those whose rank is not
     # the config's plain r (an experts' fused gate_up_proj under "all-linear") get an exact pattern.
-    parameters = [a for a in gm.lorafa_adapters if a.parameter is not None]
+    parameters = [a for a in gm.lorafa.adapters if a.parameter is not None]
     # The keys of PEFT's LoraConfig that define the adapter; PEFT fills the rest with defaults.
     return {
         "peft_type": "LORA",
@@ -175,7 +176,7 @@ def _peft_config(gm: fx.GraphModule, base_model_name_or_path: str | None) -> dic
         "inference_mode": True,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
-        "target_modules": [a.path for a in gm.lorafa_adapters if a.parameter is None],
+        "target_modules": [a.path for a in gm.lorafa.adapters if a.parameter is None],
         "target_parameters": [a.weight for a in parameters] or None,
         "exclude_modules": None,
         "rank_pattern": _exact_patterns(cfg.rank_pattern, cfg.r, {a.key: a.r for a in parameters}),
@@ -259,7 +260,7 @@ def _saved_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float, fl
 
 def _mismatches(gm: fx.GraphModule, saved: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> list[str]:
     ours = adapter_tensors(gm)
-    adapted = {a.path: a for a in gm.lorafa_adapters}
+    adapted = {a.path: a for a in gm.lorafa.adapters}
     saved_paths = {k.removesuffix(s) for k in saved for s in _LORA_SUFFIXES if k.endswith(s)}
     problems = []
 

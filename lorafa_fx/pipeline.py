@@ -23,7 +23,7 @@ from . import stages
 from .captured_model import CapturedModel, Progress, silent
 from .choices import Sharding
 from .devices import PROFILES
-from .graph import generate_code, set_attributes
+from .graph import generate_code
 from .hf_compat import attach_hf_attributes
 from .memory.compose import ComposedSimulator
 from .memory.cost_model import CostModel, annotate_saved_bytes
@@ -32,6 +32,7 @@ from .memory.report import MemoryPlan
 from .memory.sharded_cost_model import rank_cost_model
 from .memory.simulate import Simulator
 from .plan_config import PlanSettings
+from .state import attach
 from .units import format_bytes
 
 
@@ -53,7 +54,7 @@ def plan_and_emit(
         configured=captured.adapters, offload_seconds=planned.offload_seconds, task=captured.task,
         trained_modules=captured.saved_modules,
     )
-    set_attributes(gm, lorafa_plan=plan)
+    attach(gm, plan=plan)
     generate_code(gm)
     return gm
 
@@ -85,7 +86,7 @@ def _plan(captured: CapturedModel, settings: PlanSettings, simulate: Simulator) 
     planned = plan_memory(captured, settings.budget_bytes, simulate, profile, offload=settings.offload)
     plan = planned.recompute
     gm = stages.REALISE.regions(planned.gm, plan.decisions)
-    if gm.lorafa_chunked_cross_entropy and captured.config.chunked_cross_entropy is None:
+    if gm.lorafa.chunked_loss and captured.config.chunked_cross_entropy is None:
         warnings.warn(
             f"To meet budget={format_bytes(settings.budget_bytes)} the planner computes the loss in chunks: in "
             "train mode the model output's logits are None. Pass LoraFAConfig(chunked_cross_entropy=False) to "

@@ -118,7 +118,7 @@ def peft_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, lora_A_trai
     """
     from peft import LoraConfig, get_peft_model
 
-    cfg = gm.lorafa_config
+    cfg = gm.lorafa.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = get_peft_model(copy.deepcopy(model), LoraConfig(
@@ -127,7 +127,7 @@ def peft_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, lora_A_trai
             alpha_pattern=dict(cfg.alpha_pattern), use_rslora=cfg.use_rslora,
             lora_dropout=cfg.lora_dropout, modules_to_save=cfg.modules_to_save))
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             layer = ref.base_model.model.get_submodule(a.path)
             layer.lora_A["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_A.weight"))
             layer.lora_B["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_B.weight"))
@@ -171,7 +171,7 @@ def randomize_lora_B(gm: torch.fx.GraphModule, seed: int = 2, scale: float = 0.1
     of 1 changes a tiny model's greedy tokens)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             b = gm.get_parameter(f"{a.path}.lora_B.weight")
             b.copy_(torch.randn(b.shape, generator=g) * scale)
 

@@ -34,7 +34,7 @@ def _transform(name: str, model=None, **config):
 def _perturb_modules_to_save(module, prefix="", seed=3):
     # A trained head differs from the base model's; make the copy visibly different.
     g = torch.Generator().manual_seed(seed)
-    cfg = getattr(module, "lorafa_config", None)
+    cfg = module.lorafa.config if hasattr(module, "lorafa") else None
     for path in (cfg.modules_to_save or ()) if cfg else ():
         with torch.no_grad():
             for p in module.get_submodule(prefix + path).parameters():
@@ -63,7 +63,7 @@ def test_peft_from_pretrained_gives_same_logits(name, config, tmp_path):
     model, gm = _transform(name, **config)
     save_adapter(gm, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "LORA" and saved["target_modules"] == [a.path for a in gm.lorafa_adapters]
+    assert saved["peft_type"] == "LORA" and saved["target_modules"] == [a.path for a in gm.lorafa.adapters]
     with _quiet_peft():
         ref = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
     torch.testing.assert_close(_logits(gm, name), _logits(ref, name), atol=2e-5, rtol=0)
@@ -100,7 +100,7 @@ def test_save_load_round_trip_keeps_parameters_and_optimizer_references(tmp_path
     load_adapter(other, tmp_path / "a")
     torch.testing.assert_close(_logits(other, "llama"), _logits(gm, "llama"), atol=0, rtol=0)
     assert all(p is params[n] for n, p in other.named_parameters())
-    assert not other.get_parameter(f"{gm.lorafa_adapters[0].path}.lora_A.weight").requires_grad
+    assert not other.get_parameter(f"{gm.lorafa.adapters[0].path}.lora_A.weight").requires_grad
 
 
 def test_mismatches_raise_listing_them(tmp_path):
@@ -170,7 +170,7 @@ def test_merge_equals_peft_merge_and_unload(name, tmp_path):
     model, gm = _transform(name)
     before = _logits(gm, name)
     ref = peft_reference(model, gm)
-    for path in gm.lorafa_config.modules_to_save or ():
+    for path in gm.lorafa.config.modules_to_save or ():
         with torch.no_grad():
             for (_, p), (_, q) in zip(ref.base_model.model.get_submodule(path).modules_to_save["default"].named_parameters(),
                                       gm.get_submodule(path).named_parameters()):
@@ -244,7 +244,7 @@ def test_a_tied_head_warns_like_peft_and_merges_untied(name, model_fn, targets, 
     with pytest.warns(UserWarning, match=tied):
         gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE),
                                  config=LoraFAConfig(r=4, lora_alpha=8, target_modules=targets))
-    assert "lm_head" in {a.path for a in gm.lorafa_adapters}
+    assert "lm_head" in {a.path for a in gm.lorafa.adapters}
     randomize_lora_B(gm)
     embedding_before, trained = embedding.detach().clone(), _logits(gm, name)
 

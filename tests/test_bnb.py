@@ -57,7 +57,7 @@ def test_capture_keeps_one_quantised_op_per_layer(llama_dir):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     gm = _transform(model)
     ops = gm.graph.find_nodes(op="call_function", target=torch.ops.lorafa_fx.matmul_4bit.default)
-    assert len(ops) == len(layers) == len(gm.lorafa_adapters) == 14
+    assert len(ops) == len(layers) == len(gm.lorafa.adapters) == 14
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and "bitsandbytes" in str(n.target)]
     for op in ops:
         path = op.args[1].target.removesuffix(".weight")
@@ -70,7 +70,7 @@ def test_capture_keeps_one_quantised_op_per_layer(llama_dir):
 
     model16 = _quantised(llama_dir, 4, compute_dtype=torch.bfloat16)
     gm16 = _transform(model16, target_modules=["q_proj"])
-    assert {gm16.get_parameter(f"{a.path}.lora_{x}.weight").dtype for a in gm16.lorafa_adapters for x in "AB"} == {
+    assert {gm16.get_parameter(f"{a.path}.lora_{x}.weight").dtype for a in gm16.lorafa.adapters for x in "AB"} == {
         torch.bfloat16}
 
 
@@ -87,7 +87,7 @@ def test_matches_peft_qlora_with_frozen_A(llama_dir, bits):
     torch.testing.assert_close(out.loss, ref_out.loss, atol=2e-5, rtol=0)
     out.loss.backward()
     ref_out.loss.backward()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         grad = gm.get_parameter(f"{a.path}.lora_B.weight").grad
         torch.testing.assert_close(grad, peft_lora_B(ref, a.path).grad, atol=2e-5, rtol=1e-3)
 
@@ -111,14 +111,14 @@ def test_backward_saves_no_dequantised_weight(llama_dir):
     tensor has a base weight's (out, in) float shape."""
     model = _quantised(llama_dir, 4)
     gm = _transform(model)
-    shapes = {(a.out_features, a.in_features) for a in gm.lorafa_adapters}
+    shapes = {(a.out_features, a.in_features) for a in gm.lorafa.adapters}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = gm(**make_batch("llama", *OTHER_SHAPE)).loss
     assert saved
     assert not [t for t in saved if t.dtype.is_floating_point and tuple(t.shape) in shapes]
     loss.backward()
-    assert all(gm.get_parameter(f"{a.path}.lora_B.weight").grad is not None for a in gm.lorafa_adapters)
+    assert all(gm.get_parameter(f"{a.path}.lora_B.weight").grad is not None for a in gm.lorafa.adapters)
 
 
 def test_bf16_compute_matches_peft_to_bf16_precision(llama_dir):
@@ -132,7 +132,7 @@ def test_bf16_compute_matches_peft_to_bf16_precision(llama_dir):
     torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-2, rtol=0)
     out.loss.backward()
     ref_out.loss.backward()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         grad, ref_grad = gm.get_parameter(f"{a.path}.lora_B.weight").grad, peft_lora_B(ref, a.path).grad
         assert grad.dtype == torch.bfloat16
         torch.testing.assert_close(grad.float(), ref_grad, atol=2e-2 * ref_grad.abs().max().item(), rtol=0)

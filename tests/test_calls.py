@@ -41,7 +41,7 @@ def _randomized(model, gm, scale=0.1):
     ref = peft_reference(model, gm)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for path in gm.lorafa_config.modules_to_save or ():
+        for path in gm.lorafa.config.modules_to_save or ():
             copy_in_ref = ref.base_model.model.get_submodule(path).modules_to_save["default"]
             for name, p in gm.get_submodule(path).named_parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
@@ -131,7 +131,7 @@ def test_training_call_is_the_captured_graph(llama):
         gm.zero_grad()
         loss = call(**batch).loss
         loss.backward()
-        grads.append((loss, [gm.get_parameter(f"{a.path}.lora_B.weight").grad.clone() for a in gm.lorafa_adapters]))
+        grads.append((loss, [gm.get_parameter(f"{a.path}.lora_B.weight").grad.clone() for a in gm.lorafa.adapters]))
     assert not eager_calls
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
     assert list(inspect.signature(gm.forward).parameters) == ["input_ids", "attention_mask", "labels"]
@@ -152,7 +152,7 @@ def test_training_with_another_call_warns_and_trains_lora_B_like_peft(llama):
     with pytest.warns(UserWarning, match="not the call transform captured"):
         gm(**inputs).logits.logsumexp(-1).mean().backward()
     ref(**inputs).logits.logsumexp(-1).mean().backward()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight").grad, peft_lora_B(ref, a.path).grad,
                                    atol=1e-6, rtol=1e-5, msg=a.path)
 
@@ -185,7 +185,7 @@ def test_deepcopy_runs_its_own_tensors(llama):
     assert not {id(p) for p in eager_model(twin).parameters()} & gm_tensors
     assert inspect.signature(twin.forward) == inspect.signature(gm.forward)
     with torch.no_grad():
-        for a in twin.lorafa_adapters:
+        for a in twin.lorafa.adapters:
             twin.get_parameter(f"{a.path}.lora_B.weight").zero_()
     batch = make_batch("llama", 2, 8, seed=8)
     inputs = {"input_ids": batch["input_ids"]}

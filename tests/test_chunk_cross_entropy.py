@@ -61,7 +61,7 @@ def test_chunk_ce_replaces_the_loss_and_gates_the_logits():
     assert result.modified
     FileCheck().check("cross_entropy_loss").run(ref.code)
     FileCheck().check_not("cross_entropy_loss").check("linear_cross_entropy").run(gm.code)
-    FileCheck().check_count(LINEAR, 3 * len(gm.lorafa_adapters), exactly=True).run(gm.code)  # lm_head's gone
+    FileCheck().check_count(LINEAR, 3 * len(gm.lorafa.adapters), exactly=True).run(gm.code)  # lm_head's gone
     assert isinstance(gm.get_submodule("lm_head.eval_logits"), torch.nn.Module)
     batch = make_batch("llama", 2, 16)
     assert gm(**batch).logits is None  # train mode: never materialised
@@ -150,6 +150,6 @@ def test_compiled_chunked_equals_eager_unchunked():
     batch = make_batch("llama", 3, 11, seed=5)
     loss_ref, loss = _step(ref, batch).loss, _step(compiled, batch).loss
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         name = f"{a.path}.lora_B.weight"
         torch.testing.assert_close(gm.get_parameter(name).grad, ref.get_parameter(name).grad, atol=1e-5, rtol=1e-5)

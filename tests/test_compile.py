@@ -24,7 +24,7 @@ def _build(name="llama"):
 
 
 def _lora_B(gm):
-    return [gm.get_parameter(f"{a.path}.lora_B.weight") for a in gm.lorafa_adapters]
+    return [gm.get_parameter(f"{a.path}.lora_B.weight") for a in gm.lorafa.adapters]
 
 
 def test_compiled_loss_grads_and_adamw_steps_equal_eager():
@@ -75,7 +75,7 @@ def test_partitioner_sees_must_save_and_saves_xa():
         )
 
     torch.compile(gm, backend=backend, dynamic=False)(**make_batch("llama", 2, 16)).loss.backward()
-    n = len(gm.lorafa_adapters)
+    n = len(gm.lorafa.adapters)
     assert seen["must_save_xa"] >= n
     assert seen["saved_rank_r"] == n
 

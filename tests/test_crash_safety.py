@@ -30,14 +30,14 @@ def gm():
 def _fill(gm, version: float) -> None:
     """Every lora_B holds `version`: a loaded adapter shows which save it is, and that it is whole."""
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             gm.get_parameter(f"{a.path}.lora_B.weight").fill_(version)
 
 
 def _loaded_version(gm, path) -> float:
     """Reference: the value `_fill` wrote; one value across every lora_B, or the load mixed two saves."""
     lorafa_fx.load_adapter(gm, path)
-    values = {v for a in gm.lorafa_adapters for v in gm.get_parameter(f"{a.path}.lora_B.weight").unique().tolist()}
+    values = {v for a in gm.lorafa.adapters for v in gm.get_parameter(f"{a.path}.lora_B.weight").unique().tolist()}
     assert len(values) == 1, values
     return values.pop()
 

@@ -99,7 +99,7 @@ def test_captured_on_cpu_trains_on_cuda_like_peft():
     for mode, (losses, gm) in runs.items():
         assert losses[-1] < losses[0], mode
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-2, atol=0, msg=mode)
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             b = gm.get_parameter(f"{a.path}.lora_B.weight")
             assert b.device.type == "cuda"
             torch.testing.assert_close(b, peft_lora_B(ref, a.path), rtol=2e-2, atol=2e-3, msg=f"{mode} {a.path}")

@@ -99,7 +99,7 @@ def test_only_lora_B_gradients_are_communicated(ranks):
     the 4-byte values of the parameters that require grad."""
     gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
                              config=lorafa_fx.LoraFAConfig(r=4))
-    lora_B = sorted(f"{a.path}.lora_B.weight" for a in gm.lorafa_adapters)
+    lora_B = sorted(f"{a.path}.lora_B.weight" for a in gm.lorafa.adapters)
     trainable_bytes = sum(p.numel() * 4 for p in gm.parameters() if p.requires_grad)
     for r in range(WORLD):
         assert ranks["full", r]["reduced_grads"] == lora_B

@@ -121,7 +121,7 @@ def test_the_optimizer_trains_at_both_ends_of_the_accepted_scalings(lora_alpha):
         opt.zero_grad()
         gm(**batch).loss.backward()
         opt.step()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         b = gm.get_parameter(f"{a.path}.lora_B.weight")
         assert b.isfinite().all() and (b != 0).all(), a.path
     assert math.isfinite(gm(**batch).loss.item())

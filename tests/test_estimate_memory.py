@@ -98,7 +98,7 @@ def test_rank_enters_only_through_bsr_and_adapter_sizes():
     b, s = 2, 16
     batch = make_batch("llama", b, s)
     lo, hi = (_estimate(_transform("llama", r).eval(), batch) for r in (4, 12))
-    adapters = _transform("llama", 4).lorafa_adapters
+    adapters = _transform("llama", 4).lorafa.adapters
     dr = 8
     assert hi.saved_activations - lo.saved_activations == len(adapters) * b * s * dr * 4
     assert hi.weights - lo.weights == sum((a.in_features + a.out_features) * dr * 4 for a in adapters)

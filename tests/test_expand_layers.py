@@ -82,7 +82,7 @@ def test_grown_graph_is_the_deep_models_graph(family):
     assert grown.depths and not deep.depths
     g, d = grown.build(), deep.build()
     assert _parameters(g) == _parameters(d)
-    assert g.lorafa_adapters == d.lorafa_adapters
+    assert g.lorafa.adapters == d.lorafa.adapters
     ours, reference = CostModel(batch)(g), CostModel(batch)(d)
     # Node names differ (a copy's are new); everything they label is the same.
     for field in ("peak", "peak_phase", "peak_module", "saved_activations", "saved_by_module", "weights",

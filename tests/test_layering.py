@@ -26,7 +26,7 @@ LAYERS = [
     {"passes"},
     {"memory"},
     {"stages"},
-    {"optim", "peft_files", "merge", "hf_compat", "backbone", "calls", "distributed", "measure"},
+    {"state", "optim", "peft_files", "merge", "hf_compat", "backbone", "calls", "distributed", "measure"},
     {"captured_model"},
     {"pipeline"},
     {"api"},

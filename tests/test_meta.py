@@ -37,7 +37,7 @@ def test_rewrite_writes_adapter_and_role_on_every_node_it_adds(gm):
     by_adapter: dict[str, list[str]] = {}
     for n in _annotated(gm, meta.ADAPTER):
         by_adapter.setdefault(meta.lorafa_meta(n)[meta.ADAPTER], []).append(meta.lorafa_meta(n)[meta.ROLE])
-    assert sorted(by_adapter) == sorted(a.path for a in gm.lorafa_adapters)
+    assert sorted(by_adapter) == sorted(a.path for a in gm.lorafa.adapters)
     # scaling = alpha / r = 8 / 4 = 2: x A^T ("down") is scaled into xa
     assert all(sorted(roles) == sorted(["lora_A", "lora_B", "down", "xa", "xab", "out"]) for roles in by_adapter.values())
     assert set().union(*map(set, by_adapter.values())) <= set(meta.ADAPTER_ROLES)
@@ -45,7 +45,7 @@ def test_rewrite_writes_adapter_and_role_on_every_node_it_adds(gm):
 
 def test_xa_is_must_save_for_the_partitioner_and_carries_its_saved_bytes(gm):
     xa = [n for n in _annotated(gm, meta.ROLE) if meta.lorafa_meta(n)[meta.ROLE] == "xa"]
-    assert len(xa) == len(gm.lorafa_adapters)
+    assert len(xa) == len(gm.lorafa.adapters)
     assert all(n.meta["recompute"] == CheckpointPolicy.MUST_SAVE for n in xa)
     assert {meta.lorafa_meta(n)[meta.SAVED_BYTES] for n in xa} == {B * S * R * 4}  # Table 1: b*s*r fp32
 

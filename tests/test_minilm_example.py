@@ -31,8 +31,8 @@ def test_minilm_classifier_trained_in_full_and_accuracy_beats_chance(tmp_path, m
     original = example.load()[0].classifier
     gm, model, before, after = example.train(steps=20, output_dir=str(tmp_path), verbose=False)
 
-    assert gm.lorafa_config.task_type == "SEQ_CLS" and gm.lorafa_plan.trained_modules == ("classifier",)
-    assert "classifier" not in {a.path for a in gm.lorafa_adapters} and len(gm.lorafa_adapters) == 6 * 6 + 1
+    assert gm.lorafa.config.task_type == "SEQ_CLS" and gm.lorafa_plan.trained_modules == ("classifier",)
+    assert "classifier" not in {a.path for a in gm.lorafa.adapters} and len(gm.lorafa.adapters) == 6 * 6 + 1
     for name in ("weight", "bias"):
         trained, start = gm.get_parameter(f"classifier.{name}"), getattr(original, name)
         assert trained.requires_grad and (trained != start).all(), name

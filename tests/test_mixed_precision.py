@@ -30,7 +30,7 @@ def _transform(name: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
 
 
 def _lora_B_grads(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    return {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa_adapters}
+    return {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa.adapters}
 
 
 def _assert_grads_close(gm, ref, dtype: torch.dtype) -> None:

@@ -66,7 +66,7 @@ def test_flops_count_each_routed_row_once():
     the base projection, + 2·S·r·out for xa B_e^T; 2·S·in·r for xa (Mixtral: top 2 of 4 experts)."""
     _, gm = _transform("mixtral")
     rows = SHAPE[0] * SHAPE[1] * 2
-    adapters = {a.path: a for a in gm.lorafa_adapters}
+    adapters = {a.path: a for a in gm.lorafa.adapters}
     calls = [n for n in gm.graph.nodes if n.target is expert_linear]
     assert calls
     for call in calls:
@@ -105,15 +105,15 @@ def test_a_budget_recomputes_moe_blocks_with_the_unplanned_math(name):
 
 
 def test_lowered_ranks_reach_the_experts_and_the_planned_config_selects_them():
-    """Reference: PEFT's matching rules on the planned config (`gm.lorafa_config`, what a saved
+    """Reference: PEFT's matching rules on the planned config (`gm.lorafa.config`, what a saved
     adapter's config says) give exactly the planned adapters, experts at their lowered rank."""
     config = {"min_r": 1, "chunked_cross_entropy": False}
     low, high = _budgets("mixtral")
     model, gm = _transform("mixtral", budget=high - (high - low) // 8, **config)
-    ranks = {(a.parameter, a.r) for a in gm.lorafa_adapters}
+    ranks = {(a.parameter, a.r) for a in gm.lorafa.adapters}
     assert any(p == "gate_up_proj" and r < 2 * R for p, r in ranks), ranks
     assert gm.lorafa_plan.recompute_flops == 0
-    assert select_adapters(model, gm.lorafa_config) == list(gm.lorafa_adapters)
+    assert select_adapters(model, gm.lorafa.config) == list(gm.lorafa.adapters)
 
 
 def test_dropping_one_of_an_experts_two_adapters_moves_the_other_to_peft_path():

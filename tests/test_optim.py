@@ -57,7 +57,7 @@ def _train(module, opt, name: str = "llama", steps: int = STEPS, first: int = 0,
 
 
 def _lora_B(gm) -> dict[str, torch.Tensor]:
-    return {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    return {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa.adapters}
 
 
 def _trainable(gm) -> dict[str, torch.Tensor]:
@@ -111,7 +111,7 @@ def test_modules_to_save_match_peft_adamw(peft_fp32):
     theirs = dict(ref.base_model.model.get_submodule("classifier").modules_to_save["default"].named_parameters())
     for k, p in head.items():
         torch.testing.assert_close(p, theirs[k], atol=TOL, rtol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight"), peft_lora_B(ref, a.path), atol=TOL, rtol=0)
 
 
@@ -192,7 +192,7 @@ def test_lambda_lr_schedule_matches_peft(peft_fp32):
             opt.step()
             sched.step()
         assert [g["lr"] for g in ours.param_groups] == pytest.approx([LR / (i + 2)])
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight"), peft_lora_B(ref, a.path), atol=TOL, rtol=0)
 
 
@@ -214,26 +214,26 @@ def test_inverse_computed_once_and_refreshed_when_A_changes(peft_fp32, monkeypat
 
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             new = torch.randn(a.r, a.in_features, generator=g) * 0.2
             gm.get_parameter(f"{a.path}.lora_A.weight").copy_(new)
             ref.base_model.model.get_submodule(a.path).lora_A["default"].weight.copy_(new)
     _train(gm, ours, steps=3, first=3)
-    assert len(calls) == len(gm.lorafa_adapters)
+    assert len(calls) == len(gm.lorafa.adapters)
     _train(ref, theirs, steps=3, first=3)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight"), peft_lora_B(ref, a.path), atol=TOL, rtol=0)
 
 
 def test_is_a_torch_optimizer_with_lora_B_first(untrained):
-    """Group 0 is every lora_B in gm.lorafa_adapters order; no lora_A is optimized."""
+    """Group 0 is every lora_B in gm.lorafa.adapters order; no lora_A is optimized."""
     _, gm = untrained
     opt = create_lorafa_optimizer(gm, lr=LR)
     assert isinstance(opt, LoraFAOptimizer) and isinstance(opt, torch.optim.Optimizer)
     assert len(opt.param_groups) == 1
     group = opt.param_groups[0]
-    assert group["adapter_paths"] == [a.path for a in gm.lorafa_adapters]
-    assert [id(p) for p in group["params"]] == [id(gm.get_parameter(f"{a.path}.lora_B.weight")) for a in gm.lorafa_adapters]
+    assert group["adapter_paths"] == [a.path for a in gm.lorafa.adapters]
+    assert [id(p) for p in group["params"]] == [id(gm.get_parameter(f"{a.path}.lora_B.weight")) for a in gm.lorafa.adapters]
 
 
 def test_errors_say_how_to_fix(untrained):
@@ -243,7 +243,7 @@ def test_errors_say_how_to_fix(untrained):
         create_lorafa_optimizer(model, lr=LR)
     with pytest.raises(ValueError, match="lr=-1"):
         create_lorafa_optimizer(gm, lr=-1.0)
-    lora_A = gm.get_parameter(f"{gm.lorafa_adapters[0].path}.lora_A.weight")
+    lora_A = gm.get_parameter(f"{gm.lorafa.adapters[0].path}.lora_A.weight")
     lora_A.requires_grad_(True)
     try:
         with pytest.raises(ValueError, match=r"requires_grad_\(False\)"):

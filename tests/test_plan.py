@@ -19,7 +19,7 @@ def test_transform_attaches_a_printable_json_plan():
     gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16))
     plan = gm.lorafa_plan
     assert isinstance(plan, MemoryPlan) and plan.budget_bytes is None
-    assert [layer.path for layer in plan.layers] == [a.path for a in gm.lorafa_adapters]
+    assert [layer.path for layer in plan.layers] == [a.path for a in gm.lorafa.adapters]
     # each adapter keeps exactly its xa, b*s*r fp32 values (Table 1)
     assert {layer.saved_bytes for layer in plan.layers} == {2 * 16 * 8 * 4}
     assert plan.predicted_peak_bytes > plan.weights_bytes + plan.saved_activation_bytes

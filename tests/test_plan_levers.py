@@ -56,9 +56,9 @@ def test_lower_ranks_instead_of_recomputing():
     plan = gm.lorafa_plan
     assert plan.recompute_flops == 0  # the configured ranks would need recomputation
     assert {(layer.r, layer.configured_r) for layer in plan.layers} == {(5, 16)}  # the most rank that fits
-    assert {a.scaling for a in gm.lorafa_adapters} == {16 / 5}
+    assert {a.scaling for a in gm.lorafa.adapters} == {16 / 5}
     assert plan.predicted_peak_bytes <= budget and "5 (of 16)" in str(plan)
-    assert select_adapters(model, gm.lorafa_config) == list(gm.lorafa_adapters)  # saved PEFT config agrees
+    assert select_adapters(model, gm.lorafa.config) == list(gm.lorafa.adapters)  # saved PEFT config agrees
     assert _measured_peak(gm.train(), gm, make_batch("llama", *SHAPE)) <= budget
 
 

@@ -57,7 +57,7 @@ def _loss_and_grads(module, gm, batch):
     torch.manual_seed(0)  # same dropout masks in both modules (GPT-2, T5 have dropout)
     loss = module(**batch).loss
     loss.backward()
-    return loss.detach(), [gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa_adapters]
+    return loss.detach(), [gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa.adapters]
 
 
 @functools.cache

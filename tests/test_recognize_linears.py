@@ -33,7 +33,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def test_every_falcon_linear_is_adapted_and_trains_as_peft(bias):
     model = _falcon(bias)
     gm = lorafa_fx.transform(model, example_inputs=_batch(), config=lorafa_fx.LoraFAConfig(r=4))
-    assert sorted(a.path for a in gm.lorafa_adapters) == sorted(
+    assert sorted(a.path for a in gm.lorafa.adapters) == sorted(
         f"transformer.h.{i}.{p}" for i in range(LAYERS) for p in PROJECTIONS)
     assert "numpy_T" not in gm.code  # no weight left multiplied by hand
     with torch.no_grad():  # lora_B is zero: the model itself
@@ -45,7 +45,7 @@ def test_every_falcon_linear_is_adapted_and_trains_as_peft(bias):
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=0)
     out.loss.backward()
     expected.loss.backward()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(gm.get_parameter(f"{a.path}.lora_B.weight").grad, peft_lora_B(ref, a.path).grad,
                                    rtol=1e-5, atol=1e-7)
 

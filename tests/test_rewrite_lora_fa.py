@@ -44,10 +44,10 @@ def _assert_matches_peft(name: str, **config) -> None:
     torch.testing.assert_close(out.loss, ref_out.loss, atol=2e-5, rtol=0)
     out.loss.backward()
     ref_out.loss.backward()
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         grad = gm.get_parameter(f"{a.path}.lora_B.weight").grad
         torch.testing.assert_close(grad, peft_lora_B(ref, a.path).grad, atol=2e-5, rtol=1e-3)
-    for path in gm.lorafa_config.modules_to_save or ():
+    for path in gm.lorafa.config.modules_to_save or ():
         ours = dict(gm.get_submodule(path).named_parameters())
         theirs = dict(ref.base_model.model.get_submodule(path).modules_to_save["default"].named_parameters())
         assert ours.keys() == theirs.keys()
@@ -65,7 +65,7 @@ def test_trainable_parameters_are_lora_B_and_modules_to_save():
         for n, p in ref.named_parameters() if p.requires_grad
     }
     assert ours == theirs
-    assert all(not gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad for a in gm.lorafa_adapters)
+    assert all(not gm.get_parameter(f"{a.path}.lora_A.weight").requires_grad for a in gm.lorafa.adapters)
 
 
 @pytest.mark.parametrize("lora_alpha", [8, 4])
@@ -74,7 +74,7 @@ def test_graph_structure_per_adapter(lora_alpha):
     with scaling 1 (lora_alpha == r) no mul."""
     _, gm = _transform("llama", target_modules=["q_proj", "v_proj"], lora_alpha=lora_alpha)
     roles = [n.meta["lorafa"]["role"] for n in gm.graph.nodes if "role" in n.meta.get("lorafa", {})]
-    n = len(gm.lorafa_adapters)
+    n = len(gm.lorafa.adapters)
     assert n == 4
     scaled = lora_alpha != 4
     assert sorted(roles) == sorted(["lora_A", "lora_B", "xa", "xab", "out"] * n + ["down"] * n * scaled)
@@ -94,9 +94,9 @@ def test_graph_structure_per_adapter(lora_alpha):
 def test_gpt2_conv1d_is_adapted():
     """GPT-2's Conv1D (addmm with a transposed weight) gets an adapter like nn.Linear."""
     _, gm = _transform("gpt2")
-    paths = {a.path for a in gm.lorafa_adapters}
+    paths = {a.path for a in gm.lorafa.adapters}
     assert "transformer.h.0.attn.c_attn" in paths
-    a = next(a for a in gm.lorafa_adapters if a.path == "transformer.h.0.attn.c_attn")
+    a = next(a for a in gm.lorafa.adapters if a.path == "transformer.h.0.attn.c_attn")
     assert (a.in_features, a.out_features) == (64, 192)
     assert gm.get_parameter(f"{a.path}.lora_A.weight").shape == (4, 64)
     assert gm.get_parameter(f"{a.path}.lora_B.weight").shape == (192, 4)

@@ -65,7 +65,7 @@ def _same_adapters(gm, ref) -> None:
     """PEFT's lora_A set to gm's, both lora_B to one random draw; both in eval mode."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for a in gm.lorafa_adapters:
+        for a in gm.lorafa.adapters:
             layer = ref.base_model.model.get_submodule(a.path)
             layer.lora_A["default"].weight.copy_(gm.get_parameter(f"{a.path}.lora_A.weight"))
             b = gm.get_parameter(f"{a.path}.lora_B.weight")
@@ -80,10 +80,10 @@ def test_adapted_set_and_trained_heads_equal_peft(name, head, task_type):
     the same adapted linears, the same parameters trained in full (a copy of the head's own values),
     and, with the same lora_A/lora_B, the same eval logits."""
     model, gm = transformed(name, SHAPE, head=head, r=8, lora_alpha=8)
-    assert gm.lorafa_config.task_type == task_type
+    assert gm.lorafa.config.task_type == task_type
     ref = _peft(model, task_type)
     adapted, trained = _peft_sets(ref)
-    assert {a.path for a in gm.lorafa_adapters} == adapted
+    assert {a.path for a in gm.lorafa.adapters} == adapted
     ours = {n: p for n, p in gm.named_parameters() if p.requires_grad and not n.endswith("lora_B.weight")}
     assert set(ours) == set(trained)
     for n, p in ours.items():

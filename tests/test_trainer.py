@@ -74,7 +74,7 @@ def test_trainer_matches_peft_with_gradient_accumulation(tmp_path):
     assert len(losses) == STEPS and losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(losses4), torch.tensor(losses), atol=1e-5, rtol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         b = gm.get_parameter(f"{a.path}.lora_B.weight")
         torch.testing.assert_close(b, peft_lora_B(ref, a.path), atol=1e-5, rtol=0)
         torch.testing.assert_close(gm4.get_parameter(f"{a.path}.lora_B.weight"), b, atol=1e-5, rtol=0)
@@ -92,7 +92,7 @@ def test_trainer_checkpoint_is_the_adapter(tmp_path):
     trainer = Trainer(model=gm, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
     trainer.save_model(str(tmp_path / "ckpt"))
     saved = load_file(tmp_path / "ckpt" / "model.safetensors")
-    assert set(saved) == {f"{a.path}.lora_{x}.weight" for a in gm.lorafa_adapters for x in "AB"}
+    assert set(saved) == {f"{a.path}.lora_{x}.weight" for a in gm.lorafa.adapters for x in "AB"}
 
     batch = make_batch("gpt2", 3, 9, seed=7)
     gm.eval()
@@ -161,7 +161,7 @@ def _with_reference():
     model, gm = _transform()
     randomize_lora_B(gm)
     ref = peft_reference(model, gm)
-    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa_adapters}
+    start = {a.path: gm.get_parameter(f"{a.path}.lora_B.weight").detach().clone() for a in gm.lorafa.adapters}
     return gm, ref, start
 
 
@@ -169,7 +169,7 @@ def _assert_trained_alike(gm, ref, start, losses, ref_losses):
     """3 logged losses equal to the reference's; every lora_B moved, and equal to the reference's."""
     assert len(losses) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-3, atol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         b = gm.get_parameter(f"{a.path}.lora_B.weight")
         assert (b - start[a.path]).abs().max() > 1e-3, a.path
         torch.testing.assert_close(b, peft_lora_B(ref, a.path), rtol=1e-2, atol=1e-3, msg=a.path)
@@ -213,7 +213,7 @@ def test_sft_trainer_trains_like_peft(tmp_path):
     assert len(backbone_calls) == 3
     _assert_trained_alike(gm, ref, start, losses, ref_losses)
     # The backbone is no submodule of gm: gm's checkpoint is still the adapter.
-    assert set(gm.state_dict()) == {f"{a.path}.lora_{x}.weight" for a in gm.lorafa_adapters for x in "AB"}
+    assert set(gm.state_dict()) == {f"{a.path}.lora_{x}.weight" for a in gm.lorafa.adapters for x in "AB"}
     assert "sft" in gm.model_tags
 
 
@@ -233,7 +233,7 @@ def test_accelerate_bf16_prepare_matches_peft():
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     runs = {}
     for module in (gm, ref):
-        start = {a.path: _lora_B(module, gm, a.path).detach().clone() for a in gm.lorafa_adapters}
+        start = {a.path: _lora_B(module, gm, a.path).detach().clone() for a in gm.lorafa.adapters}
         opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
         prepared, opt, dl = accelerator.prepare(module, opt, loader)
         losses = []
@@ -249,7 +249,7 @@ def test_accelerate_bf16_prepare_matches_peft():
     (losses, moved), (ref_losses, _) = runs[True], runs[False]
     assert min(moved.values()) > 1e-3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-3, atol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         torch.testing.assert_close(_lora_B(gm, gm, a.path), peft_lora_B(ref, a.path), rtol=1e-2, atol=1e-3,
                                    msg=a.path)
 
@@ -265,7 +265,7 @@ def test_deepcopy_keeps_what_trainers_read():
     gm = lorafa_fx.transform(model, example_inputs=batch, config=LoraFAConfig(r=4))
     randomize_lora_B(gm)
     twin = copy.deepcopy(gm)
-    assert twin.lorafa_adapters == gm.lorafa_adapters and twin.lorafa_plan == gm.lorafa_plan
+    assert twin.lorafa.adapters == gm.lorafa.adapters and twin.lorafa_plan == gm.lorafa_plan
     assert twin.config is not gm.config and twin.config.to_dict() == gm.config.to_dict()
     assert twin.save_pretrained.__self__ is twin and twin.base_model.root is twin
     assert list(twin.state_dict()) == list(gm.state_dict())

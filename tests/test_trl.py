@@ -60,7 +60,7 @@ def test_dpo_trainer_trains_like_peft(tmp_path):
     ref_losses = train(ref, tmp_path / "peft", None)
     assert len(losses) == STEPS and losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
-    for a in gm.lorafa_adapters:
+    for a in gm.lorafa.adapters:
         b = gm.get_parameter(f"{a.path}.lora_B.weight")
         assert b.abs().max() > 1e-3, a.path
         torch.testing.assert_close(b, peft_lora_B(ref, a.path), rtol=1e-5, atol=1e-7, msg=a.path)

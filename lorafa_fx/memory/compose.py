@@ -22,7 +22,7 @@ or whose sample's timeline does not split into one stretch per block and phase, 
 whole. The whole-graph simulator stays the reference (`tests/test_compose.py`).
 
 Reads ``node.meta["nn_module_stack"]`` and ``["val"]`` (block structure); writes no meta.
-The sample carries ``lorafa_blocks`` (every block of the graph it was drawn from), so a
+The sample's state carries ``sampled_from`` (every block of the graph it was drawn from), so a
 sharded simulator can shard the dropped layers it never calls.
 """
 
@@ -217,8 +217,7 @@ def _sample_graph(gm: fx.GraphModule, layout: _Layout, runs: list[list[str]], le
         if n not in dropped:
             env[n] = graph.node_copy(n, lambda a: env[stand_in.get(a, a)])
     twin = graph_module(gm, graph)
-    set_attributes(twin, **{k: v for k, v in vars(gm).items() if k.startswith("lorafa_")})
-    set_attributes(twin, lorafa_blocks=layout.blocks)
+    set_attributes(twin, lorafa=dataclasses.replace(gm.lorafa, sampled_from=tuple(layout.blocks)))
     return twin
 
 

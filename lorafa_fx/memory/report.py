@@ -121,7 +121,7 @@ class MemoryPlan:
         settings = settings or PlanSettings()
         decisions = dict(recompute_by_block or {})
         configured_r = {a.path: a.r for a in configured}
-        kept = {a.path for a in gm.lorafa_adapters}
+        kept = {a.path for a in gm.lorafa.adapters}
         xa_bytes: dict[str, int] = {}
         # Layers outlined for FSDP2 hold their adapters in their own graphs.
         for node in meta.all_graph_nodes(gm):
@@ -143,10 +143,10 @@ class MemoryPlan:
             layers=tuple(
                 LayerPlan(a.path, a.r, decisions.get(block_of_path(a.path), Decision.KEEP), xa_bytes.get(a.path, 0),
                           configured_r[a.path] if configured_r.get(a.path, a.r) != a.r else None)
-                for a in gm.lorafa_adapters
+                for a in gm.lorafa.adapters
             ),
             dropped_adapters=tuple(p for p in configured_r if p not in kept),
-            chunked_cross_entropy=bool(getattr(gm, "lorafa_chunked_cross_entropy", False)),
+            chunked_cross_entropy=gm.lorafa.chunked_loss,
             saved_by_block=dict(estimate.saved_by_module),
             recompute_by_block=decisions,
             recompute_flops=recompute_flops,

@@ -129,7 +129,7 @@ class FSDPCostModel(Simulator):
     def step(self, gm: fx.GraphModule) -> StepEstimate:
         # Outlining edits the graph: a planner's candidate is copied first, unless it is a copy
         # already (the planner's recompute candidates are; its rungs are kept and reused).
-        every_layer = getattr(gm, "lorafa_blocks", ())
+        every_layer = gm.lorafa.sampled_from
         if not outlined_layers(gm):
             gm = self.realise.layers(gm if has_regions(gm) else graph_copy(gm))
         layers = outlined_layers(gm)

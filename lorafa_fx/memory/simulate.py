@@ -130,7 +130,7 @@ def with_decisions(gm: fx.GraphModule, decisions: Mapping[str, Decision], realis
     if realise is None:
         raise TypeError("this simulator was built without `realise`, so it cannot price block decisions")
     twin = graph_copy(gm)
-    set_attributes(twin, **{k: v for k, v in vars(gm).items() if k.startswith("lorafa_")})
+    set_attributes(twin, lorafa=gm.lorafa)
     return realise.regions(twin, decisions)
 
 
