@@ -135,6 +135,8 @@ def parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
 def run_bench(name: str, module: ModuleType, argv: list[str]) -> dict:
     """Run bench `name` with its arguments `argv`; write, print (and with --save, save) its JSON."""
     args = parser(name, module).parse_args(argv)
+    # The code that runs is the code at the start: its commit, and whether it differs from it.
+    commit, dirty = _git("rev-parse", "HEAD"), _dirty()
     started, load_before, threads = time.time(), _load_average(), torch.get_num_threads()
     quiet_libraries()
     try:
@@ -145,7 +147,7 @@ def run_bench(name: str, module: ModuleType, argv: list[str]) -> dict:
     finally:
         torch.set_num_threads(threads)  # a bench run in-process (the tests) leaves the caller's setting
     record = {
-        "bench": name, "command": _command(name, argv), "commit": _git("rev-parse", "HEAD"), "dirty": _dirty(),
+        "bench": name, "command": _command(name, argv), "commit": commit, "dirty": dirty,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), "wall_s": time.time() - started,
         "machine": env | {"load_average": [load_before, _load_average()]},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
