@@ -149,10 +149,12 @@ def run(args) -> dict:
                   step_flops(hf, batch) - step_flops(plain, batch), base_flops)]
     for fraction in FRACTIONS[:1] if args.smoke else FRACTIONS:
         H.progress(f"lorafa_fx under HF GC's peak + {fraction:.0%} of the gap: planning")
-        ours, budget = planned(base, batch, int(hf_peak + fraction * (plain_peak - hf_peak)))
+        target = int(hf_peak + fraction * (plain_peak - hf_peak))
+        ours, budget = planned(base, batch, target)
         peak, seconds = measure(ours, ours, batch, reps)
         rows.append(_row(f"lorafa_fx, budget = HF GC peak + {fraction:.0%} of the gap", peak, seconds,
-                         step_flops(ours, batch) - base_flops, base_flops, budget_bytes=budget, **_plan_fields(ours)))
+                         step_flops(ours, batch) - base_flops, base_flops, target_bytes=target, budget_bytes=budget,
+                         **_plan_fields(ours)))
 
     if not (args.smoke or args.no_knapsack):
         rows += _knapsack_rows(base, unplanned, batch, base_flops, reps)
@@ -179,8 +181,8 @@ def _knapsack_rows(base, unplanned, batch, base_flops: int, reps: int) -> list[d
         p_peak, p_time = measure(torch.compile(at_knapsack), at_knapsack, batch, reps)
         torch._dynamo.reset()
         rows.append(_row("lorafa_fx compiled, planned at the knapsack's measured peak", p_peak, p_time,
-                         step_flops(at_knapsack, batch) - base_flops, base_flops, budget_bytes=k_budget,
-                         **_plan_fields(at_knapsack)))
+                         step_flops(at_knapsack, batch) - base_flops, base_flops, target_bytes=k_peak,
+                         budget_bytes=k_budget, **_plan_fields(at_knapsack)))
     return rows
 
 
@@ -190,19 +192,25 @@ def markdown(result: dict) -> str:
     def mb(x) -> str:
         return "-" if x is None else f"{x / MB:.1f} MB"
 
+    def budget(r: dict) -> str:
+        if r.get("target_bytes", r.get("budget_bytes")) == r.get("budget_bytes"):
+            return mb(r.get("budget_bytes"))
+        return f"{mb(r['budget_bytes'])} (the planner's minimum; {mb(r['target_bytes'])} infeasible)"
+
     table = H.md_table(
-        ["method", "measured peak", "budget", "predicted peak", "step ms", "measured recompute (% step FLOPs)",
-         "planned recompute (%)", "plan"],
-        [[r["method"], mb(r["peak_bytes"]), mb(r.get("budget_bytes")), mb(r.get("predicted_peak_bytes")),
+        ["method", "plan", "measured peak", "budget", "predicted peak", "step ms", "measured recompute (% step FLOPs)",
+         "planned recompute (%)"],
+        [[r["method"], r.get("plan", ""), mb(r["peak_bytes"]), budget(r), mb(r.get("predicted_peak_bytes")),
           f"{1e3 * r['step_s']:.0f}", f"{r['recompute_pct']:.1f}%",
-          f"{r['predicted_recompute_pct']:.1f}%" if "predicted_recompute_pct" in r else "-", r.get("plan", "")]
-         for r in rows])
+          f"{r['predicted_recompute_pct']:.1f}%" if "predicted_recompute_pct" in r else "-"] for r in rows], left=2)
     hf, ours = rows[1], rows[2]
     lines = [f"Llama {s['layers']} layers, hidden {s['hidden']}, vocabulary {s['vocab']}, batch {s['batch']} x "
              f"{s['seq']}, r {s['r']}, fp32, {s['threads']} threads, median of {s['repeats']} steps.", "", table,
-             f"At HF gradient checkpointing's peak the planner recomputes {ours['recompute_pct']:.1f}% of the step's "
-             f"FLOPs (HF: {hf['recompute_pct']:.1f}%) and its measured peak is {mb(ours['peak_bytes'])} (HF: "
-             f"{mb(hf['peak_bytes'])})."]
+             f"Planned at HF gradient checkpointing's peak ({mb(hf['peak_bytes'])}"
+             + (")" if ours["budget_bytes"] == hf["peak_bytes"] else f"; the planner's smallest feasible budget is "
+                f"{mb(ours['budget_bytes'])})")
+             + f", lorafa_fx recomputes {ours['recompute_pct']:.1f}% of the step's matmul FLOPs (HF: "
+               f"{hf['recompute_pct']:.1f}%) and its measured peak is {mb(ours['peak_bytes'])}."]
     for knapsack, at in zip(rows[-6::2], rows[-5::2]) if len(rows) > 6 else ():
         lines.append(f"{knapsack['method'].split(', ')[-1]}: knapsack peak {mb(knapsack['peak_bytes'])}, recompute "
                      f"{knapsack['recompute_pct']:.1f}%; lorafa_fx at that budget: peak {mb(at['peak_bytes'])}, "
