@@ -10,7 +10,7 @@ import sys
 from bench import BENCHES, _harness
 
 USAGE = """usage: python -m bench <name> [--smoke] [--save] [options]   (python -m bench <name> --help)
-       python -m bench save <name> ...    copy bench/out/<name>.json to bench/results/
+       python -m bench save [<name> ...]  copy bench/out/<name>.json to bench/results/ (all there are)
        python -m bench report             write bench/RESULTS.md from bench/results/*.json
 """
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         _report.main(rest)
         return None
     if command == "save":
-        _harness.save(rest or BENCHES)
+        _harness.save(rest or [name for name in BENCHES if (_harness.OUT / f"{name}.json").exists()])
         return None
     if command not in BENCHES:
         raise SystemExit(f"no bench {command!r}; the benches: {', '.join(BENCHES)} (or: report, save)")

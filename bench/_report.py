@@ -36,7 +36,10 @@ def section(name: str, record: dict | None) -> str:
               f"load average {load}.", ""]
     if record["args"].get("smoke"):
         lines += ["*A smoke run (`--smoke`): tiny models, a check of the code path; its figures are not results.*", ""]
-    return "\n".join(lines) + module.markdown(record["result"])
+    elif record["args"].get("quick"):
+        lines += [f"*A quick run (`--quick`): the full-size run, `python -m bench {name}`, takes more than ~15 minutes "
+                  "of this machine's two cores.*", ""]
+    return "\n".join(lines) + "\n" + module.markdown(record["result"])
 
 
 def render(results: Path) -> str:

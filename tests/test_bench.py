@@ -1,7 +1,8 @@
 """Every benchmark's smoke run (``python -m bench <name> --smoke``, in-process): the JSON it writes
 carries the run's command, commit, date and machine, and its figures agree with an independent
 reference where one is cheap (`lorafa_fx.estimate`, MemTracker's measured peak, PEFT's trainable
-count, the loss of an untrained model, git itself)."""
+count, the loss of an untrained model, git itself). And bench/RESULTS.md is what ``python -m
+bench report`` makes of the committed bench/results/."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import lorafa_fx
-from bench import BENCHES
+from bench import BENCHES, _report
 from bench.__main__ import main
 from lorafa_fx import zoo
 
@@ -137,3 +138,13 @@ def test_gpu_on_cpu(tmp_path):
     assert [(r["method"], r["status"]) for r in rows] == [("lorafa_fx", "ok"), ("peft_lora_fa", "ok")]
     assert rows[0]["allocated_over_predicted"] == pytest.approx(1.0, abs=0.05)
 
+
+def test_results_md_is_generated_from_the_saved_json():
+    """Reference: the committed bench/RESULTS.md itself; a bench without saved JSON is "not run"."""
+    results = ROOT / "bench" / "results"
+    text = _report.render(results)
+    assert text == (ROOT / "bench" / "RESULTS.md").read_text()
+    for name in BENCHES:
+        assert f"## {name}:" in text
+        if not (results / f"{name}.json").exists():
+            assert f"**Not run.** Run `python -m bench {name} --save`" in text
