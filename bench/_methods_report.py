@@ -1,7 +1,7 @@
-"""The report of bench_methods.py: method labels, the markdown tables, the acceptance ratios,
-the effect of each pass against plain lorafa_fx, the console summary and the plot.
+"""The report of bench/methods.py: method labels, the markdown tables, the acceptance ratios,
+the effect of each pass against plain lorafa_fx, and the plot.
 
-Everything here reads the rows `bench_methods.py` measures (one dict per method and mode:
+Everything here reads the rows `methods.py` measures (one dict per method and mode:
 ``model``, ``method``, ``label``, ``mode``, ``peak_bytes``, ``saved_bytes``, ``times_s``, ...).
 Time ratios are medians over rounds of paired ratios: rounds are interleaved, so a slow spell
 of the machine hits both sides of each ratio alike.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import _harness as H
+from bench import _harness as H
 
-MiB = 2**20
+MiB = H.MiB
 
 #: Method keys, in table order, and their labels.
 METHODS = {
@@ -39,6 +39,10 @@ _ACCEPTANCE_COLUMNS = {
 
 def _mib(x) -> str:
     return f"{x / MiB:,.1f}" if isinstance(x, (int, float)) else "—"
+
+
+def _ratio(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else "—"
 
 
 def _paired(a: dict, b: dict) -> float:
@@ -89,33 +93,26 @@ def pass_effects(rows: list[dict], pass_methods: Iterable[str]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], ratios: dict, passes: list[dict], chunk: dict | None, meta: dict) -> str:
-    env = meta["env"]
-    lines = [f"Machine: {env['cpu']}, {env['cpus']} cores, torch {env['torch']}, {env['threads']} thread(s); "
-             f"mode: {'quick' if meta['quick'] else 'full'}; batch {meta['batch']}x{meta['seq']}; "
-             f"r={meta['r']}, alpha={meta['lora_alpha']}, all linears; median of {meta['reps']} interleaved steps.", ""]
-    if meta["quick"]:
-        lines += ['Quick mode: scaled-down models (`lorafa_fx.zoo.make_model(name, "quick")`); '
-                  f"torch.compile only for: {', '.join(meta['compiled_models']) or 'none'}.", ""]
+def markdown(result: dict) -> str:
+    s, rows, ratios = result["settings"], result["rows"], result["acceptance"]
+    compiled = ", ".join(s["compiled_models"]) or "none"
+    lines = [f"Models: `lorafa_fx.zoo.make_model(name, \"{s['size']}\")`; batch {s['batch']}x{s['seq']}; "
+             f"r={s['r']}, alpha={s['lora_alpha']}, all linears; {s['threads']} torch thread(s); median of "
+             f"{s['reps']} interleaved steps; torch.compile for: {compiled}.", ""]
     for name in dict.fromkeys(r["model"] for r in rows):
         lines += _model_table(name, [r for r in rows if r["model"] == name])
     lines += ["### Acceptance ratios (times: median of paired ratios)", "",
-              "| model | " + " | ".join(_ACCEPTANCE_COLUMNS.values()) + " |",
-              "|---|" + "---:|" * len(_ACCEPTANCE_COLUMNS)]
-    for name, r in ratios.items():
-        cells = [f"{v:.2f}" if isinstance(v, float) else "—" for v in (r.get(k) for k in _ACCEPTANCE_COLUMNS)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if passes:
-        lines += ["", "### Speed passes vs plain lorafa_fx (same model, same mode)", "",
-                  "| pass | model | mode | peak | saved act. | step time (median of paired ratios) "
-                  "| step time (min / min) |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        for p in passes:
-            lines.append(f"| {METHODS[p['method']]} | {p['model']} | {p['mode']} | {p['peak_ratio']:.3f}x | "
-                         f"{p['saved_ratio']:.3f}x | {p['time_ratio_paired_median']:.3f}x | "
-                         f"{p['time_ratio_min']:.3f}x |")
-    if chunk:
-        lines += _chunk_table(chunk)
+              H.md_table(["model", *_ACCEPTANCE_COLUMNS.values()],
+                         [[name, *map(_ratio, map(r.get, _ACCEPTANCE_COLUMNS))] for name, r in ratios.items()])]
+    if result["passes"]:
+        lines += ["### Speed passes vs plain lorafa_fx (same model, same mode)", "", H.md_table(
+            ["pass", "model", "mode", "peak", "saved act.", "step time (median of paired ratios)",
+             "step time (min / min)"],
+            [[METHODS[p["method"]], p["model"], p["mode"], f"{p['peak_ratio']:.3f}x", f"{p['saved_ratio']:.3f}x",
+              f"{p['time_ratio_paired_median']:.3f}x", f"{p['time_ratio_min']:.3f}x"] for p in result["passes"]],
+            left=3)]
+    if result["chunk_cross_entropy"]:
+        lines += _chunk_table(result["chunk_cross_entropy"])
     return "\n".join(lines) + "\n"
 
 
@@ -123,56 +120,37 @@ def _model_table(name: str, model_rows: list[dict]) -> list[str]:
     params = next((r["params"] for r in model_rows if "params" in r), 0)
     ref = next((r for r in model_rows if r.get("method") == "peft_lora" and r["mode"] == "eager"
                 and "step_ms" in r), None)
-    lines = [f"### {name} ({params / 1e6:.1f}M params)", "",
-             "| method | mode | trainable | saved act. MiB | peak MiB | step ms (median) | step ms (min) | tokens/s "
-             "| time vs PEFT LoRA eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = []
     for r in model_rows:
         if "step_ms" not in r:
-            lines.append(f"| {r['label']} | {r['mode']} | | | | {r.get('status', '')} | | | |")
+            cells.append([r["label"], r["mode"], "", "", "", r.get("status", ""), "", "", ""])
             continue
-        rel = f"{r['step_ms'] / ref['step_ms']:.2f}x" if ref else "—"
-        lines.append(f"| {r['label']} | {r['mode']} | {r['trainable'] / 1e6:.2f}M | {_mib(r['saved_bytes'])} | "
-                     f"{_mib(r['peak_bytes'])} | {r['step_ms']:,.0f} | {1e3 * min(r['times_s']):,.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {rel} |")
-    return lines + [""]
+        cells.append([r["label"], r["mode"], f"{r['trainable'] / 1e6:.2f}M", _mib(r["saved_bytes"]),
+                      _mib(r["peak_bytes"]), f"{r['step_ms']:,.0f}", f"{1e3 * min(r['times_s']):,.0f}",
+                      f"{r['tokens_per_s']:,.0f}", f"{r['step_ms'] / ref['step_ms']:.2f}x" if ref else "—"])
+    return [f"### {name} ({params / 1e6:.1f}M params)", "", H.md_table(
+        ["method", "mode", "trainable", "saved act. MiB", "peak MiB", "step ms (median)", "step ms (min)", "tokens/s",
+         "time vs PEFT LoRA eager"], cells, left=2)]
 
 
 def _chunk_table(chunk: dict) -> list[str]:
-    lines = ["", f"### Chunked cross-entropy, tiny Llama, vocab {chunk['vocab']:,}, batch {chunk['batch']}x"
-             f"{chunk['seq']} (fp32 logits {_mib(chunk['logits_bytes'])} MiB)", "",
-             "| method | saved act. MiB | peak MiB | step ms |", "|---|---:|---:|---:|"]
-    for m in ("lorafa_fx", "lorafa_fx+chunk_ce"):
-        c = chunk[m]
-        lines.append(f"| {METHODS[m]} | {_mib(c['saved_bytes'])} | {_mib(c['peak_bytes'])} | {c['step_ms']:,.0f} |")
-    return lines + ["", f"Peak drop {_mib(chunk['peak_drop_bytes'])} MiB = {chunk['drop_over_logits']:.2f}x the full "
-                    f"logits (acceptance: >= 1.00x)."]
-
-
-def summary(rows: list[dict], ratios: dict) -> list[str]:
-    """The console lines after the tables: the key ratios and the budgeted rows."""
-    out = []
-    for name, r in ratios.items():
-        parts = []
-        if "time_eager_vs_peft_lora_fa" in r:
-            parts.append(f"lorafa_fx eager / PEFT LoRA-FA eager: time {r['time_eager_vs_peft_lora_fa']:.2f}, "
-                         f"peak {r['peak_eager_vs_peft_lora_fa']:.2f}")
-        if "time_compiled_vs_peft_lora_eager" in r:
-            parts.append(f"lorafa_fx compiled / PEFT LoRA eager: time {r['time_compiled_vs_peft_lora_eager']:.2f} "
-                         "(target <= 0.8)")
-        if parts:
-            out.append(f"{name}: " + "; ".join(parts))
-    for r in rows:
-        if r.get("method") == "lorafa_fx_budget60" and r["mode"] == "eager":
-            status = r.get("status") or (f"peak {r['peak_bytes'] / MiB:,.1f} MiB under a {r['budget_bytes'] / MiB:,.1f} "
-                                         f"MiB budget, {r['step_ms']:,.0f} ms/step {r.get('budget_note', '')}")
-            out.append(f"{r['model']}: lorafa_fx with budget at 60% of its unconstrained peak: {status}")
-    return out
+    rows = [[METHODS[m], _mib(chunk[m]["saved_bytes"]), _mib(chunk[m]["peak_bytes"]), f"{chunk[m]['step_ms']:,.0f}"]
+            for m in ("lorafa_fx", "lorafa_fx+chunk_ce")]
+    return [f"### Chunked cross-entropy, tiny Llama, vocab {chunk['vocab']:,}, batch {chunk['batch']}x"
+            f"{chunk['seq']} (fp32 logits {_mib(chunk['logits_bytes'])} MiB)", "",
+            H.md_table(["method", "saved act. MiB", "peak MiB", "step ms"], rows),
+            f"Peak drop {_mib(chunk['peak_drop_bytes'])} MiB = {chunk['drop_over_logits']:.2f}x the full logits "
+            "(acceptance: >= 1.00x)."]
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Peak memory against median step time, one panel per model."""
-    import matplotlib
+    """Peak memory against median step time, one panel per model (skipped, with a note, where
+    matplotlib is not installed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        H.progress("no plot: matplotlib is missing (pip install -e '.[bench]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,3 +185,4 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout(rect=(0, 1.3 / fig.get_figheight(), 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    H.progress(f"wrote {path}")

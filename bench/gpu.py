@@ -1,8 +1,7 @@
-"""GPU benchmark: measured vs predicted memory, and step time, of lorafa_fx against PEFT on a
-7B-shaped Llama.
+"""GPU: measured against predicted memory, and step time, of lorafa_fx and PEFT on a 7B-shaped Llama.
 
-    python bench/gpu.py            # one H100/H200; --layers 8, --modes eager: shorter runs
-    python bench/gpu.py --smoke    # the same code path on the CPU: tiny Llama, batch 2 x 64
+    python -m bench gpu            # one H100/H200; --layers 8, --modes eager: shorter runs
+    python -m bench gpu --smoke    # the same code path on the CPU: tiny Llama, batch 2 x 64
 
 The model is ``lorafa_fx.presets.PRESETS["llama-2-7b"]`` with random bf16 weights built on the
 GPU (no downloads), rebuilt from one seed for every method so each starts on an empty device.
@@ -25,9 +24,9 @@ plan's predicted peak and measured / predicted. With ``--smoke`` the peak is Mem
 (`lorafa_fx.measure.measure_peak_bytes`, one more step), there is no reserved figure, times are
 wall-clock, and runs are eager unless ``--modes`` says otherwise.
 
-A run that runs out of memory is an "OOM" row, any other failure an "error: ..." row. Results
-are rewritten after every row to bench/out/gpu.json and gpu.md (``--out DIR`` moves them), so a
-run cut short keeps its finished rows.
+A run that runs out of memory is an "OOM" row, any other failure an "error: ..." row. The rows
+so far are rewritten after every row to gpu.rows.json beside gpu.json, so a run cut short keeps
+its finished rows.
 """
 
 from __future__ import annotations
@@ -36,23 +35,16 @@ import argparse
 import copy
 import gc
 import json
-import os
 import statistics
-import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import peft
 import torch
-import transformers
-from rich.console import Console
-from rich.table import Table
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import lorafa_fx
+from bench import _harness as H
 from lorafa_fx import zoo
 from lorafa_fx.errors import InfeasibleBudgetError
 from lorafa_fx.measure import measure_peak_bytes
@@ -65,8 +57,9 @@ BUDGET_FRACTION = 0.8
 Builder = Callable[[torch.nn.Module, dict, int | None], torch.nn.Module]
 
 
-def _lorafa(model: torch.nn.Module, batch: dict, unplanned_peak: int | None) -> torch.nn.Module:
-    return lorafa_fx.transform(model, example_inputs=batch, config=LORA)
+def _lorafa(model: torch.nn.Module, batch: dict, unplanned_peak: int | None, budget: int | None = None,
+            offload: bool = True) -> torch.nn.Module:
+    return lorafa_fx.transform(model, example_inputs=batch, config=LORA, **H.plan_args(budget, offload=offload))
 
 
 def _lorafa_budget(offload: bool) -> Builder:
@@ -77,17 +70,17 @@ def _lorafa_budget(offload: bool) -> Builder:
         if unplanned_peak is None:  # the unplanned row was not run (or failed) at this batch
             b, s = batch["input_ids"].shape
             unplanned_peak = lorafa_fx.estimate(model, batch_size=b, seq_len=s, config=LORA).predicted_peak_bytes
-        budget = int(BUDGET_FRACTION * unplanned_peak)
         try:
-            return lorafa_fx.transform(model, budget, example_inputs=batch, config=LORA, plan=lorafa_fx.PlanConfig(offload=offload))
+            return _lorafa(model, batch, unplanned_peak, int(BUDGET_FRACTION * unplanned_peak), offload)
         except InfeasibleBudgetError as e:
-            return lorafa_fx.transform(model, e.min_budget_bytes, example_inputs=batch, config=LORA, plan=lorafa_fx.PlanConfig(offload=offload))
+            return _lorafa(model, batch, unplanned_peak, e.min_budget_bytes, offload)
 
     return build
 
 
 def _peft(train_A: bool, grad_ckpt: bool) -> Builder:
     def build(model: torch.nn.Module, batch: dict, unplanned_peak: int | None) -> torch.nn.Module:
+        peft = H.require("peft", "bench gpu (its PEFT rows)")
         if grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
@@ -150,7 +143,8 @@ def measure(step: Callable[[], None], state: list, args: argparse.Namespace) -> 
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(args.steps)]
         for start, end in events:
             start.record()
             step()
@@ -220,7 +214,8 @@ def _plan_fields(module: torch.nn.Module, unplanned_peak: int | None) -> dict:
     if plan is None:  # PEFT: no prediction
         return {}
     return {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
-            "budget_vs_unplanned_peak": plan.budget_bytes / unplanned_peak if plan.budget_bytes and unplanned_peak else None,
+            "budget_vs_unplanned_peak": (plan.budget_bytes / unplanned_peak
+                                         if plan.budget_bytes and unplanned_peak else None),
             "recomputed_blocks": len(plan.recomputed_blocks), "offloaded_blocks": len(plan.offloaded_blocks),
             "chunked_cross_entropy": plan.chunked_cross_entropy, "predicted_step_seconds": plan.step_seconds,
             "extra_compute_pct": plan.extra_compute_pct}
@@ -252,33 +247,20 @@ def _cells(row: dict) -> list[str]:
                 plan += f" ({row['budget_vs_unplanned_peak']:.2f}x unplanned peak)"
     ok = row["status"] == "ok"
     return [f"{row['batch']} x {row['seq']}", row["label"], row["mode"], row["status"], size("predicted_peak_bytes"),
-            size("max_allocated_bytes"), f"{row['allocated_over_predicted']:.3f}" if "allocated_over_predicted" in row else "—",
+            size("max_allocated_bytes"),
+            f"{row['allocated_over_predicted']:.3f}" if "allocated_over_predicted" in row else "—",
             size("max_reserved_bytes"), f"{row['step_ms']:.1f}" if ok else "—",
             f"{row['tokens_per_s']:,.0f}" if ok else "—", f"{row['first_step_s']:.1f}" if ok else "—", plan]
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# {meta['title']}", "", f"`{meta['command']}`", "",
-             (f"Device: {meta['device_name']}; torch {meta['torch']}, transformers {meta['transformers']}, "
-              f"peft {meta['peft']}. Model: {meta['model']}. r {R}, lora_alpha {ALPHA}, all linears; AdamW; "
-              f"{meta['warmup']} warm-up + {meta['steps']} timed steps. Peak: {meta['peak_source']}."), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + ("---|" * len(COLUMNS))]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    return (f"Device: {meta['device_name']}. Model: {meta['model']}. r {R}, lora_alpha {ALPHA}, all linears; AdamW; "
+            f"{meta['warmup']} warm-up + {meta['steps']} timed steps. Peak: {meta['peak_source']}.\n\n"
+            + H.md_table(COLUMNS, [_cells(r) for r in result["rows"]], left=4))
 
 
-def rich_table(rows: list[dict], meta: dict) -> Table:
-    table = Table(title=f"{meta['title']}: {meta['device_name']}, {meta['model']}")
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if c in ("method", "mode", "status", "plan") else "right")
-    for r in rows:
-        table.add_row(*_cells(r))
-    return table
-
-
-def _parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU check of the code path: tiny Llama, batch 2 x 64")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layers", type=int, help="decoder layers (default: 32; smoke: 2)")
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 4 8; smoke: 2)")
     ap.add_argument("--seq", type=int, help="sequence length (default 1024; smoke: 64)")
@@ -286,32 +268,23 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", choices=("eager", "compiled"), help="default both; smoke: eager")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
     if not args.smoke and not torch.cuda.is_available():
-        ap.error("no CUDA device here (torch.cuda.is_available() is False). This benchmark measures a GPU; "
-                 "run `python bench/gpu.py --smoke` to check its code path on the CPU.")
+        raise SystemExit("no CUDA device here (torch.cuda.is_available() is False). This bench measures a GPU; "
+                         "`python -m bench gpu --smoke` checks its code path on the CPU.")
     if args.warmup < 1 or args.steps < 1:
-        ap.error("--warmup and --steps must be at least 1 (the first warm-up step compiles).")
+        raise SystemExit("--warmup and --steps must be at least 1 (the first warm-up step compiles).")
     args.device = "cpu" if args.smoke else "cuda"
     args.batches = args.batches or ([2] if args.smoke else [4, 8])
     # Smoke: at 2 x 16 the tiny model's 0.8x budget is infeasible and nothing is recomputed; 2 x 64 recomputes.
     args.seq = args.seq or (64 if args.smoke else 1024)
     args.modes = args.modes or (["eager"] if args.smoke else ["eager", "compiled"])
-    return args
-
-
-def main() -> None:
-    args = _parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
     config = model_config(args)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    meta = {"title": "lorafa_fx GPU benchmark" + (" (CPU smoke)" if args.smoke else ""),
-            "command": "python bench/gpu.py " + " ".join(sys.argv[1:]),
-            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+    meta = {"device_name": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
             "model": f"Llama {config.num_hidden_layers} layers, hidden {config.hidden_size}, {params:,} params, bf16",
             "r": R, "lora_alpha": ALPHA, "warmup": args.warmup, "steps": args.steps,
             "peak_source": "torch.cuda.max_memory_allocated over the timed steps" if args.device == "cuda"
@@ -319,19 +292,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     unplanned_peaks: dict[int, int] = {}
-    t0 = time.perf_counter()
     for b in args.batches:
         for name in args.methods:
+            H.progress(f"batch {b} x {args.seq}: {METHODS[name][0]}: building and measuring")
             for row in method_rows(name, b, config, args, unplanned_peaks):
                 rows.append(row)
-                print(f"[{time.perf_counter() - t0:6.0f} s] " + " | ".join(_cells(row)), flush=True)
-                meta["wall_s"] = time.perf_counter() - t0
-                (args.out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-                (args.out / "gpu.md").write_text(markdown(rows, meta))
+                H.progress(" | ".join(_cells(row)))
+                (args.out / "gpu.rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
             free_memory(args.device)  # the method's module is gone now: return its blocks
-    Console(width=240).print(rich_table(rows, meta))
-    print(f"wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'} in {meta['wall_s']:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+    return {"meta": meta, "rows": rows}

@@ -50,7 +50,7 @@ def test_estimate_of_a_model_plans_another_batch_shape():
 def test_llama2_7b_plans_without_weights_in_under_2gb():
     """Llama-2-7B's config, bs 16 x 1024, r 64, bf16, planned from fake weights: its weight bytes are
     the closed form, every linear is adapted, and the planning process stays under 2 GB. (How long
-    planning takes is measured by bench/bench_plan_time.py, not asserted here.)"""
+    planning takes is measured by `python -m bench plan_time`, not asserted here.)"""
     script = textwrap.dedent("""
         import resource
         import lorafa_fx
