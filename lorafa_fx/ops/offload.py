@@ -11,12 +11,21 @@ CPU the copy is a host tensor like any other: the code path is the same, the mem
 freed, so the planner never chooses offload for a CPU step. Under `FakeTensorMode` (the cost
 model) a saved tensor becomes a record of its shape, and fetching it allocates a fake tensor:
 the simulated step frees and re-allocates what the real one does, where it does.
+
+`OffloadedCheckpoint` is the same with the region checkpointed: its forward runs under
+``torch.utils.checkpoint(use_reentrant=True)``, whose one saved set is the region's inputs
+(``ctx.save_for_backward``, which the hooks see; the non-reentrant form holds its inputs in a
+closure, out of their reach). So the block keeps nothing on the device between its forward and
+its backward: its input (the residual stream) waits in host memory, is fetched back ahead of
+the block's backward like any offloaded tensor, and backward reruns the block's forward from
+it (restoring the RNG state, so dropout draws the same masks).
 """
 
 from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils.checkpoint import checkpoint
 
 #: Tensors smaller than this stay where they are: the copy's latency outweighs the bytes.
 MIN_BYTES = 1 << 20
@@ -164,6 +173,16 @@ class Offload(torch.nn.Module):
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack_hook(self.position),
                                                           self.offloader.unpack):
-                return self.region(*args)
+                return self.run(*args)
         finally:
             self.offloader.end_region()
+
+    def run(self, *args):
+        return self.region(*args)
+
+
+class OffloadedCheckpoint(Offload):
+    """An `Offload` region that is also checkpointed: what it saves is its inputs, in host memory."""
+
+    def run(self, *args):
+        return checkpoint(self.region, *args, use_reentrant=True)
