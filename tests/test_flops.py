@@ -77,3 +77,50 @@ def test_the_steps_backward_flops_are_flop_counter_modes_within_2pct(step):
     grads = needs_grad(gm)
     assert backward < 2 * forward
     assert sum(backward_flops(n, grads, sizes) for n in gm.graph.nodes) == step_flops(gm, sizes)[1]
+
+
+def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkeypatch):
+    """Reference: FlopCounterMode's count of a real step with each mix of block decisions the
+    planner may choose without a card (`mix.mixes`: recomputed, selective, chunked) that the
+    cost model says fits the budget; the planner's plan is one with the fewest, and the FLOPs
+    it reports recomputing are FlopCounterMode's extra over the unplanned step."""
+    from lorafa_fx import LoraFAConfig, transform
+    from lorafa_fx.errors import InfeasibleBudgetError
+    from lorafa_fx.graph import block_ranges
+    from lorafa_fx.memory.cost_model import CostModel
+    from lorafa_fx.memory.mix import block_facts, mixes
+    from lorafa_fx.memory.planner import _kept, evaluate
+    from lorafa_fx.memory.simulate import with_decisions
+    from lorafa_fx.pipeline import REALISE
+    from lorafa_fx.zoo import make_model
+
+    def model():
+        torch.manual_seed(0)
+        return make_model("llama")
+
+    batch, lora = make_batch("llama", 2, 32), LoraFAConfig(r=8, chunked_cross_entropy=False)
+    gm = transform(model(), example_inputs=batch, config=lora)
+    with pytest.raises(InfeasibleBudgetError) as floor:
+        transform(model(), 1, example_inputs=batch, config=lora)
+    budget = (gm.lorafa_plan.predicted_peak_bytes + floor.value.min_budget_bytes) // 2
+    planned = transform(model(), budget, example_inputs=batch, config=lora).lorafa_plan
+
+    def counted(decisions) -> int:
+        module = with_decisions(gm, decisions, REALISE) if decisions else gm
+        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+            module(**batch).loss.backward()
+        return counter.get_total_flops()
+
+    simulate = CostModel(batch, realise=REALISE)
+    unplanned = simulate(gm)
+    sizes = symbol_sizes(gm, batch)
+    facts = block_facts(gm, unplanned, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
+    fitting = {}
+    for m in mixes(facts, offload=False):
+        decisions = m.decisions(facts)
+        if evaluate(gm, decisions, simulate, unplanned, facts=facts).estimate.peak <= budget:
+            fitting[tuple(decisions.values())] = counted(decisions)
+    assert len(fitting) > 1 and len(block_ranges(gm.graph)) == 2
+    chosen = counted(planned.recompute_by_block)
+    assert chosen == min(fitting.values())
+    assert planned.recompute_flops == chosen - counted({})

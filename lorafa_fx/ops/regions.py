@@ -5,7 +5,9 @@ that decides what it keeps for backward (`passes/recompute_regions.py` makes the
 `Recompute` runs its region under ``torch.utils.checkpoint(use_reentrant=False)``: the block
 keeps only its inputs and backward reruns its forward (checkpointing restores the RNG state, so
 dropout draws the same masks; `torch.compile` traces the same call as its activation-checkpoint
-higher-order op). `offload.Offload` keeps the region's saved tensors in host memory instead.
+higher-order op). The whole forward is rerun (no early stop after the last tensor backward
+needs): what `memory/flops.py` counts is then what FlopCounterMode measures, at the cost of a
+block's last adapter product (about 1% of its forward). `offload.Offload` keeps the region's saved tensors in host memory instead.
 
 `MiniSequence` runs a token-wise region (a block's MLP, `graph.mlp_spans`) a chunk of tokens at
 a time, each chunk checkpointed (the Mini-Sequence Transformer's scheme): inside a recomputed
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .. import meta
 
@@ -34,7 +36,8 @@ class Recompute(torch.nn.Module):
         self.region = region
 
     def forward(self, *args):
-        return checkpoint(self.region, *args, use_reentrant=False)
+        with set_checkpoint_early_stop(False):
+            return checkpoint(self.region, *args, use_reentrant=False)
 
 
 #: Chunks of tokens a `MiniSequence` region runs in: its b·s·intermediate tensors exist an
@@ -58,10 +61,12 @@ class MiniSequence(torch.nn.Module):
         # On fake tensors (the cost model) one chunk runs and the others are left empty: one
         # chunk's tensors are what the real loop holds at a time, and the output is whole.
         count = 1 if is_fake(args[self.split[0]]) else len(pieces[self.split[0]])
-        outputs = [
-            checkpoint(self.region, *(pieces[i][c] if i in pieces else a for i, a in enumerate(args)), use_reentrant=False)[0]
-            for c in range(count)
-        ]
+        with set_checkpoint_early_stop(False):
+            outputs = [
+                checkpoint(self.region, *(pieces[i][c] if i in pieces else a for i, a in enumerate(args)),
+                           use_reentrant=False)[0]
+                for c in range(count)
+            ]
         if count < len(pieces[self.split[0]]):
             rest = [p.shape[-2] for p in pieces[self.split[0]][count:]]
             outputs.append(outputs[0].new_empty((*outputs[0].shape[:-2], sum(rest), outputs[0].shape[-1])))
