@@ -81,14 +81,14 @@ def test_the_steps_backward_flops_are_flop_counter_modes_within_2pct(step):
 
 def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkeypatch):
     """Reference: FlopCounterMode's count of a real step with each mix of block decisions the
-    planner may choose without a card (`mix.mixes`: recomputed, selective, chunked) that the
+    planner may choose without a card (`mix.Candidates`: recomputed, selective, chunked) that the
     cost model says fits the budget; the planner's plan is one with the fewest, and the FLOPs
     it reports recomputing are FlopCounterMode's extra over the unplanned step."""
     from lorafa_fx import LoraFAConfig, transform
     from lorafa_fx.errors import InfeasibleBudgetError
     from lorafa_fx.graph import block_ranges
     from lorafa_fx.memory.cost_model import CostModel
-    from lorafa_fx.memory.mix import block_facts, mixes
+    from lorafa_fx.memory.mix import Candidates, block_facts
     from lorafa_fx.memory.planner import _kept, evaluate
     from lorafa_fx.memory.simulate import with_decisions
     from lorafa_fx.pipeline import REALISE
@@ -116,8 +116,9 @@ def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkey
     sizes = symbol_sizes(gm, batch)
     facts = block_facts(gm, unplanned, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
     fitting = {}
-    for m in mixes(facts, offload=False):
-        decisions = m.decisions(facts)
+    candidates = Candidates(facts, unplanned.peak, 1.0, None)
+    for i in range(len(candidates.order)):
+        decisions = candidates.mix(i).decisions(facts)
         if evaluate(gm, decisions, simulate, unplanned, facts=facts).estimate.peak <= budget:
             fitting[tuple(decisions.values())] = counted(decisions)
     assert len(fitting) > 1 and len(block_ranges(gm.graph)) == 2

@@ -32,10 +32,11 @@ The planner ranks the mixes by seconds and checks the estimate with the simulate
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy
+import torch
 import torch.fx as fx
 
 from ..choices import Decision
@@ -157,50 +158,62 @@ class Mix:
         return {b: chosen.get(b, Decision.KEEP) for b in facts.blocks}
 
 
-def mixes(facts: BlockFacts, offload: bool) -> Iterator[Mix]:
-    """Every mix of `facts`' blocks (counts in steps that keep them under ~10^5 on deep models):
-    with `offload` (a card), offloaded blocks, MLPs and checkpoints; selective and chunked
-    ones where every block's MLP allows them."""
-    n = len(facts.order)
-    recompute = Decision.OFFLOAD_CHECKPOINT if offload else Decision.RECOMPUTE
-    selective = all(b.selective > 0 for b in facts.blocks.values())
-    chunkable = all(b.chunkable for b in facts.blocks.values())
-    step = max(1, round(n / 32))
-
-    def counts(left: int, allowed: bool = True) -> list[int]:
-        return sorted({*range(0, left + 1, step), left}) if allowed else [0]
-
-    for a in counts(n, offload):
-        for r in counts(n - a):
-            for m in counts(n - a - r, offload and selective):
-                for s in counts(n - a - r - m, selective):
-                    yield Mix(a, r, m, s, recompute)
-                    if r and chunkable:
-                        yield Mix(a, r, m, s, recompute, chunked=True)
-
-
-class Pricing:
-    """Each mix's estimated peak and predicted seconds (module docstring), at `rate` FLOP/s
-    over a `link` of bytes/s (None: nothing crosses). Sums over a mix's runs of blocks come
-    from running totals along the layout order, so pricing thousands of mixes stays cheap."""
+class Candidates:
+    """Every mix of `facts`' blocks (with `offload`, a card: offloaded blocks, MLPs and
+    checkpoints; selective and chunked ones where every block's MLP allows them; counts in
+    steps that keep them under ~10^5 on deep models), priced (module docstring) at `rate`
+    FLOP/s over a `link` of bytes/s (None: nothing crosses), in order of their recomputation
+    seconds (a lower bound of their seconds), then of their estimated peak. Tens of thousands
+    of mixes are priced at once from running totals along the layout order."""
 
     def __init__(self, facts: BlockFacts, unplanned_peak: int, rate: float, link: float | None) -> None:
-        self.facts, self.peak, self.rate, self.link = facts, unplanned_peak, rate, link
-        blocks = [facts.blocks[b] for b in facts.order]
-        self._sums = {d: list(itertools.accumulate(((b.frees(d), b.recomputes(d)) for b in blocks),
-                                                   lambda x, y: (x[0] + y[0], x[1] + y[1]), initial=(0, 0)))
-                      for d in Decision}
-        self._reappears = {d: [b.reappears(d) for b in blocks] for d in Decision}
+        self.facts, self.rate, self.link = facts, rate, link
+        self.recompute = Decision.OFFLOAD_CHECKPOINT if link else Decision.RECOMPUTE
+        n, blocks = len(facts.order), [facts.blocks[b] for b in facts.order]
+        selective = all(b.selective > 0 for b in blocks)
+        chunkable = all(b.chunkable for b in blocks)
+        step = max(1, round(n / 32))
 
-    def estimated_peak(self, mix: Mix) -> int:
-        runs = [(d, i, j) for d, i, j in mix.runs() if j > i]
-        freed = sum(self._sums[d][j][0] - self._sums[d][i][0] for d, i, j in runs)
-        return self.peak - freed + max((max(self._reappears[d][i:j]) for d, i, j in runs), default=0)
+        def counts(left: int, allowed: bool = True) -> list[int]:
+            return sorted({*range(0, left + 1, step), left}) if allowed else [0]
 
-    def recompute_seconds(self, mix: Mix) -> float:
-        return sum(self._sums[d][j][1] - self._sums[d][i][1] for d, i, j in mix.runs()) / self.rate
+        rows = [(a, r, m, s, c) for a in counts(n, link is not None) for r in counts(n - a)
+                for m in counts(n - a - r, link is not None and selective) for s in counts(n - a - r - m, selective)
+                for c in ((0, 1) if r and chunkable else (0,))]
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        ends = self.rows[:, :4].cumsum(1)
+        starts = ends - self.rows[:, :4]
+        freed = torch.zeros(len(rows), dtype=torch.long)
+        recomputed = torch.zeros(len(rows), dtype=torch.float64)
+        reappears = torch.zeros(len(rows), dtype=torch.long)
+        for run in range(4):
+            for chunked in (0, 1):
+                d = self._kind(run, bool(chunked))
+                frees = torch.tensor([0, *itertools.accumulate(b.frees(d) for b in blocks)])
+                flops = torch.tensor([0, *itertools.accumulate(b.recomputes(d) for b in blocks)], dtype=torch.float64)
+                most = torch.tensor([[max((b.reappears(d) for b in blocks[i:j]), default=0) for j in range(n + 1)]
+                                     for i in range(n + 1)])
+                take = self.rows[:, 4] == chunked if run == 1 else torch.full((len(rows),), chunked == 0)
+                i, j = starts[:, run], ends[:, run]
+                freed += torch.where(take, frees[j] - frees[i], 0)
+                recomputed += torch.where(take, flops[j] - flops[i], 0.0)
+                reappears = torch.maximum(reappears, torch.where(take, most[i, j], 0))
+        self.estimated = unplanned_peak - freed + reappears
+        self.lower = recomputed / rate
+        order = torch.argsort(self.estimated, stable=True)
+        self.order = order[torch.argsort(self.lower[order], stable=True)].tolist()
+
+    def _kind(self, run: int, chunked: bool) -> Decision:
+        if run == 1:
+            return _CHUNKED[self.recompute] if chunked else self.recompute
+        return (Decision.OFFLOAD, None, Decision.OFFLOAD_MLP, Decision.SELECTIVE)[run]
+
+    def mix(self, index: int) -> Mix:
+        a, r, m, s, c = self.rows[index].tolist()
+        return Mix(a, r, m, s, self.recompute, chunked=bool(c))
 
     def wait_seconds(self, decisions: Mapping[str, Decision]) -> float:
+        """Seconds compute waits for the link (`timing.transfer_wait`) under `decisions`."""
         if self.link is None:
             return 0.0
         times = [

@@ -55,7 +55,7 @@ from ..errors import InfeasibleBudgetError
 from ..graph import block_of
 from ..units import format_bytes
 from .flops import concrete, needs_grad, step_flops
-from .mix import BlockFacts, Mix, Pricing, block_facts, mixes
+from .mix import BlockFacts, Candidates, block_facts
 from .simulate import Simulator, StepEstimate
 
 #: Headroom per recomputed block (plus one) for what the fake-tensor run does not see of
@@ -182,34 +182,32 @@ def plan_recompute(
     facts = block_facts(gm, unplanned, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
     card = profile is not None and offload
     rate = profile.dense_bf16_flops * ACHIEVED_FRACTION if profile is not None else 1.0
-    pricing = Pricing(facts, unplanned.peak, rate, profile.host_link_bytes_per_s if card else None)
-    # (seconds of recomputation: a lower bound of the mix's seconds, estimated peak, mix)
-    candidates = sorted(((pricing.recompute_seconds(m), pricing.estimated_peak(m), m) for m in mixes(facts, card)),
-                        key=lambda c: (c[0], c[1]))
-    tried: dict[Mix, RecomputePlan] = {}
+    candidates = Candidates(facts, unplanned.peak, rate, profile.host_link_bytes_per_s if card else None)
+    estimated, lower = candidates.estimated.tolist(), candidates.lower.tolist()
+    tried: dict[int, RecomputePlan] = {}  # by the mix's index in `candidates`
     errors: list[int] = []  # simulated peak - estimated peak, of each mix simulated
 
-    def cheapest(correction: int, bound: float) -> tuple[float, Mix] | None:
+    def cheapest(correction: int, bound: float) -> tuple[float, int] | None:
         """The mix of least seconds, under `bound`, untried, whose estimate plus `correction`
         fits; the link's waits (the costly part of a mix's seconds) are computed only for mixes
         whose lower bound could still win."""
         found = None
-        for lower, estimated, m in candidates:
-            if lower >= min(bound, found[0] if found else bound):
+        for i in candidates.order:
+            if lower[i] >= min(bound, found[0] if found else bound):
                 break
-            if estimated + correction <= budget_bytes and m not in tried:
-                total = lower + pricing.wait_seconds(m.decisions(facts))
+            if estimated[i] + correction <= budget_bytes and i not in tried:
+                total = lower[i] + candidates.wait_seconds(candidates.mix(i).decisions(facts))
                 if total < min(bound, found[0] if found else bound):
-                    found = (total, m)
+                    found = (total, i)
         return found
 
-    def simulated(m: Mix) -> RecomputePlan:
-        if m not in tried:
-            decisions = m.decisions(facts)
+    def simulated(i: int) -> RecomputePlan:
+        if i not in tried:
+            decisions = candidates.mix(i).decisions(facts)
             plan = evaluate(gm, decisions, simulate, unplanned, facts=facts)
-            tried[m] = dataclasses.replace(plan, offload_seconds=pricing.wait_seconds(decisions))
-            errors.append(tried[m].estimate.peak - pricing.estimated_peak(m))
-        return tried[m]
+            tried[i] = dataclasses.replace(plan, offload_seconds=candidates.wait_seconds(decisions))
+            errors.append(tried[i].estimate.peak - estimated[i])
+        return tried[i]
 
     # First the cheapest mix whose estimate, corrected by the largest error seen, fits (the
     # estimate misses backward transients); then cheaper mixes whose estimate fits with the
@@ -229,9 +227,8 @@ def plan_recompute(
         return best[1]
     # Nothing fits: the least peak a mix reaches is the smallest budget (the estimate's least,
     # simulated, may not be the least: a checkpoint's own bytes can outweigh what it frees).
-    floor = min(candidates, key=lambda c: c[1])[2] if candidates else None
-    least = min([*tried.values(), *([simulated(floor)] if floor is not None else [])], key=lambda p: p.estimate.peak,
-                default=evaluate(gm, {}, simulate, unplanned))
+    floor = simulated(min(candidates.order, key=estimated.__getitem__))
+    least = min([evaluate(gm, {}, simulate, unplanned), *tried.values(), floor], key=lambda p: p.estimate.peak)
     raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
 
 
