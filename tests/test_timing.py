@@ -26,6 +26,14 @@ def test_three_offloaded_blocks_wait_for_the_link_as_worked_by_hand():
     assert transfer_wait(blocks) == pytest.approx(50 * MS)
 
 
+def test_blocks_fetched_only_when_needed_wait_for_each_fetch_whole():
+    """The same three blocks, none prefetched (the floor's offloaded mini-sequence blocks):
+    forward as before (25 ms). Backward: block 2 fetches 0-15 and runs 15-25; block 1 fetches
+    25-40 and runs 40-50; block 0 fetches 50-65. Each waits its 15 ms: 25 + 45 = 70 ms."""
+    blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS, prefetched=False)] * 3
+    assert transfer_wait(blocks) == pytest.approx(70 * MS)
+
+
 def test_transfers_hidden_behind_kept_blocks_cost_nothing():
     """Block 0 offloads 15 ms of copies; three kept blocks of 10 ms follow it. Forward: the copy
     runs 10-25 ms, forward ends at 40. Backward: the kept blocks run 0-30 ms, but the fetch

@@ -20,7 +20,8 @@ what its MLP keeps up to the last linear, `graph.mlp_spans`)::
     SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
     RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         forward(b)       0
     OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         forward(b)       input(b)
-    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b)          + forward(MLP)   as recomputed
+    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  + forward(MLP)   as recomputed
+                                                prefetched input
 
     peak(mix)    ~= peak(unplanned) - sum of frees + max of reappears
     seconds(mix)  = recomputed FLOPs / rate + timing.transfer_wait(...)
@@ -73,7 +74,7 @@ class Block:
         return 0 if d is Decision.KEEP else self.saved
 
     def reappears(self, d: Decision) -> int:
-        offloaded_input = self.input if d in (Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE) else 0
+        offloaded_input = self.input if d is Decision.OFFLOAD_CHECKPOINT else 0  # the next one's, prefetched
         if d in (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE):
             chunked = self.selective * (MINI_SEQUENCE_CHUNKS - 1) // MINI_SEQUENCE_CHUNKS
             return self.saved - self.input - chunked + offloaded_input
@@ -217,7 +218,8 @@ class Candidates:
         if self.link is None:
             return 0.0
         times = [
-            BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link)
+            BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link,
+                      prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
             for b, d in ((self.facts.blocks[name], decisions.get(name, Decision.KEEP)) for name in self.facts.blocks)
         ]
         return transfer_wait(times, self.facts.after_blocks / self.rate)

@@ -225,9 +225,12 @@ def plan_recompute(
             best = (pick[0], plan)
     if best is not None:
         return best[1]
-    # Nothing fits: the least peak a mix reaches is the smallest budget (the estimate's least,
-    # simulated, may not be the least: a checkpoint's own bytes can outweigh what it frees).
+    # No estimate, corrected, fits: the mix of least estimated peak may still (the correction
+    # is the largest error seen), else the least peak a mix reaches is the smallest budget
+    # (not always that mix's: a checkpoint's own bytes can outweigh what it frees).
     floor = simulated(min(candidates.order, key=estimated.__getitem__))
+    if floor.estimate.peak <= budget_bytes:
+        return floor
     least = min([evaluate(gm, {}, simulate, unplanned), *tried.values(), floor], key=lambda p: p.estimate.peak)
     raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
 

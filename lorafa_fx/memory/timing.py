@@ -13,9 +13,9 @@ waits for the host link, on a schedule that follows `ops/offload.py`'s:
   but the step does not go on to backward before the last copy is done (its device memory is
   freed then): what outlasts the forward is waited for.
 * backward: when backward reaches an offloaded block, the block's tensors are fetched (unless
-  already on their way) and so are the previous offloaded block's, queued behind them; the
-  block's backward waits for its own. Each fetch overlaps the backward (and recomputation) of
-  the blocks after it in backward order.
+  already on their way) and so are the previous offloaded block's (unless it is not
+  ``prefetched``), queued behind them; the block's backward waits for its own. Each fetch
+  overlaps the backward (and recomputation) of the blocks after it in backward order.
 
 Assumptions (the plan printout states them): copies and compute overlap fully (a side stream,
 pinned host memory) and one copy at a time uses the link's nominal rate; a block's forward is
@@ -35,6 +35,7 @@ class BlockTime:
     forward: float  # seconds of its forward
     backward: float  # seconds of its backward, recomputation included
     transfer: float = 0.0  # seconds its offloaded bytes take over the link, one way (0: none)
+    prefetched: bool = True  # fetched during the backward of the offloaded block after it
 
 
 def transfer_wait(blocks: Sequence[BlockTime], after_blocks: float = 0.0) -> float:
@@ -52,7 +53,8 @@ def transfer_wait(blocks: Sequence[BlockTime], after_blocks: float = 0.0) -> flo
     for i in reversed(range(len(blocks))):
         if i in offloaded:
             position = offloaded.index(i)
-            for j in offloaded[position - 1:position + 1][::-1] if position else [i]:
+            ahead = offloaded[position - 1] if position and blocks[offloaded[position - 1]].prefetched else None
+            for j in (i, ahead) if ahead is not None else (i,):
                 if j not in ready:
                     link = max(link, clock) + blocks[j].transfer
                     ready[j] = link

@@ -17,7 +17,8 @@ input, gate and up; a card's host link hides them behind a block's compute where
 hide the whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the whole MLP in
 `ops.regions.MiniSequence` chunks of tokens inside a block recomputed as ``RECOMPUTE`` or
 ``OFFLOAD_CHECKPOINT`` would, so the block's recomputation never holds its MLP's
-b·s·intermediate tensors whole. torch's own selective (op-level) policy is not used: it keeps
+b·s·intermediate tensors whole (the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
+input is not prefetched either, `Offload`'s ``prefetched``). torch's own selective (op-level) policy is not used: it keeps
 every matmul output, more than autograd keeps around frozen linears (a frozen linear saves
 nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
 
@@ -79,7 +80,9 @@ class RecomputeRegions(PassBase):
                     wrap = Recompute
                 else:
                     kind = Offload if mode is Decision.OFFLOAD else OffloadedCheckpoint
-                    wrap, offloaded = functools.partial(kind, offloader=offloader, position=offloaded), offloaded + 1
+                    wrap = functools.partial(kind, offloader=offloader, position=offloaded,
+                                             prefetched=mode is not Decision.OFFLOAD_MINI_SEQUENCE)
+                    offloaded += 1
                 _outline(gm, block_ranges(gm.graph)[block], region_target(block), block, mode, wrap)
             modified = True
         return pass_result(gm, modified)
