@@ -24,7 +24,9 @@ class Decision(str, Enum):
 
 
 #: The decisions whose block sends tensors to host memory (a card's lever: `ops/offload.py`).
-OFFLOADED = frozenset({Decision.OFFLOAD, Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MLP, Decision.OFFLOAD_MINI_SEQUENCE})
+OFFLOADED = frozenset({
+    Decision.OFFLOAD, Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MLP, Decision.OFFLOAD_MINI_SEQUENCE,
+})
 
 
 class Sharding(str, Enum):

@@ -324,10 +324,15 @@ def _token_inputs(span: list[fx.Node]) -> tuple[int, ...]:
     inputs = boundary(body)[0]
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         return ()
-    return tuple(i for i, a in enumerate(inputs) if a.op != "get_attr" and isinstance(v := a.meta.get("val"), torch.Tensor)
-                 and v.dim() == out.dim() and all(statically_known_true(p == q) for p, q in zip(v.shape[:-1], out.shape[:-1])))
+    return tuple(
+        i for i, a in enumerate(inputs)
+        if a.op != "get_attr" and isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == out.dim()
+        and all(statically_known_true(p == q) for p, q in zip(v.shape[:-1], out.shape[:-1]))
+    )
 
 
 def _is_linear_weight(node: object) -> bool:
-    val = node.meta.get("val") if isinstance(node, fx.Node) and node.op == "get_attr" else None
-    return isinstance(val, torch.Tensor) and val.dim() == 2 and node.target.endswith(".weight") and ".lora_" not in node.target
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    val, target = node.meta.get("val"), node.target
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and target.endswith(".weight") and ".lora_" not in target

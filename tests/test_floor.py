@@ -52,7 +52,8 @@ def _step(module, batch):
     module.zero_grad(set_to_none=True)
     out = module(**batch)
     out.loss.backward()
-    return out.loss.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
 
 
 @pytest.mark.parametrize("lever", LEVERS)

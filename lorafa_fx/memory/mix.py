@@ -104,7 +104,9 @@ class BlockFacts:
     after_blocks: int  # forward FLOPs after the last block (output layer, loss)
 
 
-def block_facts(gm: fx.GraphModule, unplanned: StepEstimate, sizes: Mapping[sympy.Symbol, int], grads, kept) -> BlockFacts:
+def block_facts(
+    gm: fx.GraphModule, unplanned: StepEstimate, sizes: Mapping[sympy.Symbol, int], grads, kept
+) -> BlockFacts:
     """`gm`'s blocks as mixes read them; `grads`: `flops.needs_grad(gm)`, `kept`: a block's input
     bytes from its nodes. Blocks that are the same graph (ops, weights' shapes, which nodes
     need a grad) are counted once: a 7B graph has 32 alike blocks of ~750 nodes."""
@@ -118,7 +120,8 @@ def block_facts(gm: fx.GraphModule, unplanned: StepEstimate, sizes: Mapping[symp
             positions = {n: i for i, n in enumerate(nodes)}
             counted[key] = (
                 sum(node_flops(n, sizes) for n in nodes), sum(backward_flops(n, grads, sizes) for n in nodes),
-                sum(node_flops(n, sizes) for n in spans.selective or []), sum(node_flops(n, sizes) for n in spans.whole or []),
+                sum(node_flops(n, sizes) for n in spans.selective or []),
+                sum(node_flops(n, sizes) for n in spans.whole or []),
                 spans.whole is not None, [positions[n] for n in spans.selective or []],
             )
         forward, backward, selective_flops, mlp_flops, chunkable, selective = counted[key]
@@ -130,7 +133,8 @@ def block_facts(gm: fx.GraphModule, unplanned: StepEstimate, sizes: Mapping[symp
         )
     everything = list(gm.graph.nodes)
     last = max((everything.index(nodes[-1]) for nodes in ranges.values()), default=len(everything))
-    order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1), natural_key(b)))
+    order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
+                                          natural_key(b)))
     return BlockFacts(blocks, order, sum(node_flops(n, sizes) for n in everything[last + 1:]))
 
 

@@ -217,7 +217,10 @@ def plan_recompute(
     best: tuple[float, RecomputePlan] | None = None
     while len(tried) < MAX_SIMULATIONS:
         spread = max(errors, default=0) - min(errors, default=0)
-        pick = cheapest(max(errors, default=0), float("inf")) if best is None else cheapest(min(errors) - spread, best[0])
+        if best is None:
+            pick = cheapest(max(errors, default=0), float("inf"))
+        else:
+            pick = cheapest(min(errors) - spread, best[0])
         if pick is None:
             break
         plan = simulated(pick[1])
@@ -255,7 +258,8 @@ def evaluate(
         estimate = unplanned or simulate(gm)
     if changed and facts is None:  # FLOPs only are read: the realised step's bytes serve
         facts = block_facts(gm, estimate, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
-    recompute_flops = sum(facts.blocks[b].recomputes(d) for b, d in changed.items() if b in facts.blocks) if changed else 0
+    recompute_flops = sum(facts.blocks[b].recomputes(d) for b, d in changed.items() if b in facts.blocks) \
+        if changed else 0
     return RecomputePlan(dict(decisions), estimate, recompute_flops, sum(step_flops(gm, sizes)))
 
 

@@ -227,10 +227,11 @@ class MemoryPlan:
             t.add_row(f"predicted step time ({card.name})",
                       f"{self.step_seconds * 1e3:.0f} ms (+{self.overhead_pct:.1f}% over the step with nothing "
                       f"recomputed or offloaded; {self.offload_seconds * 1e3:.0f} ms of it waiting for the host link)")
+            link = card.host_link_bytes_per_s / 1e9
             t.add_row("time model", f"FLOPs (matmuls, attention) at {ACHIEVED_FRACTION:.0%} of "
-                      f"{card.dense_bf16_flops / 1e12:.0f} TFLOP/s; host link {card.host_link_bytes_per_s / 1e9:.0f} GB/s "
-                      "each way, one copy at a time, overlapped with compute; a block's fetch starts when backward "
-                      "reaches the offloaded block after it")
+                      f"{card.dense_bf16_flops / 1e12:.0f} TFLOP/s; host link {link:.0f} GB/s each way, one copy at "
+                      "a time, overlapped with compute; a block's fetch starts when backward reaches the offloaded "
+                      "block after it")
         lowered = sum(layer.configured_r is not None for layer in self.layers)
         if lowered or self.dropped_adapters:
             t.add_row("adapters changed by the planner", f"{lowered} ranks lowered, {len(self.dropped_adapters)} dropped")

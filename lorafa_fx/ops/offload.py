@@ -168,7 +168,9 @@ class Offload(torch.nn.Module):
     offloaded by `offloader` (one per graph); `prefetched`: fetched ahead, during the backward
     of the offloaded region after it."""
 
-    def __init__(self, region: torch.fx.GraphModule, offloader: Offloader, position: int, prefetched: bool = True) -> None:
+    def __init__(
+        self, region: torch.fx.GraphModule, offloader: Offloader, position: int, prefetched: bool = True
+    ) -> None:
         super().__init__()
         self.region = region
         self.offloader = offloader

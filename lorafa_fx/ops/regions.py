@@ -7,7 +7,8 @@ keeps only its inputs and backward reruns its forward (checkpointing restores th
 dropout draws the same masks; `torch.compile` traces the same call as its activation-checkpoint
 higher-order op). The whole forward is rerun (no early stop after the last tensor backward
 needs): what `memory/flops.py` counts is then what FlopCounterMode measures, at the cost of a
-block's last adapter product (about 1% of its forward). `offload.Offload` keeps the region's saved tensors in host memory instead.
+block's last adapter product (about 1% of its forward). `offload.Offload` keeps the region's
+saved tensors in host memory instead.
 
 `MiniSequence` runs a token-wise region (a block's MLP, `graph.mlp_spans`) a chunk of tokens at
 a time, each chunk checkpointed (the Mini-Sequence Transformer's scheme): inside a recomputed

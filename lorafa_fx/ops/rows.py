@@ -4,14 +4,14 @@ A norm's or a gated activation's backward computes each row of its gradients fro
 of its saved tensors, through several temporaries of the input's size (a bf16 RMSNorm's backward
 makes fp32 copies: ten bf16 inputs' worth of bytes at once). `row_chunks` runs that work on
 `CHUNK_BYTES` of rows at a time and writes each chunk's rows into the gradients: every op is
-elementwise or a reduction within a row, so the bits are the unchunked ones (reductions along
-a row do not depend on how many rows a call holds; a chunk holds a multiple of `ALIGN`
-elements, so a CPU kernel's vector loop meets the same elements in its scalar tail, where a
-transcendental such as SiLU's exp rounds differently). On fake tensors (the cost model) only
-the first chunk is computed: the outputs and one chunk's temporaries are the bytes the real
-loop holds at its height, and a 7B step's hundreds of chunks would cost seconds of dispatch. Compiled (`torch.compile` traces these
-Functions) the work runs whole: the compiler fuses the temporaries away and a loop over a
-symbolic row count would specialise the graph.
+elementwise or a reduction within a row, so the bits are the unchunked ones (reductions along a
+row do not depend on how many rows a call holds; a chunk holds a multiple of `ALIGN` elements,
+so a CPU kernel's vector loop meets the same elements in its scalar tail, where a transcendental
+such as SiLU's exp rounds differently). On fake tensors (the cost model) only the first chunk is
+computed: the outputs and one chunk's temporaries are the bytes the real loop holds at its
+height, and a 7B step's hundreds of chunks would cost seconds of dispatch. Compiled
+(`torch.compile` traces these Functions) the work runs whole: the compiler fuses the temporaries
+away and a loop over a symbolic row count would specialise the graph.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def row_chunks(
     flat = [t.reshape(-1, t.shape[-1]) if t is not None and t.dim() == len(shape) else t for t in rows]
     for start in range(0, per if is_fake(results[0]) else count, per):
         size = min(per, count - start)
-        chunk = [t.narrow(0, start, size) if t is not None and t.dim() == 2 and t.shape[0] == count else t for t in flat]
+        chunk = [t.narrow(0, start, size) if t is not None and t.dim() == 2 and t.shape[0] == count else t
+                 for t in flat]
         for result, value in zip(results, fn(*chunk)):
             result.view(-1, width).narrow(0, start, size).copy_(value)
     return results

@@ -10,17 +10,17 @@ the block recomputed from an input that waits in host memory). ``Decision.KEEP``
 block as it is.
 
 Three decisions outline the block's MLP (`graph.mlp_spans`: from the norm before it) into a
-region of its own first, named `ops.regions.mlp_target`: ``Decision.SELECTIVE`` recomputes it
-up to its last linear (`Recompute`; SwiGLU's gate and up are what it frees, the rest of the
-block is kept), ``Decision.OFFLOAD_MLP`` offloads what that span keeps (`Offload`: the norm's
-input, gate and up; a card's host link hides them behind a block's compute where it would not
-hide the whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the whole MLP in
+region of its own first, named `ops.regions.mlp_target`: ``Decision.SELECTIVE`` recomputes it up
+to its last linear (`Recompute`; SwiGLU's gate and up are what it frees, the rest of the block
+is kept), ``Decision.OFFLOAD_MLP`` offloads what that span keeps (`Offload`: the norm's input,
+gate and up; a card's host link hides them behind a block's compute where it would not hide the
+whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the whole MLP in
 `ops.regions.MiniSequence` chunks of tokens inside a block recomputed as ``RECOMPUTE`` or
 ``OFFLOAD_CHECKPOINT`` would, so the block's recomputation never holds its MLP's
 b·s·intermediate tensors whole (the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
-input is not prefetched either, `Offload`'s ``prefetched``). torch's own selective (op-level) policy is not used: it keeps
-every matmul output, more than autograd keeps around frozen linears (a frozen linear saves
-nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
+input is not prefetched either, `Offload`'s ``prefetched``). torch's own selective (op-level)
+policy is not used: it keeps every matmul output, more than autograd keeps around frozen linears
+(a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
 ``state_dict`` and the optimizer are unchanged.
