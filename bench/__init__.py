@@ -13,4 +13,4 @@ date and machine, and a status line while a bench is silent.
 """
 
 #: The benches, in RESULTS.md's order.
-BENCHES = ("methods", "cost_model", "planner", "plan_time", "moe", "optimizer", "convergence", "eager_step", "gpu")
+BENCHES = ("methods", "cost_model", "planner", "plan_time", "floor", "moe", "optimizer", "convergence", "eager_step", "gpu")

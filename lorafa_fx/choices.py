@@ -13,9 +13,20 @@ class Decision(str, Enum):
     KEEP = "keep"  # saved tensors stay on the device until backward (eager PyTorch)
     RECOMPUTE = "recompute"  # keeps only its inputs; backward reruns its forward (checkpointing)
     OFFLOAD = "offload"  # saved tensors wait in host memory between forward and backward
+    OFFLOAD_CHECKPOINT = "offload_checkpoint"  # recomputed, and its inputs wait in host memory
+    SELECTIVE = "selective"  # its MLP up to the last linear recomputed from the norm's input; the rest kept
+    OFFLOAD_MLP = "offload_mlp"  # what that part of its MLP keeps waits in host memory; the rest kept
+    MINI_SEQUENCE = "mini_sequence"  # recomputed, its MLP a chunk of tokens at a time (MsT)
+    OFFLOAD_MINI_SEQUENCE = "offload_mini_sequence"  # both: recomputed in chunks, its inputs in host memory
 
     def __str__(self) -> str:
         return self.value
+
+
+#: The decisions whose block sends tensors to host memory (a card's lever: `ops/offload.py`).
+OFFLOADED = frozenset({
+    Decision.OFFLOAD, Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MLP, Decision.OFFLOAD_MINI_SEQUENCE,
+})
 
 
 class Sharding(str, Enum):

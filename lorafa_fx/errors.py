@@ -41,7 +41,7 @@ class InfeasibleBudgetError(LoraFAError, ValueError):
         self.budget_bytes = budget_bytes
         super().__init__(
             f"budget {format_bytes(budget_bytes)} cannot be met: the smallest feasible budget for {shape} "
-            f"is {format_bytes(min_budget_bytes)} ({min_budget_bytes} bytes, every block recomputed). "
+            f"is {format_bytes(min_budget_bytes)} ({min_budget_bytes} bytes, the least any plan keeps). "
             f"At that peak the memory goes to: {what_takes_memory}. Pass budget >= {min_budget_bytes}, or {fix}."
         )
 

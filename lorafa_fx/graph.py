@@ -6,6 +6,7 @@ import copy
 import operator
 import warnings
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -282,3 +283,67 @@ def pass_result(gm: fx.GraphModule, modified: bool, *, drop_unused: bool = False
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+
+class MLPSpans(NamedTuple):
+    """The node ranges of a block's MLP (`mlp_spans`), each with the norm right before it (its
+    ``get_attr`` nodes included); None where a range does not qualify."""
+
+    selective: list[fx.Node] | None  # up to its last linear's input: recomputing it saves what is kept inside
+    whole: list[fx.Node] | None  # to its output, token-wise and without random ops: it may run in chunks
+    split: tuple[int, ...] = ()  # of `whole`'s inputs (`boundary` order), those split into chunks of tokens
+
+
+def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
+    """The MLP of a block (`nodes`: its range): the module holding the block's last linear (the
+    last node reading a 2-D weight other than an adapter's: ``mlp.down_proj``, GPT-2's
+    ``mlp.c_proj``), with a norm computed right before it (a module whose class name ends in
+    ``Norm``), so a range's input is the norm's input. Each range must have one output, its
+    last node; the whole MLP qualifies for chunks when it draws no random numbers (dropout)
+    and some of its inputs have its output's token dims."""
+    linears = [n for n in nodes if any(_is_linear_weight(a) for a in n.args)]
+    last = linears[-1] if linears else None
+    path = owner(last)[0].rpartition(".")[0] if last is not None else ""
+    inside = [i for i, n in enumerate(nodes) if path and (owner(n)[0] == path or owner(n)[0].startswith(path + "."))]
+    x = next((a for a in last.args if isinstance(a, fx.Node) and a.op != "get_attr"), None) if last else None
+    index = {n: i for i, n in enumerate(nodes)}
+    if not inside or x not in index:
+        return MLPSpans(None, None)
+    start = inside[0]
+    while start > 0 and nodes[start - 1].op != "get_attr" and owner(nodes[start - 1])[1].endswith("Norm"):
+        start -= 1
+    selective, whole = (_one_output(nodes[start:end + 1]) for end in (index[x], inside[-1]))
+    split = _token_inputs(whole) if whole is not None else ()
+    return MLPSpans(selective, whole if split else None, split)
+
+
+def _one_output(span: list[fx.Node]) -> list[fx.Node] | None:
+    body = [n for n in span if n.op != "get_attr"]
+    return span if body and boundary(body)[1] == [body[-1]] else None
+
+
+def _token_inputs(span: list[fx.Node]) -> tuple[int, ...]:
+    """Positions of the inputs of `span` to split by tokens; () if it draws random numbers."""
+    body = [n for n in span if n.op != "get_attr"]
+    for n in body:
+        module = n.graph.owning_module.get_submodule(n.target) if n.op == "call_module" else None
+        if (isinstance(module, torch.nn.Dropout) and module.p > 0) or getattr(n.target, "is_nondeterministic", False) \
+                or "dropout" in str(n.target):
+            return ()
+    out = body[-1].meta.get("val")
+    inputs = boundary(body)[0]
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return ()
+    return tuple(
+        i for i, a in enumerate(inputs)
+        if a.op != "get_attr" and isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == out.dim()
+        and all(statically_known_true(p == q) for p, q in zip(v.shape[:-1], out.shape[:-1]))
+    )
+
+
+def _is_linear_weight(node: object) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    val, target = node.meta.get("val"), node.target
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and target.endswith(".weight") and ".lora_" not in target

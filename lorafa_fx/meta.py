@@ -28,7 +28,7 @@ passes.rewrite_lora_fa                val                                       
 passes.annotate_saved_tensors         ROLE                                        torch's "recompute" = MUST_SAVE on xa
 passes.chunk_cross_entropy            val                                         ROLE (chunked_ce, eval_logits)
 passes.expand_layers                  nn_module_stack, ADAPTER, val               both, moved to each copy's path
-passes.recompute_regions              nn_module_stack                             RECOMPUTE (a Decision), BLOCK (region calls)
+passes.recompute_regions              nn_module_stack, val                        RECOMPUTE (a Decision), BLOCK (region calls)
 passes.outline_layers                 nn_module_stack, BLOCK (region calls)       LAYER (on each layer call)
 memory.cost_model / sharded           val, nn_module_stack, LAYER                 (nothing; returns a StepEstimate)
 memory.compose                        val, nn_module_stack, BLOCK, LAYER          (nothing; composes StepEstimates)
@@ -68,7 +68,7 @@ class LoraFAMeta(TypedDict, total=False):
     role: Role
     saved_bytes: int  # bytes of the node's output autograd keeps for backward (cost model)
     recompute: Decision  # on a region's call: what the block does with its saved tensors (not KEEP)
-    block: str  # the repeated block a recompute region stands for ("model.layers.3")
+    block: str  # the repeated block a region stands for or lies in (its MLP's region) ("model.layers.3")
     layer: str  # on the call of an outlined layer (FSDP2 unit): the layer's path
 
 

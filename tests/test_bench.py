@@ -159,3 +159,18 @@ def test_moe(tmp_path):
     assert rows["lora-fa experts"]["saved_activations"] == plan.saved_activation_bytes
     assert rows["experts frozen"]["saved_activations"] <= rows["lora-fa experts"]["saved_activations"]
     assert rows["peft-style (keeps x)"]["saved_activations"] > rows["lora-fa experts"]["saved_activations"]
+
+
+def test_floor(tmp_path):
+    """Reference: `lorafa_fx.estimate` of the tiny Llama on the H100 profile: the floor is its
+    InfeasibleBudgetError's smallest budget, and a budget's row is its plan."""
+    (model,) = smoke("floor", tmp_path)["models"].values()
+    below, under = model["rows"]
+    config, lora = copy.deepcopy(zoo.make_model("llama").config), lorafa_fx.LoraFAConfig(r=64, lora_alpha=128)
+    h100 = lorafa_fx.PlanConfig(device="h100")
+    with pytest.raises(lorafa_fx.InfeasibleBudgetError) as e:
+        lorafa_fx.estimate(config, batch_size=2, seq_len=64, config=lora, budget="1kB", plan=h100)
+    assert not below["feasible"] and below["min_budget_bytes"] == e.value.min_budget_bytes
+    plan = lorafa_fx.estimate(config, batch_size=2, seq_len=64, config=lora, budget="2MB", plan=h100)
+    assert under["feasible"] and under["predicted_peak_bytes"] == plan.predicted_peak_bytes <= 2 * 10**6
+    assert under["overhead_pct"] == pytest.approx(plan.overhead_pct)

@@ -111,3 +111,20 @@ def test_composed_rank_step_equals_the_whole_rank_simulation(sharding):
             assert (c.peak_phase, c.peak_module) == (w.peak_phase, w.peak_module)
             assert c.saved_by_module == w.saved_by_module
             assert (c.weights, c.optimizer_states) == (w.weights, w.optimizer_states)
+
+
+def test_composed_step_equals_the_whole_for_the_planners_mixes():
+    """Mixes of every decision in runs (`memory/mix.py`'s layout): offloaded blocks, offloaded
+    checkpoints, MLPs offloaded, recomputed selectively or in mini-sequence chunks."""
+    gm, batch = _graph("llama", layers=13)
+    blocks = list(block_ranges(gm.graph))
+    runs = [
+        [Decision.OFFLOAD] * 4 + [Decision.OFFLOAD_CHECKPOINT] * 4 + [Decision.OFFLOAD_MLP] * 4 + [Decision.KEEP],
+        [Decision.OFFLOAD_MINI_SEQUENCE] * 5 + [Decision.SELECTIVE] * 4 + [Decision.KEEP] * 4,
+        [Decision.KEEP] + [Decision.MINI_SEQUENCE] * 6 + [Decision.SELECTIVE] * 6,
+    ]
+    whole, composed = CostModel(batch, realise=REALISE), ComposedSimulator(CostModel(batch, realise=REALISE))
+    for kinds in runs:
+        decisions = dict(zip(blocks, kinds))
+        _same(whole(gm, decisions), composed(gm, decisions))
+    assert composed._samples  # composed, not simulated whole

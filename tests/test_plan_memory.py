@@ -103,14 +103,15 @@ def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
     assert flops[0] > 0 and flops[-1] == 0
 
 
-def test_intermediate_budget_recomputes_some_blocks_only():
+def test_intermediate_budget_recomputes_less_than_the_least_budget():
     budgets = _budgets("llama4")
     plan = _transform("llama4", budgets[2]).lorafa_plan
-    recomputed = [b for b, d in plan.recompute_by_block.items() if d is Decision.RECOMPUTE]
-    assert 0 < len(recomputed) < 4
+    least = _transform("llama4", budgets[0]).lorafa_plan
+    assert 0 < plan.recompute_flops < least.recompute_flops
+    assert set(plan.recompute_by_block.values()) != {Decision.RECOMPUTE}  # not every block whole
     assert 0 < plan.extra_compute_pct < 50
     assert "blocks recomputed in backward" in str(plan)
-    assert {layer.recompute for layer in plan.layers} == {Decision.KEEP, Decision.RECOMPUTE}
+    assert {layer.recompute for layer in plan.layers} == set(plan.recompute_by_block.values())
 
 
 def test_infeasible_budget_names_the_minimum_and_exactly_the_minimum_works():

@@ -32,14 +32,14 @@ def test_a_sweep_captures_once_and_a_shape_that_does_not_fit_is_a_row():
     smallest feasible budget (InfeasibleBudgetError.min_budget_bytes), marked as not fitting.
     Rows equal to single-shape plans: test_cli.py."""
     stages: list[str] = []
-    rows = lorafa_fx.estimate(_tiny(), batch_size=[3, 4], seq_len=16, budget=BUDGET, progress=stages.append, **FP32)
+    rows = lorafa_fx.estimate(_tiny(), batch_size=[3, 6], seq_len=16, budget=BUDGET, progress=stages.append, **FP32)
     assert sum("capturing" in s for s in stages) == 1
-    assert [s for s in stages if s.startswith("batch 4 x seq 16 (2 of 2): ")]
-    assert [r.batch_shape["input_ids"] for r in rows] == [(3, 16), (4, 16)]
+    assert [s for s in stages if s.startswith("batch 6 x seq 16 (2 of 2): ")]
+    assert [r.batch_shape["input_ids"] for r in rows] == [(3, 16), (6, 16)]
 
-    assert rows[0].fits and rows[0].predicted_peak_bytes <= BUDGET and rows[0].recomputed_blocks
+    assert rows[0].fits and rows[0].predicted_peak_bytes <= BUDGET and rows[0].recompute_flops > 0
     with pytest.raises(InfeasibleBudgetError) as e:
-        lorafa_fx.estimate(_tiny(), batch_size=4, seq_len=16, budget=BUDGET, **FP32)
+        lorafa_fx.estimate(_tiny(), batch_size=6, seq_len=16, budget=BUDGET, **FP32)
     assert rows[1].fits is False and rows[1].budget_bytes == BUDGET
     assert rows[1].predicted_peak_bytes == e.value.min_budget_bytes
     assert rows[1].to_dict()["fits"] is False and "fits the budget" in str(rows[1])

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..choices import Decision
+from ..choices import OFFLOADED, Decision
 from ..graph import block_ranges, block_structure, graph_module, owner, set_attributes
-from ..ops.regions import region_target
+from ..ops.regions import mlp_target, region_target
 from .simulate import Piece, Simulator, StepEstimate
 
 
@@ -46,7 +46,7 @@ def _lead(decision: Decision) -> int:
     """Blocks sampled at the head of a run; the last of them is the one every dropped block
     repeats, a block with blocks alike on either side. An offloaded block's backward also
     fetches its predecessor's tensors: its stand-in needs two alike before it."""
-    return 3 if decision is Decision.OFFLOAD else 2
+    return 3 if decision in OFFLOADED else 2
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,8 @@ class _Layout:
         region's call or output: the same of `target`'s region)."""
         if source == target:
             return name
-        region = region_target(source)
-        if name == region or name.startswith(f"{region}_out_"):
-            return region_target(target) + name[len(region):]
+        if _of_region(name, source):
+            return region_target(target) + name[len(region_target(source)):]
         try:
             return self.names[target][self.names[source].index(name)]
         except ValueError:
@@ -88,7 +87,7 @@ class _Layout:
         """The block of node `name`: of the flat graph, or the call of a region of `among`."""
         if name in self.block_of:
             return self.block_of[name]
-        return next((b for b in among if name == region_target(b) or name.startswith(f"{region_target(b)}_out_")), None)
+        return next((b for b in among if _of_region(name, b)), None)
 
 
 @dataclass(frozen=True)
@@ -169,6 +168,12 @@ class ComposedSimulator(Simulator):
                 if sum(g.block == block and g.phase == phase for g in groups) != 1:
                     return None
         return _Sample(estimate, groups, sampled)
+
+
+def _of_region(name: str, block: str) -> bool:
+    """Whether node `name` is the call of `block`'s region or its MLP's, or one of their outputs."""
+    region, mlp = region_target(block), mlp_target(block)
+    return name in (region, mlp) or name.startswith((f"{region}_out_", f"{mlp}_out_"))
 
 
 def _sampled(run: list[str], lead: int) -> tuple[str, ...]:

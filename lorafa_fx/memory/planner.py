@@ -1,48 +1,35 @@
-"""The planner: choose ranks, the loss's form and which blocks to recompute so a training
-step fits a memory budget.
+"""The planner: choose ranks, the loss's form and what each block does with its activations so
+a training step fits a memory budget.
 
-Objective, in order: (1) predicted peak <= budget; (2) least recompute FLOPs; (3) most total
-adapter rank; (4) the model's outputs as configured (full logits).
+Objective, in order: (1) predicted peak <= budget; (2) least predicted time (on a card: the
+step's seconds, `timing.py`; without one: the least recomputed FLOPs); (3) most total adapter
+rank; (4) the model's outputs as configured (full logits).
 
 **Levers that cost no recomputation** (`Levers`), used only when the config allows them:
 adapter ranks lowered to a common cap (``LoraFAConfig.min_r``; 0 drops the adapters; ranks in
 ``rank_pattern`` are fixed) and a chunked cross-entropy (``chunked_cross_entropy=None``). They
 form a ladder from least memory to the configured model; lexicographic order (2) before (3)
-means the recomputation is planned with every lever pulled (the ladder's floor), and the
-levers are then released as far as that recomputation still fits: the top-most rung that
-fits, found by bisection (peak is monotone along the ladder). The levers are left alone when
-the configured model fits without recomputation, or when the floor's unplanned peak is no
-lower than the configured one's (a chunked loss with a tiny vocabulary).
+means the block decisions are planned with every lever pulled (the ladder's floor), and the
+levers are then released as far as those decisions still fit: the top-most rung that fits,
+found by bisection (peak is monotone along the ladder). The levers are left alone when the
+configured model fits as it is, or when the floor's unplanned peak is no lower than the
+configured one's (a chunked loss with a tiny vocabulary).
 
-**Recomputation.** Each repeated block ``b`` (``model.layers.i``) is either kept
-(``Decision.KEEP``) or recomputed in backward (``Decision.RECOMPUTE``, see `recompute_regions`). From the cost model's
-unplanned step:
+**Block decisions** (`choices.Decision`, realised by `recompute_regions`): each repeated block
+(``model.layers.i``) is kept, offloaded (its saved tensors wait in host memory), recomputed in
+backward (from its input on the card, or its input offloaded too: an offloaded checkpoint),
+selectively recomputed (its MLP up to the last linear), or recomputed with its MLP in
+mini-sequence chunks. The candidates are the mixes of `mix.py` (how many blocks take each
+decision, in one layout), each with an estimated peak and a predicted time; the answer is the
+mix of least time whose *simulated* step fits (the exact cost model): the cheapest mix whose
+estimate, corrected by the simulations made so far, fits is simulated, up to
+`MAX_SIMULATIONS` times. A plan with k checkpointed blocks reserves
+``(k + 1) * CHECKPOINT_RESERVE_BYTES`` on top of the cost model's peak.
 
-    saved(b)    = bytes autograd keeps for b  (the cost model's saved_by_module)
-    kept(b)     = bytes a recomputed b still keeps: its hidden-state input
-    saving(b)   = saved(b) - kept(b)
-    flops(b)    = b's forward FLOPs (`flops.py`)
-    peak(S)    ~= peak(none) - sum_{b in S} saving(b) + max_{b in S} saving(b)
-
-(the last term: a recomputed block's activations exist again while its backward runs), and
-a plan with k recomputed blocks reserves ``(k + 1) * CHECKPOINT_RESERVE_BYTES`` on top of
-the cost model's peak.
-Solver: a 0/1 knapsack, "remove at least peak(none) - budget bytes at least FLOPs", solved
-greedily by saving per FLOP — exact here because a model's blocks are alike. The candidates
-are the prefixes of that order; the additive model above only guesses how long a prefix is
-needed, and the answer is the shortest prefix whose realised graph fits by the exact cost model
-(a simulated step), found by secant steps of one block's saving. Larger budgets never recompute
-more: the candidates are nested and the search returns the shortest that fits.
-
-**Offload** (with a GPU profile, `devices.PROFILES`: a CUDA step): a block's saved tensors
-wait in host memory instead (``Decision.OFFLOAD``, `ops/offload.py`). Its cost is time, not
-FLOPs: each offloaded block's bytes cross the host link twice, hidden behind the next block's
-forward and a later block's backward where they fit (`_exposed_transfer`). The planner finds
-the shortest prefix of the same order that fits offloaded, and keeps it when its exposed
-transfer time is below the recompute plan's FLOPs time on the card; plans mixing the two per
-block are not searched. Without a profile (a CPU step, or no card named), or with
-``offload=False`` (`PlanSettings.offload`: host memory is short), nothing is offloaded; the
-profile still times the step.
+**Offload** needs a GPU profile (`devices.PROFILES`: a CUDA step) and ``offload=True``
+(`PlanSettings.offload`); without a profile (a CPU step, or no card named), or with
+``offload=False`` (host memory is short), no block is offloaded: the profile still times the
+step, and blocks are recomputed on the card.
 
 The planner receives two objects: the candidates (`Rungs`: the lever ladder and a way to
 build each rung's graph, which the pipeline provides) and the cost model (a `Simulator`, one
@@ -66,10 +53,11 @@ from ..choices import Decision
 from ..config import LoraFAConfig
 from ..devices import ACHIEVED_FRACTION, DeviceProfile
 from ..errors import InfeasibleBudgetError
-from ..graph import block_of, block_ranges
+from ..graph import block_of
 from ..targets import Adapter, rank_is_fixed
-from ..units import format_bytes, natural_key
-from .flops import concrete, node_flops
+from ..units import format_bytes
+from .flops import concrete, needs_grad, step_flops
+from .mix import BlockFacts, Candidates, block_facts
 from .simulate import Simulator, StepEstimate
 
 #: Headroom per recomputed block (plus one) for what the fake-tensor run does not see of
@@ -180,8 +168,12 @@ class RecomputePlan:
     decisions: dict[str, Decision]  # block -> what it does with its saved tensors
     estimate: StepEstimate  # exact cost model of the realised graph
     recompute_flops: int
-    step_flops: int  # forward + backward, backward ~ forward (frozen weights: no weight grads)
-    offload_seconds: float = 0.0  # transfers of offloaded blocks not hidden behind compute
+    step_flops: int  # forward + backward (`flops.step_flops`)
+    offload_seconds: float = 0.0  # time compute waits for the host link (`timing.transfer_wait`)
+
+
+#: Simulated steps the search may spend on one budget (each new layout of decisions is one).
+MAX_SIMULATIONS = 8
 
 
 def plan_recompute(
@@ -193,80 +185,68 @@ def plan_recompute(
     *,
     offload: bool = True,
 ) -> RecomputePlan:
-    """The cheapest recomputation, or with a GPU `profile` (and `offload`) the cheapest of it
-    and offloading (by predicted time), that fits `budget_bytes`; raises `InfeasibleBudgetError`."""
-    ranges, sizes = block_ranges(gm.graph), simulate.sizes(gm)
-    flops = {b: sum(node_flops(n, sizes) for n in nodes) for b, nodes in ranges.items()}
-    saving = {b: unplanned.saved_by_module.get(b, 0) - _kept(nodes, sizes) for b, nodes in ranges.items()}
-    order = sorted(ranges, key=lambda b: (-saving[b] / max(flops[b], 1), natural_key(b)))
-    recompute = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, Decision.RECOMPUTE)
-    if profile is None or not offload:
-        return recompute
-    try:
-        offloaded = _shortest_prefix(gm, unplanned, budget_bytes, simulate, order, saving, Decision.OFFLOAD)
-    except InfeasibleBudgetError:
-        return recompute
-    rate = profile.dense_bf16_flops * ACHIEVED_FRACTION
-    offloaded = dataclasses.replace(offloaded, offload_seconds=sum(
-        _exposed_transfer(unplanned.saved_by_module.get(b, 0), flops[b] / rate, profile)
-        for b, d in offloaded.decisions.items() if d is Decision.OFFLOAD
-    ))
-    return offloaded if offloaded.offload_seconds < recompute.recompute_flops / rate else recompute
+    """The mix of block decisions (`mix.py`) of least predicted time that fits `budget_bytes`:
+    on a card (`profile`) the step's seconds, recomputation and link waits included (offloaded
+    blocks and checkpoints only with `offload`); without one, the least recomputed FLOPs.
+    Raises `InfeasibleBudgetError` with the least peak any mix reaches."""
+    sizes = simulate.sizes(gm)
+    facts = block_facts(gm, unplanned, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
+    card = profile is not None and offload
+    rate = profile.dense_bf16_flops * ACHIEVED_FRACTION if profile is not None else 1.0
+    candidates = Candidates(facts, unplanned.peak, rate, profile.host_link_bytes_per_s if card else None)
+    estimated, lower = candidates.estimated.tolist(), candidates.lower.tolist()
+    tried: dict[int, RecomputePlan] = {}  # by the mix's index in `candidates`
+    errors: list[int] = []  # simulated peak - estimated peak, of each mix simulated
 
+    def cheapest(correction: int, bound: float) -> tuple[float, int] | None:
+        """The mix of least seconds, under `bound`, untried, whose estimate plus `correction`
+        fits; the link's waits (the costly part of a mix's seconds) are computed only for mixes
+        whose lower bound could still win."""
+        found = None
+        for i in candidates.order:
+            if lower[i] >= min(bound, found[0] if found else bound):
+                break
+            if estimated[i] + correction <= budget_bytes and i not in tried:
+                total = lower[i] + candidates.wait_seconds(candidates.mix(i).decisions(facts))
+                if total < min(bound, found[0] if found else bound):
+                    found = (total, i)
+        return found
 
-def _exposed_transfer(nbytes: int, forward_seconds: float, profile: DeviceProfile) -> float:
-    """Seconds a block's offload adds to a step: its copy to the host overlaps the next block's
-    forward, its copy back the following block's backward (about twice a forward); what does
-    not fit behind them is waited for."""
-    transfer = nbytes / profile.host_link_bytes_per_s
-    return max(0.0, transfer - forward_seconds) + max(0.0, transfer - 2 * forward_seconds)
+    def simulated(i: int) -> RecomputePlan:
+        if i not in tried:
+            decisions = candidates.mix(i).decisions(facts)
+            plan = evaluate(gm, decisions, simulate, unplanned, facts=facts)
+            tried[i] = dataclasses.replace(plan, offload_seconds=candidates.wait_seconds(decisions))
+            errors.append(tried[i].estimate.peak - estimated[i])
+        return tried[i]
 
-
-def _shortest_prefix(
-    gm: fx.GraphModule,
-    unplanned: StepEstimate,
-    budget_bytes: int,
-    simulate: Simulator,
-    order: list[str],
-    saving: Mapping[str, int],
-    mode: Decision,
-) -> RecomputePlan:
-    """The shortest prefix of `order` whose blocks, `mode` (recompute or offload), fit."""
-
-    def realise(k: int) -> RecomputePlan:
-        decisions = {b: (mode if b in order[:k] else Decision.KEEP) for b in sorted(order, key=natural_key)}
-        return evaluate(gm, decisions, simulate, unplanned if k == 0 else None)
-
-    # peak(k) falls by about one block's saving per block (nested prefixes), so a secant step
-    # on the simulated peaks lands on the shortest prefix that fits in a few simulations; k-1
-    # is then checked so the answer is the shortest.
-    plans: dict[int, RecomputePlan] = {0: realise(0)}
-
-    def peak(k: int) -> int:
-        if k not in plans:
-            plans[k] = realise(k)
-        return plans[k].estimate.peak
-
-    n = len(order)
-    per_block = max(min(saving.values(), default=1), 1)
-    lo, hi = 0, None  # every k < lo is known not to fit; hi is the shortest known to fit
-    k = min(_fewest_blocks(unplanned.peak, budget_bytes, [saving[b] for b in order]), n)
-    while True:
-        if peak(k) <= budget_bytes:
-            hi = k
+    # First the cheapest mix whose estimate, corrected by the largest error seen, fits (the
+    # estimate misses backward transients); then cheaper mixes whose estimate fits with the
+    # smallest error seen less the errors' spread (it also overcounts: a recomputed block's
+    # backward is not always where the peak is), cheapest first: each that fits is the answer
+    # so far.
+    best: tuple[float, RecomputePlan] | None = None
+    while len(tried) < MAX_SIMULATIONS:
+        spread = max(errors, default=0) - min(errors, default=0)
+        if best is None:
+            pick = cheapest(max(errors, default=0), float("inf"))
         else:
-            lo = k + 1
-        if lo > n:
-            # Recomputing everything is not always the least (on small models a checkpoint's
-            # own bytes outweigh what it frees): the smallest budget is the least plan seen.
-            least = min(plans.values(), key=lambda p: p.estimate.peak)
-            raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
-        if hi == lo:
-            return plans[hi]
-        if hi is None:
-            k = max(lo, min(n, k + -(-(peak(k) - budget_bytes) // per_block)))
-        else:
-            k = max(lo, hi - max(1, (budget_bytes - peak(hi)) // per_block))
+            pick = cheapest(min(errors) - spread, best[0])
+        if pick is None:
+            break
+        plan = simulated(pick[1])
+        if plan.estimate.peak <= budget_bytes:
+            best = (pick[0], plan)
+    if best is not None:
+        return best[1]
+    # No estimate, corrected, fits: the mix of least estimated peak may still (the correction
+    # is the largest error seen), else the least peak a mix reaches is the smallest budget
+    # (not always that mix's: a checkpoint's own bytes can outweigh what it frees).
+    floor = simulated(min(candidates.order, key=estimated.__getitem__))
+    if floor.estimate.peak <= budget_bytes:
+        return floor
+    least = min([evaluate(gm, {}, simulate, unplanned), *tried.values(), floor], key=lambda p: p.estimate.peak)
+    raise InfeasibleBudgetError(least.estimate.peak, _dominant_terms(least.estimate), budget_bytes)
 
 
 def evaluate(
@@ -274,20 +254,24 @@ def evaluate(
     decisions: Mapping[str, Decision],
     simulate: Simulator,
     unplanned: StepEstimate | None = None,
+    *,
+    facts: BlockFacts | None = None,
 ) -> RecomputePlan:
     """`decisions` on `gm`, priced by the exact cost model (`unplanned`: gm's own estimate,
-    reused when nothing is recomputed)."""
-    ranges = block_ranges(gm.graph)
-    recomputed = [b for b, d in decisions.items() if d is Decision.RECOMPUTE and b in ranges]
-    if any(d is not Decision.KEEP and b in ranges for b, d in decisions.items()):
+    reused when nothing is recomputed or offloaded) and the FLOP model."""
+    sizes = simulate.sizes(gm)
+    changed = {b: d for b, d in decisions.items() if d is not Decision.KEEP}
+    if changed:
         estimate = simulate(gm, decisions)
-        estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + len(recomputed)))
+        recomputed = sum(d is not Decision.OFFLOAD for d in changed.values())
+        estimate = dataclasses.replace(estimate, peak=estimate.peak + CHECKPOINT_RESERVE_BYTES * (1 + recomputed))
     else:
         estimate = unplanned or simulate(gm)
-    sizes = simulate.sizes(gm)
-    recompute_flops = sum(node_flops(n, sizes) for b in recomputed for n in ranges[b])
-    step_flops = 2 * sum(node_flops(n, sizes) for n in gm.graph.nodes)
-    return RecomputePlan(dict(decisions), estimate, recompute_flops, step_flops)
+    if changed and facts is None:  # FLOPs only are read: the realised step's bytes serve
+        facts = block_facts(gm, estimate, sizes, needs_grad(gm), lambda nodes: _kept(nodes, sizes))
+    recompute_flops = sum(facts.blocks[b].recomputes(d) for b, d in changed.items() if b in facts.blocks) \
+        if changed else 0
+    return RecomputePlan(dict(decisions), estimate, recompute_flops, sum(step_flops(gm, sizes)))
 
 
 def _kept(nodes: list[fx.Node], sizes: Mapping) -> int:
@@ -301,14 +285,6 @@ def _kept(nodes: list[fx.Node], sizes: Mapping) -> int:
         and block_of(a) != "<root>"
     ]
     return max((concrete(n, sizes) for n in nbytes), default=0)
-
-
-def _fewest_blocks(peak: int, budget: int, savings: list[int]) -> int:
-    for k in range(len(savings) + 1):
-        freed = sum(savings[:k]) - (max(savings[:k]) if k else 0)
-        if peak - freed <= budget:
-            return k
-    return len(savings)
 
 
 def _dominant_terms(e: StepEstimate) -> str:

@@ -18,6 +18,7 @@ from rich.table import Table
 from .. import meta
 from ..choices import Decision, Sharding
 from ..devices import ACHIEVED_FRACTION, PROFILES
+from ..ops.regions import MINI_SEQUENCE_CHUNKS
 from ..plan_config import PlanSettings
 from ..units import block_of_path, format_bytes, natural_key
 
@@ -67,7 +68,7 @@ class MemoryPlan:
     reserve_bytes: int | None = None  # budget="auto": kept out of budget_device's free memory
     budget_device: str | None = None
     device_profile: str | None = None  # the card the step is timed on (`devices.PROFILES`)
-    offload_seconds: float = 0.0  # offloaded blocks' transfers not hidden behind compute
+    offload_seconds: float = 0.0  # time compute waits for the host link (`timing.transfer_wait`)
     offload: bool = True  # False: the planner was forbidden to offload (offload=False, --no-offload)
     task_type: str | None = None  # PEFT's task type the model is adapted for
     task_inferred_from: str | None = None  # the model class task_type was inferred from (None: configured)
@@ -81,7 +82,8 @@ class MemoryPlan:
     @property
     def step_seconds(self) -> float | None:
         """Predicted time of the step (forward, backward, recomputation) on `device_profile`:
-        its FLOPs at `devices.ACHIEVED_FRACTION` of the card's dense bf16 FLOP/s."""
+        its FLOPs at `devices.ACHIEVED_FRACTION` of the card's dense bf16 FLOP/s, plus the time
+        it waits for the host link (`memory/timing.py`)."""
         if self.device_profile is None or not self.step_flops:
             return None
         rate = PROFILES[self.device_profile].dense_bf16_flops * ACHIEVED_FRACTION
@@ -167,12 +169,16 @@ class MemoryPlan:
     @property
     def recomputed_blocks(self) -> list[str]:
         """The blocks backward recomputes, in model order."""
-        return sorted((b for b, d in self.recompute_by_block.items() if d is Decision.RECOMPUTE), key=natural_key)
+        return self.blocks_deciding(Decision.RECOMPUTE)
 
     @property
     def offloaded_blocks(self) -> list[str]:
         """The blocks whose saved tensors wait in host memory, in model order."""
-        return sorted((b for b, d in self.recompute_by_block.items() if d is Decision.OFFLOAD), key=natural_key)
+        return self.blocks_deciding(Decision.OFFLOAD)
+
+    def blocks_deciding(self, decision: Decision) -> list[str]:
+        """The blocks the plan gives `decision`, in model order."""
+        return sorted((b for b, d in self.recompute_by_block.items() if d is decision), key=natural_key)
 
     @property
     def trainable_rank_total(self) -> int:
@@ -224,8 +230,9 @@ class MemoryPlan:
             t.add_row("fits the budget", "no: shown is the plan at the smallest budget that can be met")
         recomputed = self.recomputed_blocks
         t.add_row("blocks recomputed in backward", f"{len(recomputed)}: {', '.join(recomputed)}" if recomputed else "none")
-        if self.offloaded_blocks:
-            t.add_row("blocks offloaded to host memory", f"{len(self.offloaded_blocks)}: {', '.join(self.offloaded_blocks)}")
+        for decision, label in _DECIDED.items():
+            if blocks := self.blocks_deciding(decision):
+                t.add_row(label, f"{len(blocks)}: {_ranges(blocks)}")
         if not self.offload:
             t.add_row("offload to host memory", "forbidden (offload=False): blocks that do not fit are recomputed")
         t.add_row("extra compute", f"{self.extra_compute_pct:.1f}% of a step's FLOPs")
@@ -233,8 +240,12 @@ class MemoryPlan:
             card = PROFILES[self.device_profile]
             t.add_row(f"predicted step time ({card.name})",
                       f"{self.step_seconds * 1e3:.0f} ms (+{self.overhead_pct:.1f}% over the step with nothing "
-                      f"recomputed or offloaded; at {ACHIEVED_FRACTION:.0%} of {card.dense_bf16_flops / 1e12:.0f} "
-                      "TFLOP/s)")
+                      f"recomputed or offloaded; {self.offload_seconds * 1e3:.0f} ms of it waiting for the host link)")
+            link = card.host_link_bytes_per_s / 1e9
+            t.add_row("time model", f"FLOPs (matmuls, attention) at {ACHIEVED_FRACTION:.0%} of "
+                      f"{card.dense_bf16_flops / 1e12:.0f} TFLOP/s; host link {link:.0f} GB/s each way, one copy at "
+                      "a time, overlapped with compute; a block's fetch starts when backward reaches the offloaded "
+                      "block after it")
         lowered = sum(layer.configured_r is not None for layer in self.layers)
         if lowered or self.dropped_adapters:
             t.add_row("adapters changed by the planner", f"{lowered} ranks lowered, {len(self.dropped_adapters)} dropped")
@@ -277,6 +288,28 @@ _PRECISION = {
     "fp16": "mixed fp16 (forward under autocast)",
 }
 _SHOWN_LAYERS = 24
+#: The summary's row for each decision other than keep and recompute (which has its own row).
+_DECIDED = {
+    Decision.OFFLOAD: "blocks offloaded to host memory",
+    Decision.OFFLOAD_CHECKPOINT: "blocks recomputed from an input in host memory",
+    Decision.OFFLOAD_MLP: "blocks offloading their MLP up to its last linear",
+    Decision.SELECTIVE: "blocks recomputing their MLP up to its last linear",
+    Decision.MINI_SEQUENCE: f"blocks recomputed, the MLP in {MINI_SEQUENCE_CHUNKS} chunks of tokens",
+    Decision.OFFLOAD_MINI_SEQUENCE: f"blocks recomputed from host memory, the MLP in {MINI_SEQUENCE_CHUNKS} chunks",
+}
+
+
+def _ranges(blocks: list[str]) -> str:
+    """``model.layers.1-9, model.layers.12``: runs of consecutive blocks of one stack, joined."""
+    runs: list[list[str]] = []
+    for b in blocks:
+        stack, _, index = b.rpartition(".")
+        last = runs[-1][-1].rpartition(".") if runs else None
+        if last is not None and last[0] == stack and int(last[2]) + 1 == int(index):
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(run[0] if len(run) == 1 else f"{run[0]}-{run[-1].rpartition('.')[2]}" for run in runs)
 
 
 def _abbreviate(layers: tuple[LayerPlan, ...]) -> list[LayerPlan | None]:

@@ -2,13 +2,18 @@
 
 `gated_activation` is what `passes/lean_gated_mlp.py` puts in place of a gated MLP's product:
 backward recomputes ``act(gate)`` (one elementwise op) and runs autograd's own ops
-(``silu_backward``/``gelu_backward``), so values and gradients are the original graph's, bit for bit.
+(``silu_backward``/``gelu_backward``), so values and gradients are the original graph's, bit for bit;
+a chunk of rows at a time (`rows.row_chunks`), so its temporaries stay small.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from .rows import row_chunks
 
 aten = torch.ops.aten
 
@@ -23,19 +28,30 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        act, approximate = ctx.config
-        # autograd's formulas for mul and the activation; `.to` is what the engine does to a
-        # gradient of another dtype (mixed operands).
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_act = (grad * up).to(gate.dtype)
-            if act == "silu":
-                grad_gate = aten.silu_backward.default(grad_act, gate)
-            else:
-                grad_gate = aten.gelu_backward.default(grad_act, gate, approximate=approximate)
-        if ctx.needs_input_grad[1]:
-            grad_up = (grad * _activation(gate, act, approximate)).to(up.dtype)
-        return grad_gate, grad_up, None, None
+        if not any(ctx.needs_input_grad[:2]):
+            return None, None, None, None
+        wanted = ctx.needs_input_grad[:2]
+        dtypes = tuple(t.dtype for t, w in zip((gate, up), wanted) if w)
+        width = max(torch.finfo(d).bits // 8 for d in (gate.dtype, up.dtype, grad.dtype))
+        grads = iter(row_chunks(functools.partial(_grads, config=(*ctx.config, wanted)), (gate, up, grad), dtypes,
+                                gate.shape, 2 * gate.shape[-1] * width))
+        return *(next(grads) if w else None for w in wanted), None, None
+
+
+def _grads(gate, up, grad, config) -> tuple[torch.Tensor, ...]:
+    """Rows of the wanted gradients of gate and up: autograd's formulas for mul and the
+    activation; `.to` is what the engine does to a gradient of another dtype (mixed operands)."""
+    act, approximate, wanted = config
+    grads = []
+    if wanted[0]:
+        grad_act = (grad * up).to(gate.dtype)
+        if act == "silu":
+            grads.append(aten.silu_backward.default(grad_act, gate))
+        else:
+            grads.append(aten.gelu_backward.default(grad_act, gate, approximate=approximate))
+    if wanted[1]:
+        grads.append((grad * _activation(gate, act, approximate)).to(up.dtype))
+    return tuple(grads)
 
 
 def _activation(gate: torch.Tensor, act: str, approximate: str) -> torch.Tensor:

@@ -3,13 +3,18 @@
 `rms_norm` is what `passes/lean_norms.py` puts in place of a captured RMSNorm chain: its forward
 runs the chain's ops in the same order (the same output, bit for bit), and it keeps only ``x``, the
 per-row rstd and the scale; backward recomputes ``xf * rstd`` and applies autograd's own
-derivative formulas in reverse. `torch.compile` traces the Function, so a compiled step keeps the
-same tensors.
+derivative formulas in reverse, a chunk of rows at a time (`rows.row_chunks`: its fp32
+temporaries stay small; the same bits). `torch.compile` traces the Function, so a compiled step
+keeps the same tensors.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from .rows import row_chunks
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -28,29 +33,38 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, rstd, scale = ctx.saved_tensors
         upcast, cast_a, times_input, normed_dtype, scaled_dtype = ctx.config
-        xf = x if upcast is None else x.to(upcast)
-        factor = x if times_input else xf
-        # Each step is autograd's formula for the op it undoes (tools/autograd/derivatives.yaml);
-        # `.to` and `sum_to_size` are what the engine does to a gradient of another dtype or shape.
-        g, grad_scale = grad.to(scaled_dtype), None
-        if scale is not None:
-            normed = factor * rstd
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            # The scale's gradient sums over every row: computed whole, in autograd's order.
+            normed = (x if times_input else x if upcast is None else x.to(upcast)) * rstd
             normed = normed if cast_a is None else normed.to(cast_a)
-            if ctx.needs_input_grad[1]:
-                grad_scale = (g * normed).sum_to_size(scale.shape).to(scale.dtype)
-            g = (g * scale).to(normed.dtype)
+            grad_scale = (grad.to(scaled_dtype) * normed).sum_to_size(scale.shape).to(scale.dtype)
         if not ctx.needs_input_grad[0]:
             return None, grad_scale, None, None, None, None, None
-        g = g.to(normed_dtype)
-        grad_rstd = (g * factor).sum_to_size(rstd.shape)
-        grad_mean = -0.5 * grad_rstd * rstd.pow(3)
-        grad_pow = grad_mean.expand(xf.shape) / xf.shape[-1]
-        grad_squared = grad_pow * (2.0 * xf.pow(1.0))
-        if times_input:  # two gradients of x, each cast to x's dtype, then summed (the engine's order)
-            grad_x = (g * rstd).to(x.dtype) + grad_squared.to(x.dtype)
-        else:
-            grad_x = (g * rstd + grad_squared).to(x.dtype)
+        width = max(torch.finfo(d).bits // 8 for d in (x.dtype, normed_dtype, scaled_dtype))
+        (grad_x,) = row_chunks(functools.partial(_grad_x, config=ctx.config), (x, rstd, scale, grad), (x.dtype,),
+                               x.shape, x.shape[-1] * width)
         return grad_x, grad_scale, None, None, None, None, None
+
+
+def _grad_x(x, rstd, scale, grad, config) -> tuple[torch.Tensor]:
+    """Rows of x's gradient: autograd's formula for each op of the forward, in reverse
+    (tools/autograd/derivatives.yaml); `.to` and `sum_to_size` are what the engine does to a
+    gradient of another dtype or shape."""
+    upcast, cast_a, times_input, normed_dtype, scaled_dtype = config
+    xf = x if upcast is None else x.to(upcast)
+    factor = x if times_input else xf
+    g = grad.to(scaled_dtype)
+    if scale is not None:
+        g = (g * scale).to(normed_dtype if cast_a is None else cast_a)
+    g = g.to(normed_dtype)
+    grad_rstd = (g * factor).sum_to_size(rstd.shape)
+    grad_mean = -0.5 * grad_rstd * rstd.pow(3)
+    grad_pow = grad_mean.expand(xf.shape) / xf.shape[-1]
+    grad_squared = grad_pow * (2.0 * xf.pow(1.0))
+    if times_input:  # two gradients of x, each cast to x's dtype, then summed (the engine's order)
+        return ((g * rstd).to(x.dtype) + grad_squared.to(x.dtype),)
+    return ((g * rstd + grad_squared).to(x.dtype),)
 
 
 def rms_norm(

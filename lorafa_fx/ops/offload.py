@@ -6,17 +6,29 @@ and tensors under `MIN_BYTES`) is copied to host memory when saved, so the devic
 with its last forward use; backward copies it back. On CUDA the copies run on a side stream
 into pinned memory (``record_stream`` keeps a source alive until its copy is done), and when
 backward first needs a region's tensors it also fetches the previous region's, so that transfer
-overlaps the region's backward compute (torchtune's OffloadActivations does the same). On the
+overlaps the region's backward compute (torchtune's OffloadActivations does the same), unless
+that region is not ``prefetched``: then its tensors are fetched when its own backward needs them,
+their transfer waited for but their bytes never on the device beside the next region's (the
+floor's lever, `Decision.OFFLOAD_MINI_SEQUENCE`). On the
 CPU the copy is a host tensor like any other: the code path is the same, the memory is not
 freed, so the planner never chooses offload for a CPU step. Under `FakeTensorMode` (the cost
 model) a saved tensor becomes a record of its shape, and fetching it allocates a fake tensor:
 the simulated step frees and re-allocates what the real one does, where it does.
+
+`OffloadedCheckpoint` is the same with the region checkpointed: its forward runs under
+``torch.utils.checkpoint(use_reentrant=True)``, whose one saved set is the region's inputs
+(``ctx.save_for_backward``, which the hooks see; the non-reentrant form holds its inputs in a
+closure, out of their reach). So the block keeps nothing on the device between its forward and
+its backward: its input (the residual stream) waits in host memory, is fetched back ahead of
+the block's backward like any offloaded tensor, and backward reruns the block's forward from
+it (restoring the RNG state, so dropout draws the same masks).
 """
 
 from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils.checkpoint import checkpoint
 
 #: Tensors smaller than this stay where they are: the copy's latency outweighs the bytes.
 MIN_BYTES = 1 << 20
@@ -61,11 +73,12 @@ class _Stored:
 class _Region:
     """The storages one region offloaded in one forward."""
 
-    __slots__ = ("stored", "started")
+    __slots__ = ("stored", "started", "prefetched")
 
-    def __init__(self) -> None:
+    def __init__(self, prefetched: bool) -> None:
         self.stored: list[_Stored] = []
         self.started = False  # backward has used one of them
+        self.prefetched = prefetched  # fetched when backward reaches the region after it
 
 
 class _Saved:
@@ -93,12 +106,13 @@ class Offloader:
     def __deepcopy__(self, memo) -> Offloader:
         return Offloader()  # streams and in-flight tensors belong to this module's steps
 
-    def pack_hook(self, position: int):
-        """The pack hook of the region at `position` (0: the first a forward runs)."""
+    def pack_hook(self, position: int, prefetched: bool = True):
+        """The pack hook of the region at `position` (0: the first a forward runs); not
+        `prefetched`: its tensors are fetched when its own backward needs them."""
         if position == 0:
             self.regions = []  # a new forward: its regions, which its backward will fetch
         regions, region = self.regions, len(self.regions)
-        regions.append(_Region())
+        regions.append(_Region(prefetched))
 
         def pack(t: torch.Tensor):
             if isinstance(t, torch.nn.Parameter) or t.untyped_storage().nbytes() < MIN_BYTES:
@@ -127,8 +141,9 @@ class Offloader:
             # Backward reached this region: fetch what it has not yet, and the one before it
             # ahead of its need (so each region's fetch overlaps the backward of the next).
             region.started = True
-            for r in (saved.region, saved.region - 1):
-                for stored in saved.regions[r].stored if r >= 0 else ():
+            ahead = saved.regions[saved.region - 1] if saved.region > 0 else None
+            for r in (region, *([ahead] if ahead is not None and ahead.prefetched else [])):
+                for stored in r.stored:
                     stored.fetch(self._stream(stored.device, stored.mode is not None))
         saved.stored.fetch(self._stream(saved.stored.device, saved.stored.mode is not None))
         t = saved.tensor()
@@ -150,20 +165,34 @@ class Offloader:
 
 class Offload(torch.nn.Module):
     """Calls `region`, the `position`-th offloaded region of its graph, with its saved tensors
-    offloaded by `offloader` (one per graph)."""
+    offloaded by `offloader` (one per graph); `prefetched`: fetched ahead, during the backward
+    of the offloaded region after it."""
 
-    def __init__(self, region: torch.fx.GraphModule, offloader: Offloader, position: int) -> None:
+    def __init__(
+        self, region: torch.fx.GraphModule, offloader: Offloader, position: int, prefetched: bool = True
+    ) -> None:
         super().__init__()
         self.region = region
         self.offloader = offloader
         self.position = position
+        self.prefetched = prefetched
 
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.region(*args)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack_hook(self.position),
+            with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack_hook(self.position, self.prefetched),
                                                           self.offloader.unpack):
-                return self.region(*args)
+                return self.run(*args)
         finally:
             self.offloader.end_region()
+
+    def run(self, *args):
+        return self.region(*args)
+
+
+class OffloadedCheckpoint(Offload):
+    """An `Offload` region that is also checkpointed: what it saves is its inputs, in host memory."""
+
+    def run(self, *args):
+        return checkpoint(self.region, *args, use_reentrant=True)

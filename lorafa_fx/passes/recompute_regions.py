@@ -5,17 +5,28 @@ its ``nn_module_stack`` places in it) is outlined into a parameter-free sub-Grap
 called through a wrapper of `ops/`: `ops.regions.Recompute` (``Decision.RECOMPUTE``: the block
 keeps only its inputs, backward reruns its forward) or `ops.offload.Offload`
 (``Decision.OFFLOAD``: its saved tensors wait in host memory between forward and backward, a
-CUDA step's lever). ``Decision.KEEP`` leaves the block as it is.
+CUDA step's lever) or `ops.offload.OffloadedCheckpoint` (``Decision.OFFLOAD_CHECKPOINT``: both,
+the block recomputed from an input that waits in host memory). ``Decision.KEEP`` leaves the
+block as it is.
+
+Three decisions outline the block's MLP (`graph.mlp_spans`: from the norm before it) into a
+region of its own first, named `ops.regions.mlp_target`: ``Decision.SELECTIVE`` recomputes it up
+to its last linear (`Recompute`; SwiGLU's gate and up are what it frees, the rest of the block
+is kept), ``Decision.OFFLOAD_MLP`` offloads what that span keeps (`Offload`: the norm's input,
+gate and up; a card's host link hides them behind a block's compute where it would not hide the
+whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the whole MLP in
+`ops.regions.MiniSequence` chunks of tokens inside a block recomputed as ``RECOMPUTE`` or
+``OFFLOAD_CHECKPOINT`` would, so the block's recomputation never holds its MLP's
+b·s·intermediate tensors whole (the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
+input is not prefetched either, `Offload`'s ``prefetched``). torch's own selective (op-level)
+policy is not used: it keeps every matmul output, more than autograd keeps around frozen linears
+(a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
 ``state_dict`` and the optimizer are unchanged.
 
-Only whole blocks are recomputed: torch's selective (op-level) policy keeps every matmul
-output, more than autograd keeps around frozen linears (a frozen linear saves nothing), and
-raised the peak on the test Llama (3.7 vs 2.7 MB).
-
 Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` (the block's `Decision`) and
-``meta.BLOCK`` (the block's path) on the call of each region.
+``meta.BLOCK`` (the block's path) on the call of each region (an MLP's region too).
 """
 
 from __future__ import annotations
@@ -30,9 +41,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import meta
 from ..choices import Decision
 from ..errors import ConfigError
-from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, pass_result
-from ..ops.offload import Offload, Offloader
-from ..ops.regions import Recompute, region_target
+from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, mlp_spans, pass_result
+from ..ops.offload import Offload, OffloadedCheckpoint, Offloader
+from ..ops.regions import MINI_SEQUENCE_CHUNKS, MiniSequence, Recompute, mlp_target, region_target
 
 
 class RecomputeRegions(PassBase):
@@ -46,20 +57,40 @@ class RecomputeRegions(PassBase):
         self.decisions = decisions
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        ranges = block_ranges(gm.graph)
         offloader, offloaded = Offloader(), 0
         modified = False
-        for block in ranges:  # in graph order: an offloaded region's position is its order in forward
+        for block in block_ranges(gm.graph):  # in graph order: an offloaded region's position is its order in forward
             mode = self.decisions.get(block, Decision.KEEP)
             if mode is Decision.KEEP:
                 continue
-            if mode is Decision.RECOMPUTE:
-                wrap = Recompute
-            else:
-                wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
-            _outline(gm, ranges[block], region_target(block), block, mode, wrap)
+            if mode in _IN_MLP:
+                spans = mlp_spans(block_ranges(gm.graph)[block])
+                span = spans.whole if mode in _CHUNKED else spans.selective
+                if span is None:
+                    raise ConfigError(f"{block} has no MLP that {mode} applies to; decide {Decision.RECOMPUTE} for it.")
+                if mode is Decision.SELECTIVE:
+                    wrap = Recompute
+                elif mode is Decision.OFFLOAD_MLP:
+                    wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
+                else:
+                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.split)
+                _outline(gm, span, mlp_target(block), block, mode, wrap)
+            if mode not in (Decision.SELECTIVE, Decision.OFFLOAD_MLP):
+                if mode in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
+                    wrap = Recompute
+                else:
+                    kind = Offload if mode is Decision.OFFLOAD else OffloadedCheckpoint
+                    wrap = functools.partial(kind, offloader=offloader, position=offloaded,
+                                             prefetched=mode is not Decision.OFFLOAD_MINI_SEQUENCE)
+                    offloaded += 1
+                _outline(gm, block_ranges(gm.graph)[block], region_target(block), block, mode, wrap)
             modified = True
         return pass_result(gm, modified)
+
+
+#: The decisions that outline a block's MLP (`graph.mlp_spans`) into a region of its own.
+_CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
+_IN_MLP = (Decision.SELECTIVE, Decision.OFFLOAD_MLP, *_CHUNKED)
 
 
 def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap) -> None:

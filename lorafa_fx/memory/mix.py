@@ -1,0 +1,229 @@
+"""The planner's candidates: mixes of block decisions, with their estimated peak and time.
+
+A model's repeated blocks are alike, so a plan is described by how many blocks take each
+decision (`Mix`), laid out in one order (`BlockFacts.order`: most bytes freed per recomputed
+FLOP first, ties in model order, so the first layer, whose input needs no grad, comes last) in
+runs: offloaded blocks first (their copies to the host then have the most forward compute
+after them to hide behind), then recomputed ones, then blocks offloading their MLP, then
+selective ones; the rest are kept. Runs keep the composed simulation cheap (`compose.py`). The
+recomputed blocks are offloaded checkpoints on a card (`Decision.OFFLOAD_CHECKPOINT`: the same
+FLOPs as `RECOMPUTE`, and their input leaves the card too), recomputed ones elsewhere, and at
+the floor they may all run their MLP in mini-sequence chunks (``Mix.chunked``: that lowers the
+peak of a recomputed block's backward, not what the blocks keep).
+
+Per block ``b`` (bytes from the cost model's unplanned step, FLOPs from `flops.py`; ``mlp(b)``:
+what its MLP keeps up to the last linear, `graph.mlp_spans`)::
+
+    decision              frees (steady)        reappears in b's backward   recomputes       crosses the link
+    OFFLOAD               saved(b)              2 saved(b) (+ prefetch)     0                saved(b)
+    OFFLOAD_MLP           mlp(b) + input(b)     twice that                  0                mlp(b) + input(b)
+    SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
+    RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         forward(b)       0
+    OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         forward(b)       input(b)
+    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  + forward(MLP)   as recomputed
+                                                prefetched input
+
+    peak(mix)    ~= peak(unplanned) - sum of frees + max of reappears
+    seconds(mix)  = recomputed FLOPs / rate + timing.transfer_wait(...)
+
+The planner ranks the mixes by seconds and checks the estimate with the simulated step
+(`planner.plan_recompute`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..choices import Decision
+from ..graph import block_ranges, mlp_spans
+from ..ops.regions import MINI_SEQUENCE_CHUNKS
+from ..units import natural_key
+from .flops import backward_flops, node_flops
+from .simulate import StepEstimate
+from .timing import BlockTime, transfer_wait
+
+_CHUNKED = {Decision.RECOMPUTE: Decision.MINI_SEQUENCE, Decision.OFFLOAD_CHECKPOINT: Decision.OFFLOAD_MINI_SEQUENCE}
+
+
+@dataclass(frozen=True)
+class Block:
+    """What a mix reads of one block: bytes and FLOPs."""
+
+    saved: int  # bytes autograd keeps for it, unplanned
+    input: int  # bytes of its residual-stream input (what a recomputed block keeps)
+    selective: int  # bytes its MLP keeps up to its last linear (0: no such MLP)
+    forward: int  # FLOPs
+    backward: int
+    selective_flops: int  # forward FLOPs of the MLP span a selective block recomputes
+    mlp_flops: int  # forward FLOPs of the whole MLP, which a chunked block reruns once more
+    chunkable: bool  # its whole MLP may run in chunks of tokens
+
+    def frees(self, d: Decision) -> int:
+        if d in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
+            return self.saved - self.input
+        if d is Decision.SELECTIVE:
+            return self.selective
+        if d is Decision.OFFLOAD_MLP:  # with the norm's input, the size of the block's
+            return self.selective + self.input
+        return 0 if d is Decision.KEEP else self.saved
+
+    def reappears(self, d: Decision) -> int:
+        offloaded_input = self.input if d is Decision.OFFLOAD_CHECKPOINT else 0  # the next one's, prefetched
+        if d in (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE):
+            chunked = self.selective * (MINI_SEQUENCE_CHUNKS - 1) // MINI_SEQUENCE_CHUNKS
+            return self.saved - self.input - chunked + offloaded_input
+        if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):  # fetched, and the next one's prefetched
+            return 2 * self.frees(d)
+        return self.frees(d) + offloaded_input
+
+    def recomputes(self, d: Decision) -> int:
+        if d is Decision.SELECTIVE:
+            return self.selective_flops
+        if d in (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT):
+            return self.forward
+        if d in (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE):
+            return self.forward + self.mlp_flops
+        return 0
+
+    def crosses(self, d: Decision) -> int:
+        if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):
+            return self.frees(d)
+        return self.input if d in (Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE) else 0
+
+
+@dataclass(frozen=True)
+class BlockFacts:
+    blocks: dict[str, Block]  # in graph order
+    order: list[str]  # the layout order (module docstring)
+    after_blocks: int  # forward FLOPs after the last block (output layer, loss)
+
+
+def block_facts(
+    gm: fx.GraphModule, unplanned: StepEstimate, sizes: Mapping[sympy.Symbol, int], grads, kept
+) -> BlockFacts:
+    """`gm`'s blocks as mixes read them; `grads`: `flops.needs_grad(gm)`, `kept`: a block's input
+    bytes from its nodes. Blocks that are the same graph (ops, weights' shapes, which nodes
+    need a grad) are counted once: a 7B graph has 32 alike blocks of ~750 nodes."""
+    blocks, counted = {}, {}
+    ranges = block_ranges(gm.graph)
+    for b, nodes in ranges.items():
+        key = tuple((n.op, n.target.removeprefix(b) if isinstance(n.target, str) else n.target, n in grads,
+                     tuple(n.meta["val"].shape) if n.op == "get_attr" and "val" in n.meta else None) for n in nodes)
+        if key not in counted:
+            spans = mlp_spans(nodes)
+            positions = {n: i for i, n in enumerate(nodes)}
+            counted[key] = (
+                sum(node_flops(n, sizes) for n in nodes), sum(backward_flops(n, grads, sizes) for n in nodes),
+                sum(node_flops(n, sizes) for n in spans.selective or []),
+                sum(node_flops(n, sizes) for n in spans.whole or []),
+                spans.whole is not None, [positions[n] for n in spans.selective or []],
+            )
+        forward, backward, selective_flops, mlp_flops, chunkable, selective = counted[key]
+        blocks[b] = Block(
+            saved=unplanned.saved_by_module.get(b, 0), input=kept(nodes),
+            selective=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in selective),
+            forward=forward, backward=backward, selective_flops=selective_flops, mlp_flops=mlp_flops,
+            chunkable=chunkable,
+        )
+    everything = list(gm.graph.nodes)
+    last = max((everything.index(nodes[-1]) for nodes in ranges.values()), default=len(everything))
+    order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
+                                          natural_key(b)))
+    return BlockFacts(blocks, order, sum(node_flops(n, sizes) for n in everything[last + 1:]))
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How many blocks are offloaded, recomputed (`recompute`: the kind), offload their MLP and
+    recompute their MLP (selective), in the layout order."""
+
+    offloaded: int
+    recomputed: int
+    offloaded_mlp: int
+    selective: int
+    recompute: Decision
+    chunked: bool = False
+
+    def runs(self) -> list[tuple[Decision, int, int]]:
+        """(decision, first, end) of each run of the layout order."""
+        kinds = (Decision.OFFLOAD, _CHUNKED[self.recompute] if self.chunked else self.recompute,
+                 Decision.OFFLOAD_MLP, Decision.SELECTIVE)
+        ends = list(itertools.accumulate((self.offloaded, self.recomputed, self.offloaded_mlp, self.selective)))
+        return [(d, end - count, end) for d, count, end in zip(kinds, (self.offloaded, self.recomputed,
+                                                                        self.offloaded_mlp, self.selective), ends)]
+
+    def decisions(self, facts: BlockFacts) -> dict[str, Decision]:
+        chosen = {facts.order[i]: d for d, first, end in self.runs() for i in range(first, end)}
+        return {b: chosen.get(b, Decision.KEEP) for b in facts.blocks}
+
+
+class Candidates:
+    """Every mix of `facts`' blocks (with `offload`, a card: offloaded blocks, MLPs and
+    checkpoints; selective and chunked ones where every block's MLP allows them; counts in
+    steps that keep them under ~10^5 on deep models), priced (module docstring) at `rate`
+    FLOP/s over a `link` of bytes/s (None: nothing crosses), in order of their recomputation
+    seconds (a lower bound of their seconds), then of their estimated peak. Tens of thousands
+    of mixes are priced at once from running totals along the layout order."""
+
+    def __init__(self, facts: BlockFacts, unplanned_peak: int, rate: float, link: float | None) -> None:
+        self.facts, self.rate, self.link = facts, rate, link
+        self.recompute = Decision.OFFLOAD_CHECKPOINT if link else Decision.RECOMPUTE
+        n, blocks = len(facts.order), [facts.blocks[b] for b in facts.order]
+        selective = all(b.selective > 0 for b in blocks)
+        chunkable = all(b.chunkable for b in blocks)
+        step = max(1, round(n / 32))
+
+        def counts(left: int, allowed: bool = True) -> list[int]:
+            return sorted({*range(0, left + 1, step), left}) if allowed else [0]
+
+        rows = [(a, r, m, s, c) for a in counts(n, link is not None) for r in counts(n - a)
+                for m in counts(n - a - r, link is not None and selective) for s in counts(n - a - r - m, selective)
+                for c in ((0, 1) if r and chunkable else (0,))]
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        ends = self.rows[:, :4].cumsum(1)
+        starts = ends - self.rows[:, :4]
+        freed = torch.zeros(len(rows), dtype=torch.long)
+        recomputed = torch.zeros(len(rows), dtype=torch.float64)
+        reappears = torch.zeros(len(rows), dtype=torch.long)
+        for run in range(4):
+            for chunked in (0, 1):
+                d = self._kind(run, bool(chunked))
+                frees = torch.tensor([0, *itertools.accumulate(b.frees(d) for b in blocks)])
+                flops = torch.tensor([0, *itertools.accumulate(b.recomputes(d) for b in blocks)], dtype=torch.float64)
+                most = torch.tensor([[max((b.reappears(d) for b in blocks[i:j]), default=0) for j in range(n + 1)]
+                                     for i in range(n + 1)])
+                take = self.rows[:, 4] == chunked if run == 1 else torch.full((len(rows),), chunked == 0)
+                i, j = starts[:, run], ends[:, run]
+                freed += torch.where(take, frees[j] - frees[i], 0)
+                recomputed += torch.where(take, flops[j] - flops[i], 0.0)
+                reappears = torch.maximum(reappears, torch.where(take, most[i, j], 0))
+        self.estimated = unplanned_peak - freed + reappears
+        self.lower = recomputed / rate
+        order = torch.argsort(self.estimated, stable=True)
+        self.order = order[torch.argsort(self.lower[order], stable=True)].tolist()
+
+    def _kind(self, run: int, chunked: bool) -> Decision:
+        if run == 1:
+            return _CHUNKED[self.recompute] if chunked else self.recompute
+        return (Decision.OFFLOAD, None, Decision.OFFLOAD_MLP, Decision.SELECTIVE)[run]
+
+    def mix(self, index: int) -> Mix:
+        a, r, m, s, c = self.rows[index].tolist()
+        return Mix(a, r, m, s, self.recompute, chunked=bool(c))
+
+    def wait_seconds(self, decisions: Mapping[str, Decision]) -> float:
+        """Seconds compute waits for the link (`timing.transfer_wait`) under `decisions`."""
+        if self.link is None:
+            return 0.0
+        times = [
+            BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link,
+                      prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
+            for b, d in ((self.facts.blocks[name], decisions.get(name, Decision.KEEP)) for name in self.facts.blocks)
+        ]
+        return transfer_wait(times, self.facts.after_blocks / self.rate)

@@ -1,0 +1,64 @@
+"""The step-time model: how long a planned step takes on a card (`devices.DeviceProfile`).
+
+    step = (forward + backward + recomputed FLOPs) / (dense bf16 FLOP/s x ACHIEVED_FRACTION)
+         + transfer_wait
+
+FLOPs are `flops.py`'s (FlopCounterMode's convention: matmuls and attention; the achieved
+fraction stands for everything else a step spends time on). `transfer_wait` is the time compute
+waits for the host link, on a schedule that follows `ops/offload.py`'s:
+
+* forward: a block's saved tensors (an offloaded checkpoint's: its input) are copied to the host
+  when the block's forward ends, one block after another on one link (one direction: its
+  rate is the profile's), while the following blocks compute. Compute never waits for a copy,
+  but the step does not go on to backward before the last copy is done (its device memory is
+  freed then): what outlasts the forward is waited for.
+* backward: when backward reaches an offloaded block, the block's tensors are fetched (unless
+  already on their way) and so are the previous offloaded block's (unless it is not
+  ``prefetched``), queued behind them; the block's backward waits for its own. Each fetch
+  overlaps the backward (and recomputation) of the blocks after it in backward order.
+
+Assumptions (the plan printout states them): copies and compute overlap fully (a side stream,
+pinned host memory) and one copy at a time uses the link's nominal rate; a block's forward is
+its FLOPs at the achieved rate, its backward its backward FLOPs plus what it recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockTime:
+    """What the model reads of one repeated block, in graph order."""
+
+    forward: float  # seconds of its forward
+    backward: float  # seconds of its backward, recomputation included
+    transfer: float = 0.0  # seconds its offloaded bytes take over the link, one way (0: none)
+    prefetched: bool = True  # fetched during the backward of the offloaded block after it
+
+
+def transfer_wait(blocks: Sequence[BlockTime], after_blocks: float = 0.0) -> float:
+    """Seconds compute waits for the link in a step of `blocks` (see the module docstring);
+    `after_blocks`: seconds of forward after the last block (the output layer and the loss)."""
+    clock = link = 0.0
+    for block in blocks:
+        clock += block.forward
+        if block.transfer:
+            link = max(link, clock) + block.transfer
+    wait = max(0.0, link - clock - after_blocks)
+    offloaded = [i for i, b in enumerate(blocks) if b.transfer]
+    ready: dict[int, float] = {}  # offloaded block -> when its fetch is done
+    clock = link = 0.0
+    for i in reversed(range(len(blocks))):
+        if i in offloaded:
+            position = offloaded.index(i)
+            ahead = offloaded[position - 1] if position and blocks[offloaded[position - 1]].prefetched else None
+            for j in (i, ahead) if ahead is not None else (i,):
+                if j not in ready:
+                    link = max(link, clock) + blocks[j].transfer
+                    ready[j] = link
+            wait += max(0.0, ready[i] - clock)
+            clock = max(clock, ready[i])
+        clock += blocks[i].backward
+    return wait

@@ -1,0 +1,144 @@
+"""The memory floor's levers (`choices.Decision`): offloaded checkpoints, selective recompute,
+offloaded MLPs and mini-sequence chunks, realised by passes/recompute_regions.py.
+
+References: the unplanned step of the same graph (loss and every lora_B grad, bit for bit: the
+levers move and recompute tensors, they do not change the math; the one exception is stated
+where it is tested), and MemTracker's measured peak of a real step (the predicted peak within
+5%). The CUDA streams are not exercised (no GPU in CI): on the CPU the offload path runs with
+plain copies, and tensors under `ops.offload.MIN_BYTES` stay where they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorafa_fx
+from lorafa_fx.choices import Decision
+from lorafa_fx.graph import block_ranges
+from lorafa_fx.measure import measure_peak_bytes
+from lorafa_fx.memory.cost_model import CostModel
+from lorafa_fx.memory.simulate import with_decisions
+from lorafa_fx.ops import offload as _offload
+from lorafa_fx.ops import rows
+from lorafa_fx.passes import recompute_regions
+from lorafa_fx.stages import REALISE
+from lorafa_fx.zoo import make_batch
+
+LEVERS = [Decision.OFFLOAD_CHECKPOINT, Decision.SELECTIVE, Decision.OFFLOAD_MLP, Decision.MINI_SEQUENCE,
+          Decision.OFFLOAD_MINI_SEQUENCE]
+CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """Four layers, lora_B random (B = 0 would hide the adapters from the loss)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=4,
+                                         num_attention_heads=4, vocab_size=96, max_position_embeddings=128))
+    batch = make_batch("llama", 2, 32)
+    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(3))
+    return gm, batch, list(block_ranges(gm.graph))
+
+
+def _step(module, batch):
+    module.zero_grad(set_to_none=True)
+    out = module(**batch)
+    out.loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_each_lever_trains_bit_for_bit_like_the_unplanned_step_eager_and_compiled(llama, lever, monkeypatch):
+    """Every block takes `lever`, every saved tensor offloaded (MIN_BYTES 0). Chunked MLPs: the
+    loss and every gradient but the MLPs' own lora_B are the same bits; those are sums over
+    tokens taken a chunk at a time, equal to the unchunked sum up to its rounding (bitwise
+    equality would need the MLP's b·s·intermediate gradients whole: the bytes chunking saves)."""
+    monkeypatch.setattr(_offload, "MIN_BYTES", 0)
+    gm, batch, blocks = llama
+    loss, grads = _step(gm, batch)
+    planned = with_decisions(gm, dict.fromkeys(blocks, lever), REALISE)
+    for module in (planned, torch.compile(planned, backend="aot_eager")):
+        for _ in range(2):  # the second step starts afresh (nothing of the first is reused)
+            got_loss, got = _step(module, batch)
+            assert torch.equal(got_loss, loss)
+            for name, grad in grads.items():
+                if lever in CHUNKED and ".mlp." in name:
+                    torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-8)
+                else:
+                    assert torch.equal(got[name], grad), name
+
+
+@pytest.mark.parametrize("lever", [Decision.KEEP, Decision.RECOMPUTE, *LEVERS])
+def test_predicted_peak_is_within_5pct_of_the_measured_one_with_each_lever(llama, lever):
+    """Reference: MemTracker's peak of a real AdamW step (weights, optimizer states, batch and
+    activations). These tensors are under MIN_BYTES: the offloading levers run their
+    checkpoints and regions, not their copies (host memory is this CPU's: what a copy moves
+    stays in the measurement)."""
+    gm, batch, blocks = llama
+    decisions = dict.fromkeys(blocks, lever)
+    predicted = CostModel(batch, realise=REALISE)(gm, decisions).peak
+    assert predicted == pytest.approx(_measured_peak(gm, decisions, batch), rel=0.05)
+
+
+def _measured_peak(gm, decisions, batch) -> int:
+    """MemTracker's peak of the second AdamW step of `gm` with `decisions` (a copy: it trains)."""
+    module = copy.deepcopy(with_decisions(gm, decisions, REALISE))
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        module(**batch).loss.backward()
+        opt.step()
+
+    step()
+    return measure_peak_bytes(step, module, opt, batch)
+
+
+def test_mini_sequence_chunks_shrink_a_recomputed_blocks_transient(monkeypatch):
+    """A wide MLP (intermediate 8x hidden): the recomputed block's backward holds its MLP's
+    b·s·intermediate tensors a chunk at a time. Reference: the simulated step with the block
+    recomputed whole, and the measured peaks (falling with the chunk count, as predicted)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=96, max_position_embeddings=256))
+    batch = make_batch("llama", 2, 128)
+    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    blocks = list(block_ranges(gm.graph))
+    whole = CostModel(batch, realise=REALISE)(gm, dict.fromkeys(blocks, Decision.RECOMPUTE)).peak
+    predicted, measured = [], []
+    for chunks in (2, 4, 8):
+        monkeypatch.setattr(recompute_regions, "MINI_SEQUENCE_CHUNKS", chunks)
+        decisions = dict.fromkeys(blocks, Decision.MINI_SEQUENCE)
+        predicted.append(CostModel(batch, realise=REALISE)(gm, decisions).peak)
+        measured.append(_measured_peak(gm, decisions, batch))
+    assert whole > predicted[0] > predicted[1] > predicted[2]
+    assert measured[0] > measured[1] > measured[2]
+    # The b·s·intermediate fp32 tensors of a SwiGLU MLP's backward: gate, up, their gradients.
+    assert whole - predicted[2] >= 4 * 2 * 128 * 512 * 4 * (1 - 1 / 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monkeypatch):
+    """The lean RMSNorm's and gated activation's backward a few rows at a time (`ops/rows.py`).
+    Reference: the same step with chunks larger than the tensors (one call), bit for bit; and
+    the simulated peak, lower when chunked."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=96, max_position_embeddings=128)).to(dtype)
+    batch = make_batch("llama", 2, 64)
+    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    loss, grads = _step(gm, batch)
+    peak = CostModel(batch)(gm).peak
+    monkeypatch.setattr(rows, "CHUNK_BYTES", 2048)
+    got_loss, got = _step(gm, batch)
+    assert torch.equal(got_loss, loss) and all(torch.equal(got[n], g) for n, g in grads.items())
+    assert CostModel(batch)(gm).peak < peak

@@ -1,0 +1,70 @@
+"""The step-time model (memory/timing.py, memory/report.py) against figures worked by hand.
+
+Reference: the arithmetic in each docstring, done on paper from the stated example (not the
+model's formula typed again), and the datasheet figures of `devices.PROFILES`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig
+
+import lorafa_fx
+from lorafa_fx.devices import PROFILES
+from lorafa_fx.memory.timing import BlockTime, transfer_wait
+
+MS = 1e-3
+
+
+def test_three_offloaded_blocks_wait_for_the_link_as_worked_by_hand():
+    """Three blocks of 10 ms forward and 10 ms backward, each offloading 15 ms of transfer.
+    Forward: the copies run 10-25, 25-40, 40-55 ms; forward ends at 30 ms, so backward starts
+    25 ms late. Backward (t from its start): block 2 fetches itself (0-15) and prefetches block
+    1 (15-30); it waits 15, runs 15-25. Block 1 waits for 30 (5 ms), prefetches block 0 (30-45),
+    runs 30-40. Block 0 waits for 45 (5 ms). Total: 25 + 15 + 5 + 5 = 50 ms."""
+    blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS)] * 3
+    assert transfer_wait(blocks) == pytest.approx(50 * MS)
+
+
+def test_blocks_fetched_only_when_needed_wait_for_each_fetch_whole():
+    """The same three blocks, none prefetched (the floor's offloaded mini-sequence blocks):
+    forward as before (25 ms). Backward: block 2 fetches 0-15 and runs 15-25; block 1 fetches
+    25-40 and runs 40-50; block 0 fetches 50-65. Each waits its 15 ms: 25 + 45 = 70 ms."""
+    blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS, prefetched=False)] * 3
+    assert transfer_wait(blocks) == pytest.approx(70 * MS)
+
+
+def test_transfers_hidden_behind_kept_blocks_cost_nothing():
+    """Block 0 offloads 15 ms of copies; three kept blocks of 10 ms follow it. Forward: the copy
+    runs 10-25 ms, forward ends at 40. Backward: the kept blocks run 0-30 ms, but the fetch
+    starts only when backward reaches block 0 (at 30 ms) and takes 15: it waits 15 ms. The
+    output layer's 20 ms after the blocks does not change it."""
+    blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS)] + [BlockTime(10 * MS, 10 * MS)] * 3
+    assert transfer_wait(blocks) == pytest.approx(15 * MS)
+    assert transfer_wait(blocks, after_blocks=20 * MS) == pytest.approx(15 * MS)
+    # Two offloaded blocks (0 and 2) with a kept one between: forward copies 10-25 and 30-45
+    # (forward ends at 40: 5 ms late). Backward: block 3 runs 0-10; block 2 fetches itself
+    # (10-25) and block 0 (25-40), waits 15, runs 25-35; block 1 runs 35-45; block 0 is ready
+    # at 40. Total 5 + 15 = 20 ms.
+    blocks[2] = blocks[0]
+    assert transfer_wait(blocks) == pytest.approx(20 * MS)
+
+
+def test_the_plan_states_its_time_model_and_the_step_time_is_its_flops_plus_waits():
+    """A Llama step planned for an H100 with every block offloaded or recomputed. Reference:
+    the printout's stated assumptions are the profile's figures (989 TFLOP/s at 40%, 64 GB/s),
+    and the step's seconds are (forward + backward + recomputed FLOPs) / (989e12 * 0.4) plus the
+    link waits the plan reports."""
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                         vocab_size=1000, max_position_embeddings=1024)
+    lora = lorafa_fx.LoraFAConfig(r=8, chunked_cross_entropy=False)
+    h100 = lorafa_fx.PlanConfig(device="h100")
+    unplanned = lorafa_fx.estimate(config, batch_size=8, seq_len=1024, config=lora, plan=h100)
+    plan = lorafa_fx.estimate(config, batch_size=8, seq_len=1024, config=lora, plan=h100,
+                              budget=int(unplanned.predicted_peak_bytes * 0.7))
+    printed = " ".join(str(plan).split())
+    assert "40% of 989 TFLOP/s" in printed and "host link 64 GB/s each way" in printed
+    assert PROFILES["h100"].dense_bf16_flops == 989e12 and PROFILES["h100"].host_link_bytes_per_s == 64e9
+    assert plan.step_seconds == pytest.approx((plan.step_flops + plan.recompute_flops) / (989e12 * 0.4)
+                                              + plan.offload_seconds)
+    assert plan.overhead_pct == pytest.approx(100 * (plan.step_seconds / unplanned.step_seconds - 1))
