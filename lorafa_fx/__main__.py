@@ -231,6 +231,8 @@ def _add_plan_parser(sub) -> None:
                    help="instead of --batch: the largest batch size whose step fits --budget, and its plan")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the weights' dtype")
     p.add_argument("--json", action="store_true", help="print the plan (or the error) as JSON on stdout")
+    p.add_argument("--summary", action="store_true",
+                   help="print only the plan's summary table (not its per-layer and per-block tables)")
     _add_config_flags(p, LoraFAConfig, ("r", "lora_alpha"))
     _add_config_flags(p, PlanConfig, tuple(f.name for f in dataclasses.fields(PlanConfig)))
 
@@ -312,13 +314,17 @@ def _plan(args) -> int:
                              indent=2))
         else:
             _print_notes(notes)
-            print(f"largest batch size that fits {_budget_text(plan)} at seq {seqs[0]}: {batch}\n{plan}")
+            print(f"largest batch size that fits {_budget_text(plan)} at seq {seqs[0]}: {batch}\n{_text(plan, args)}")
     elif args.json:
         print(json.dumps({**result.to_dict(), "notes": notes}, indent=2))
     else:
         _print_notes(notes)
-        print(result)
+        print(_text(result, args))
     return 0
+
+
+def _text(plan, args) -> str:
+    return plan.summary() if args.summary else str(plan)
 
 
 def _budget_text(plan) -> str:

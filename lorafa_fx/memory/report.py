@@ -194,17 +194,16 @@ class MemoryPlan:
         return d
 
     def __str__(self) -> str:
-        out = StringIO()
-        console = Console(file=out, width=110, force_terminal=False, color_system=None)
-        console.print(self._summary())
-        console.print(self._layers_table())
-        console.print(self._blocks_table())
-        return out.getvalue().rstrip()
+        return _render(self._summary(), self._layers_table(), self._blocks_table())
+
+    def summary(self) -> str:
+        """The plan's first table only (totals, decisions, step time), without the per-layer and per-block ones."""
+        return _render(self._summary())
 
     def _summary(self) -> Table:
         t = Table(title="lorafa_fx memory plan (one training step)", show_header=False)
         t.add_column(justify="left")
-        t.add_column(justify="right")
+        t.add_column(justify="left")
         shape = ", ".join(f"{k} {tuple(v)}" for k, v in self.batch_shape.items())
         t.add_row("batch" if self.world_size is None else "batch (per rank)", shape)
         if self.world_size is not None:
@@ -273,6 +272,14 @@ class MemoryPlan:
         for block, nbytes in sorted(self.saved_by_block.items(), key=lambda kv: natural_key(kv[0])):
             t.add_row(block, str(self.recompute_by_block.get(block, Decision.KEEP)), format_bytes(nbytes))
         return t
+
+
+def _render(*tables: Table) -> str:
+    out = StringIO()
+    console = Console(file=out, width=110, force_terminal=False, color_system=None)
+    for table in tables:
+        console.print(table)
+    return out.getvalue().rstrip()
 
 
 def _data_parallel(world_size: int, sharding: Sharding | None) -> str:
