@@ -33,8 +33,6 @@ PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-70b --batch 1 --seq 4096 --rank 16 --world-size 8 --budget 80GB
 presets: """
 
-#: Config fields that bound the sequence length (the first one set is the model's limit).
-
 #: The demo's models (``--model``).
 DEMO_MODELS = ("tiny", "smollm2")
 
@@ -340,19 +338,26 @@ def _budget_text(plan) -> str:
 
 def _sweep_table(config: str, plans: list) -> str:
     """One row per shape of a sweep: its peak, whether it fits, what the planner pulled to fit."""
+    from collections import Counter
     from io import StringIO
 
     from rich.console import Console
     from rich.table import Table
 
+    from lorafa_fx.choices import Decision
     from lorafa_fx.units import format_bytes
 
     t = Table(title=f"lorafa_fx memory plans: {config}, {_budget_text(plans[0])}")
-    for name in ("batch", "seq", "predicted peak", "fits", "recomputed in backward", "other levers", "extra compute"):
-        t.add_column(name, justify="left" if name in ("fits", "recomputed in backward", "other levers") else "right")
+    timed = any(plan.step_seconds is not None for plan in plans)
+    # The step-time column is the predicted time over the same step with nothing recomputed or offloaded.
+    columns = ("batch", "seq", "peak", "fits", "block decisions", "other levers", "extra FLOPs",
+               *(("step time",) if timed else ()))
+    for name in columns:
+        left = name in ("fits", "block decisions", "other levers")
+        t.add_column(name, justify="left" if left else "right", min_width=30 if name == "block decisions" else None)
     for plan in plans:
         batch, seq = plan.batch_shape["input_ids"]
-        recomputed = len(plan.recomputed_blocks)
+        decided = Counter(str(d) for d in plan.recompute_by_block.values() if d is not Decision.KEEP)
         lowered = sum(layer.configured_r is not None for layer in plan.layers)
         levers = [text for text, used in (("chunked loss", plan.chunked_cross_entropy),
                                           (f"{lowered} ranks lowered", lowered),
@@ -361,8 +366,9 @@ def _sweep_table(config: str, plans: list) -> str:
         t.add_row(
             str(batch), str(seq), format_bytes(plan.predicted_peak_bytes),
             {None: "-", True: "yes", False: "no"}[plan.fits],
-            f"{recomputed} of {len(plan.recompute_by_block)} blocks" if recomputed else "none",
+            ", ".join(f"{n} {d}" for d, n in decided.items()) or "all kept",
             ", ".join(levers) or "none", f"{plan.extra_compute_pct:.1f}%",
+            *((f"+{plan.overhead_pct:.1f}%",) if timed else ()),
         )
     out = StringIO()
     Console(file=out, width=110, force_terminal=False, color_system=None).print(t)
