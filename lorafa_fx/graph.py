@@ -293,6 +293,9 @@ class MLPSpans(NamedTuple):
     selective: list[fx.Node] | None  # up to its last linear's input: recomputing it saves what is kept inside
     whole: list[fx.Node] | None  # to its output, token-wise and without random ops: it may run in chunks
     split: tuple[int, ...] = ()  # of `whole`'s inputs (`boundary` order), those split into chunks of tokens
+    # Nothing in the block reads `whole`'s output but residual adds that end it (their backward
+    # reads no input): a recomputation of the block may leave that output unwritten.
+    output_unread: bool = False
 
 
 def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
@@ -315,7 +318,14 @@ def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
         start -= 1
     selective, whole = (_one_output(nodes[start:end + 1]) for end in (index[x], inside[-1]))
     split = _token_inputs(whole) if whole is not None else ()
-    return MLPSpans(selective, whole if split else None, split)
+    return MLPSpans(selective, whole if split else None, split, bool(split) and _output_unread(whole, nodes))
+
+
+def _output_unread(span: list[fx.Node], nodes: list[fx.Node]) -> bool:
+    inside = set(nodes)
+    adds = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+    return all(u.op == "call_function" and u.target in adds and not inside & set(u.users)
+               for u in [n for n in span if n.op != "get_attr"][-1].users if u in inside)
 
 
 def _one_output(span: list[fx.Node]) -> list[fx.Node] | None:

@@ -125,3 +125,34 @@ def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkey
     chosen = counted(planned.recompute_by_block)
     assert chosen == min(fitting.values())
     assert planned.recompute_flops == chosen - counted({})
+
+
+def test_a_chunked_block_recomputes_its_forward_once_as_flop_counter_mode_counts():
+    """Reference: FlopCounterMode's count of a real step of the zoo Llama with every block
+    recomputed with its MLP in mini-sequence chunks, and with every block recomputed whole:
+    the chunked blocks' recomputation skips the MLP, whose chunks rerun in backward, so both
+    add each block's forward FLOPs once (what `mix.Block.recomputes` prices both at)."""
+    from lorafa_fx.choices import Decision
+    from lorafa_fx.graph import block_ranges
+    from lorafa_fx.memory.cost_model import CostModel
+    from lorafa_fx.memory.mix import block_facts
+    from lorafa_fx.memory.planner import _kept
+    from lorafa_fx.memory.simulate import with_decisions
+    from lorafa_fx.stages import REALISE
+
+    _, gm = transformed("llama", SHAPE)
+    batch = make_batch("llama", *SHAPE)
+
+    def counted(decision) -> int:
+        blocks = list(block_ranges(gm.graph))
+        module = with_decisions(gm, dict.fromkeys(blocks, decision), REALISE) if decision else gm
+        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+            module(**batch).loss.backward()
+        return counter.get_total_flops()
+
+    sizes = symbol_sizes(gm, batch)
+    facts = block_facts(gm, CostModel(batch, realise=REALISE)(gm), sizes, needs_grad(gm),
+                        lambda nodes: _kept(nodes, sizes))
+    extra = counted(Decision.MINI_SEQUENCE) - counted(None)
+    assert extra == counted(Decision.RECOMPUTE) - counted(None) > 0
+    assert extra == sum(b.recomputes(Decision.MINI_SEQUENCE) for b in facts.blocks.values())

@@ -20,8 +20,9 @@ what its MLP keeps up to the last linear, `graph.mlp_spans`)::
     SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
     RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         forward(b)       0
     OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         forward(b)       input(b)
-    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  + forward(MLP)   as recomputed
-                                                prefetched input
+    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  forward(b) (+    as recomputed
+                                                prefetched input            forward(MLP) if
+                                                                            its output is read)
 
     peak(mix)    ~= peak(unplanned) - sum of frees + max of reappears
     seconds(mix)  = recomputed FLOPs / rate + timing.transfer_wait(...)
@@ -61,7 +62,7 @@ class Block:
     forward: int  # FLOPs
     backward: int
     selective_flops: int  # forward FLOPs of the MLP span a selective block recomputes
-    mlp_flops: int  # forward FLOPs of the whole MLP, which a chunked block reruns once more
+    chunked_flops: int  # what a chunked block recomputes beyond its forward (`ops.regions.MiniSequence`)
     chunkable: bool  # its whole MLP may run in chunks of tokens
 
     def frees(self, d: Decision) -> int:
@@ -87,9 +88,7 @@ class Block:
             return self.selective_flops
         if d in (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT):
             return self.forward
-        if d in (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE):
-            return self.forward + self.mlp_flops
-        return 0
+        return self.forward + self.chunked_flops if d in _CHUNKED.values() else 0
 
     def crosses(self, d: Decision) -> int:
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):
@@ -121,14 +120,15 @@ def block_facts(
             counted[key] = (
                 sum(node_flops(n, sizes) for n in nodes), sum(backward_flops(n, grads, sizes) for n in nodes),
                 sum(node_flops(n, sizes) for n in spans.selective or []),
-                sum(node_flops(n, sizes) for n in spans.whole or []),
+                # the chunks rerun in backward; the block's recomputation runs them too unless it may skip them
+                0 if spans.output_unread else sum(node_flops(n, sizes) for n in spans.whole or []),
                 spans.whole is not None, [positions[n] for n in spans.selective or []],
             )
-        forward, backward, selective_flops, mlp_flops, chunkable, selective = counted[key]
+        forward, backward, selective_flops, chunked_flops, chunkable, selective = counted[key]
         blocks[b] = Block(
             saved=unplanned.saved_by_module.get(b, 0), input=kept(nodes),
             selective=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in selective),
-            forward=forward, backward=backward, selective_flops=selective_flops, mlp_flops=mlp_flops,
+            forward=forward, backward=backward, selective_flops=selective_flops, chunked_flops=chunked_flops,
             chunkable=chunkable,
         )
     everything = list(gm.graph.nodes)

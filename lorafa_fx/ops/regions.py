@@ -11,12 +11,17 @@ block's last adapter product (about 1% of its forward). `offload.Offload` keeps 
 saved tensors in host memory instead.
 
 `MiniSequence` runs a token-wise region (a block's MLP, `graph.mlp_spans`) a chunk of tokens at
-a time, each chunk checkpointed (the Mini-Sequence Transformer's scheme): inside a recomputed
-block, the MLP's b·s·intermediate tensors then exist a chunk at a time, in the block's
-recomputation and in its backward (which reruns each chunk's forward once more). Each output
-row is the unchunked region's row, so the forward and the input gradients are the same bits;
-the gradients of parameters the region trains (its adapters' lora_B) are sums over tokens
-taken a chunk at a time, equal up to the rounding of that order.
+a time (the Mini-Sequence Transformer's scheme): its forward runs the chunks without grad and
+keeps only the region's inputs (``ctx.save_for_backward``, so an offloading region's hooks see
+them), and its backward reruns each chunk's forward with grad and takes that chunk's
+gradients, so the MLP's b·s·intermediate tensors exist a chunk at a time. Inside a recomputed
+block whose MLP output only a residual add reads (``rerun_skips``, `graph.MLPSpans`), the
+block's recomputation (a call during backward: autograd's engine is running) does not run the
+chunks at all: the block's backward needs none of the output's values, and the chunks'
+backward computes them again anyway; so such a chunked block recomputes its forward FLOPs once,
+like a whole-block recompute (otherwise its MLP's once more). Each output row is the unchunked region's row, so the forward and the
+input gradients are the same bits; the gradients of inputs that are not split (its adapters'
+lora_B) are sums over chunks, equal up to the rounding of that order.
 """
 
 from __future__ import annotations
@@ -49,32 +54,79 @@ MINI_SEQUENCE_CHUNKS = 8
 
 class MiniSequence(torch.nn.Module):
     """Calls `region` on `chunks` chunks of tokens (dim -2) of the arguments at `split` (the
-    others, its parameters, whole) and concatenates its one output."""
+    others, its parameters, whole) and concatenates its one output; `rerun_skips`: a call
+    during backward (the block's recomputation) leaves the output unwritten."""
 
-    def __init__(self, region: fx.GraphModule, chunks: int, split: tuple[int, ...]) -> None:
+    def __init__(self, region: fx.GraphModule, chunks: int, split: tuple[int, ...], rerun_skips: bool = False) -> None:
         super().__init__()
-        self.region, self.chunks, self.split = region, chunks, split
+        self.region, self.chunks, self.split, self.rerun_skips = region, chunks, split, rerun_skips
+        self.output: tuple[int, torch.dtype] | None = None  # its output's last dim and dtype, once run
 
     def forward(self, *args):
+        return (_Chunks.apply(self, self.rerun_skips and torch._C._current_graph_task_id() != -1, *args),)
+
+    def pieces(self, args: tuple) -> list[tuple]:
+        """The region's arguments chunk by chunk. On fake tensors (the cost model) one chunk:
+        one chunk's tensors are what the real loop holds at a time."""
         tokens = args[self.split[0]].shape[-2]
-        size = -(-tokens // self.chunks)
-        pieces = {i: args[i].split(size, dim=-2) for i in self.split}
-        # On fake tensors (the cost model) one chunk runs and the others are left empty: one
-        # chunk's tensors are what the real loop holds at a time, and the output is whole.
-        count = 1 if is_fake(args[self.split[0]]) else len(pieces[self.split[0]])
-        with set_checkpoint_early_stop(False):
-            outputs = [
-                checkpoint(self.region, *(pieces[i][c] if i in pieces else a for i, a in enumerate(args)),
-                           use_reentrant=False)[0]
-                for c in range(count)
-            ]
-        if count < len(pieces[self.split[0]]):
-            rest = [p.shape[-2] for p in pieces[self.split[0]][count:]]
-            outputs.append(outputs[0].new_empty((*outputs[0].shape[:-2], sum(rest), outputs[0].shape[-1])))
-        return (torch.cat(outputs, dim=-2),)
+        split = {i: args[i].split(-(-tokens // self.chunks), dim=-2) for i in self.split}
+        count = 1 if is_fake(args[self.split[0]]) else len(split[self.split[0]])
+        return [tuple(split[i][c] if i in split else a for i, a in enumerate(args)) for c in range(count)]
 
     def extra_repr(self) -> str:
-        return f"chunks={self.chunks}"
+        return f"chunks={self.chunks}, rerun_skips={self.rerun_skips}"
+
+
+class _Chunks(torch.autograd.Function):
+    """`MiniSequence`'s step: forward without grad (`rerun`: the block's recomputation, the
+    output left unwritten), backward a chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, mini: MiniSequence, rerun: bool, *args):
+        ctx.mini = mini
+        ctx.save_for_backward(*args)
+        x = args[mini.split[0]]
+        if rerun and mini.output is not None:  # the forward's output row: width and dtype
+            width, dtype = mini.output
+            return x.new_empty((*x.shape[:-1], width), dtype=dtype)
+        # Detached: views taken without grad of tensors that need one confuse module hooks (MemTracker's).
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        outputs = [mini.region(*chunk)[0] for chunk in mini.pieces(plain)]
+        mini.output = (outputs[0].shape[-1], outputs[0].dtype)
+        rest = x.shape[-2] - sum(o.shape[-2] for o in outputs)  # fake: one chunk ran
+        if rest:
+            outputs.append(outputs[0].new_empty((*outputs[0].shape[:-2], rest, outputs[0].shape[-1])))
+        return torch.cat(outputs, dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mini, args = ctx.mini, ctx.saved_tensors
+        wanted = ctx.needs_input_grad[2:]
+        grads: list = [None] * len(args)
+        chunk_grads: dict[int, list] = {i: [] for i in mini.split if wanted[i]}
+        start = 0
+        for chunk in mini.pieces(args):
+            inputs = [a.detach().requires_grad_(w) if isinstance(a, torch.Tensor) else a for a, w in zip(chunk, wanted)]
+            with torch.enable_grad():
+                # The region reads views of the leaves: module hooks that watch its inputs'
+                # gradients (FlopCounterMode's, MemTracker's) cannot watch a leaf's in autograd.grad.
+                out = mini.region(*(a.view_as(a) if isinstance(a, torch.Tensor) and w else a
+                                    for a, w in zip(inputs, wanted)))[0]
+            rows = out.shape[-2]
+            needed = [i for i, w in enumerate(wanted) if w]
+            got = torch.autograd.grad(out, [inputs[i] for i in needed], grad.narrow(-2, start, rows))
+            start += rows
+            for i, g in zip(needed, got):
+                if i in chunk_grads:
+                    chunk_grads[i].append(g)
+                else:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        for i, pieces in chunk_grads.items():
+            whole = torch.cat(pieces, dim=-2)
+            if whole.shape[-2] < args[i].shape[-2]:  # fake: one chunk ran
+                whole = whole.new_zeros(args[i].shape)
+            grads[i] = whole
+        return None, None, *grads
 
 
 def region_target(block: str) -> str:

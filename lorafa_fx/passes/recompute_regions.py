@@ -73,7 +73,8 @@ class RecomputeRegions(PassBase):
                 elif mode is Decision.OFFLOAD_MLP:
                     wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
                 else:
-                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.split)
+                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.split,
+                                             rerun_skips=spans.output_unread)
                 _outline(gm, span, mlp_target(block), block, mode, wrap)
             if mode not in (Decision.SELECTIVE, Decision.OFFLOAD_MLP):
                 if mode in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
