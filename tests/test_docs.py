@@ -1,11 +1,15 @@
 """The docs say what the code is: the README's size, links that lead somewhere, the tests the
 evidence page names, the stage table against `stages.py`, the lever table against
-`choices.Decision`, and output blocks that come from a command (``docs/regen.py``).
+`choices.Decision`, output blocks that come from a command (``docs/regen.py``), and the
+README's example, run.
 Reference: the repository's own files and the library's lists."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,15 @@ def test_every_output_block_comes_from_a_command(page):
         if lines[opening] == "```text":
             assert lines[opening - 1].startswith("<!-- output: "), f"{page.name}:{opening + 1} has no command"
             assert closing > opening + 1, f"{page.name}:{opening + 1}: run python docs/regen.py"
+
+
+def test_the_readmes_example_trains_and_loads_in_peft(tmp_path):
+    """The README's first Python block, run as a user runs it (its own assertion is the
+    reference: the saved adapter in PEFT gives the trained module's logits)."""
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.S)[1]
+    (tmp_path / "example.py").write_text(example)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "predicted peak" in done.stdout and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
