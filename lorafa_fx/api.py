@@ -68,7 +68,10 @@ def transform(
 
     Returns:
         a `torch.fx.GraphModule` called like the model (``gm(**batch)`` returns the model's
-        output type). Trainable parameters: every ``lora_B`` and the ``modules_to_save``.
+        output type): the captured call runs the planned graph, any other call the model takes
+        (no labels, other inputs, ``no_grad``) runs the model's modules with the adapters, and
+        ``gm.generate`` is the model's ``generate``. Trainable parameters: every ``lora_B`` and
+        the ``modules_to_save``.
         ``gm.lorafa.adapters`` lists the adapters (module path, rank, scaling);
         ``gm.lorafa_plan`` is the `MemoryPlan` of a training step at the example batch's shape
         (AdamW; print it).
