@@ -10,9 +10,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model, peft_reference, randomize_lora_B, transformed
+from conftest import CONFIG_KWARGS, make_batch, make_model, peft_reference, randomize_lora_B, transform, transformed
 
-import lorafa_fx
 from lorafa_fx import AdapterMismatchError, LoraFAConfig, load_adapter, merge, save_adapter
 from lorafa_fx.errors import LoraFAError
 
@@ -25,7 +24,7 @@ def _transform(name: str, model=None, **config):
         model, gm = transformed(name, EXAMPLE_SHAPE, **{"r": 4, "lora_alpha": 8, **config})
     else:
         config = LoraFAConfig(**{"r": 4, "lora_alpha": 8, **CONFIG_KWARGS.get(name, {}), **config})
-        gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
+        gm = transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE), config=config)
     randomize_lora_B(gm)
     _perturb_modules_to_save(gm)
     return model, gm
@@ -242,7 +241,7 @@ def test_a_tied_head_warns_like_peft_and_merges_untied(name, model_fn, targets, 
         get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=peft_targets))
     tied = r"lm_head is adapted but its weight is tied to .*exclude_modules=\['lm_head'\]"
     with pytest.warns(UserWarning, match=tied):
-        gm = lorafa_fx.transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE),
+        gm = transform(model, example_inputs=make_batch(name, *EXAMPLE_SHAPE),
                                  config=LoraFAConfig(r=4, lora_alpha=8, target_modules=targets))
     assert "lm_head" in {a.path for a in gm.lorafa.adapters}
     randomize_lora_B(gm)

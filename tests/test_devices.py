@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B
+from conftest import CONFIG_KWARGS, make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B, transform
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 
 SEQ = 12
@@ -34,7 +33,7 @@ def captured_with_bool_mask():
     def get(name: str):
         if name not in cache:
             model = make_model(name).eval()
-            gm = lorafa_fx.transform(model, example_inputs=_bool_mask_batch(name),
+            gm = transform(model, example_inputs=_bool_mask_batch(name),
                                      config=LoraFAConfig(**CONFIG_KWARGS.get(name, {})))
             cache[name] = model, gm.eval()
         return cache[name]
@@ -88,7 +87,7 @@ def test_captured_on_cpu_trains_on_cuda_like_peft():
     runs = {}
     for mode in ("eager", "compiled"):
         model = make_model("llama")
-        gm = lorafa_fx.transform(model, example_inputs=make_batch("llama", 2, SEQ), config=config)
+        gm = transform(model, example_inputs=make_batch("llama", 2, SEQ), config=config)
         randomize_lora_B(gm)
         if mode == "eager":
             ref = peft_reference(model, gm).cuda()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIG_KWARGS, make_batch, make_model, transformed
+from conftest import CONFIG_KWARGS, make_batch, make_model, transform, transformed
 
 import lorafa_fx
 from lorafa_fx import LoraFAConfig
@@ -55,7 +55,7 @@ def test_an_autocast_step_is_predicted_within_5pct(name):
     """Reference: MemTracker's peak of a real step whose forward runs under bf16 autocast (as
     Trainer(bf16=True) runs it) and its saved bytes; the plan says which precision it assumed."""
     config = LoraFAConfig(r=8, **CONFIG_KWARGS.get(name, {}))
-    gm = lorafa_fx.transform(make_model(name), example_inputs=make_batch(name, 2, 8), config=config,
+    gm = transform(make_model(name), example_inputs=make_batch(name, 2, 8), config=config,
                              plan=lorafa_fx.PlanConfig(mixed_precision="bf16"))
     assert gm.lorafa_plan.mixed_precision == "bf16" and "mixed bf16" in str(gm.lorafa_plan)
     batch = make_batch(name, 2, 8)
@@ -69,7 +69,7 @@ def test_an_autocast_step_is_predicted_within_5pct(name):
 
 def test_mixed_precision_defaults_to_the_autocast_in_force():
     with torch.autocast("cpu", torch.bfloat16):
-        gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 8))
+        gm = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 8))
     assert gm.lorafa_plan.mixed_precision == "bf16"
     assert _transform("llama").lorafa_plan.mixed_precision == "no"
 

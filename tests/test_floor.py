@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from conftest import transform
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -40,7 +41,7 @@ def llama():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=4,
                                          num_attention_heads=4, vocab_size=96, max_position_embeddings=128))
     batch = make_batch("llama", 2, 32)
-    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
     with torch.no_grad():
         for p in gm.parameters():
             if p.requires_grad:
@@ -66,8 +67,9 @@ def test_each_lever_trains_bit_for_bit_like_the_unplanned_step_eager_and_compile
     gm, batch, blocks = llama
     loss, grads = _step(gm, batch)
     planned = with_decisions(gm, dict.fromkeys(blocks, lever), REALISE)
-    for module in (planned, torch.compile(planned, backend="aot_eager")):
-        for _ in range(2):  # the second step starts afresh (nothing of the first is reused)
+    # Eager twice: the second step starts afresh (nothing of the first is reused).
+    for module, steps in ((planned, 2), (torch.compile(planned, backend="aot_eager"), 1)):
+        for _ in range(steps):
             got_loss, got = _step(module, batch)
             assert torch.equal(got_loss, loss)
             for name, grad in grads.items():
@@ -111,7 +113,7 @@ def test_mini_sequence_chunks_shrink_a_recomputed_blocks_transient(monkeypatch):
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=512, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=96, max_position_embeddings=256))
     batch = make_batch("llama", 2, 128)
-    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
     blocks = list(block_ranges(gm.graph))
     whole = CostModel(batch, realise=REALISE)(gm, dict.fromkeys(blocks, Decision.RECOMPUTE)).peak
     predicted, measured = [], []
@@ -135,7 +137,7 @@ def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monk
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=96, max_position_embeddings=128)).to(dtype)
     batch = make_batch("llama", 2, 64)
-    gm = lorafa_fx.transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
     loss, grads = _step(gm, batch)
     peak = CostModel(batch)(gm).peak
     monkeypatch.setattr(rows, "CHUNK_BYTES", 2048)

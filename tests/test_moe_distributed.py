@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B
+from conftest import make_batch, make_model, randomize_lora_B, transform
 from test_distributed import _launch
 
 import lorafa_fx
@@ -26,7 +26,7 @@ def _single_process(lorafa_optimizer: bool) -> dict[str, torch.Tensor]:
     from _dist_worker import GLOBAL_BATCH, LR, SEQ, STEPS, R
 
     batch = make_batch("mixtral", GLOBAL_BATCH, SEQ, seed=3)
-    gm = lorafa_fx.transform(make_model("mixtral"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))
+    gm = transform(make_model("mixtral"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))
     randomize_lora_B(gm)
     params = [p for p in gm.parameters() if p.requires_grad]
     opt = lorafa_fx.create_lorafa_optimizer(gm, lr=LR) if lorafa_optimizer else torch.optim.AdamW(params, lr=LR)

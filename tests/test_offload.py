@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import transform
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -38,7 +39,7 @@ def every_tensor(monkeypatch):
 
 def _graph(layers: int = 4):
     batch = make_batch("llama", 2, 32)
-    gm = lorafa_fx.transform(_llama(layers), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    gm = transform(_llama(layers), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
     with torch.no_grad():
         for p in gm.parameters():
             if p.requires_grad:

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, transform
 
 import lorafa_fx
 from lorafa_fx import MemoryPlan
 
 
 def test_transform_attaches_a_printable_json_plan():
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16))
+    gm = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16))
     plan = gm.lorafa_plan
     assert isinstance(plan, MemoryPlan) and plan.budget_bytes is None
     assert [layer.path for layer in plan.layers] == [a.path for a in gm.lorafa.adapters]
@@ -32,7 +32,7 @@ def test_estimate_from_a_config_equals_the_plan_of_the_real_model():
     """Reference: the same architecture with real fp32 weights, planned by transform()."""
     cfg = make_model("llama").config
     plan = lorafa_fx.estimate(cfg, batch_size=2, seq_len=16, dtype=torch.float32)
-    real = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16)).lorafa_plan
+    real = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16)).lorafa_plan
     assert plan.predicted_peak_bytes == real.predicted_peak_bytes
     assert plan.saved_activation_bytes == real.saved_activation_bytes
     assert plan.batch_shape["input_ids"] == (2, 16)

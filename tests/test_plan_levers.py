@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, transform
 from test_plan_memory import _measured_peak
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -24,7 +24,7 @@ SHAPE = (4, 32)
 
 def _peak(config: LoraFAConfig, budget=None, model=None) -> lorafa_fx.MemoryPlan:
     model = model or make_model("llama")
-    return lorafa_fx.transform(model, budget=budget, example_inputs=make_batch("llama", *SHAPE), config=config).lorafa_plan
+    return transform(model, budget=budget, example_inputs=make_batch("llama", *SHAPE), config=config).lorafa_plan
 
 
 def test_cap_ranks_keeps_rank_pattern_and_rescales():
@@ -52,7 +52,7 @@ def test_lower_ranks_instead_of_recomputing():
     assert _peak(dataclasses.replace(config, r=6, lora_alpha=6, min_r=None)).predicted_peak_bytes > budget
 
     model = make_model("llama")
-    gm = lorafa_fx.transform(model, budget=budget, example_inputs=make_batch("llama", *SHAPE), config=config)
+    gm = transform(model, budget=budget, example_inputs=make_batch("llama", *SHAPE), config=config)
     plan = gm.lorafa_plan
     assert plan.recompute_flops == 0  # the configured ranks would need recomputation
     assert {(layer.r, layer.configured_r) for layer in plan.layers} == {(5, 16)}  # the most rank that fits
@@ -93,16 +93,16 @@ def test_planner_chunks_the_loss_before_recomputing_and_says_so():
     budget = chunked.predicted_peak_bytes
     assert budget < full.predicted_peak_bytes
     with pytest.warns(UserWarning, match="logits are None.*chunked_cross_entropy=False"):
-        gm = lorafa_fx.transform(_big_vocab_llama(), budget=budget, example_inputs=batch)
+        gm = transform(_big_vocab_llama(), budget=budget, example_inputs=batch)
     assert gm.lorafa_plan.chunked_cross_entropy and gm.lorafa_plan.recompute_flops == 0
     assert "chunked cross-entropy" in str(gm.lorafa_plan)
     out = gm.train()(**batch)
     assert out.logits is None
-    reference = lorafa_fx.transform(_big_vocab_llama(), example_inputs=batch).train()(**batch)
+    reference = transform(_big_vocab_llama(), example_inputs=batch).train()(**batch)
     torch.testing.assert_close(out.loss, reference.loss, atol=1e-5, rtol=0)
     # Keeping the logits, even recomputing every block does not reach that budget.
     with pytest.raises(lorafa_fx.InfeasibleBudgetError):
-        lorafa_fx.transform(_big_vocab_llama(), budget=budget, example_inputs=batch,
+        transform(_big_vocab_llama(), budget=budget, example_inputs=batch,
                             config=LoraFAConfig(chunked_cross_entropy=False))
 
 

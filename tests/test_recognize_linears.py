@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import peft_lora_B, peft_reference, randomize_lora_B
+from conftest import peft_lora_B, peft_reference, randomize_lora_B, transform
 from torch import nn
 from transformers import FalconConfig, FalconForCausalLM
 
@@ -32,7 +32,7 @@ def _batch() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_falcon_linear_is_adapted_and_trains_as_peft(bias):
     model = _falcon(bias)
-    gm = lorafa_fx.transform(model, example_inputs=_batch(), config=lorafa_fx.LoraFAConfig(r=4))
+    gm = transform(model, example_inputs=_batch(), config=lorafa_fx.LoraFAConfig(r=4))
     assert sorted(a.path for a in gm.lorafa.adapters) == sorted(
         f"transformer.h.{i}.{p}" for i in range(LAYERS) for p in PROJECTIONS)
     assert "numpy_T" not in gm.code  # no weight left multiplied by hand

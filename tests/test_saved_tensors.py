@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import CONFIG_KWARGS, MODELS, make_batch, make_model, peft_reference
+from conftest import CONFIG_KWARGS, MODELS, make_batch, make_model, peft_reference, transform
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import module_state, saved_activation_bytes
 
@@ -25,7 +24,7 @@ def test_saved_bytes_full_ft_gt_lora_gt_lora_frozen_A_ge_ours(name):
     batch = make_batch(name, *SHAPE)
     config = LoraFAConfig(r=4, **CONFIG_KWARGS.get(name, {}))
     model = make_model(name)
-    gm = lorafa_fx.transform(model, example_inputs=batch, config=config)
+    gm = transform(model, example_inputs=batch, config=config)
     full_ft = _saved(make_model(name), batch)
     lora = _saved(peft_reference(make_model(name), gm, lora_A_trainable=True), batch)
     lora_fa = _saved(peft_reference(make_model(name), gm), batch)
@@ -41,7 +40,7 @@ def test_gqa_graph_saves_no_more_than_eager():
     for p in eager.parameters():
         p.requires_grad_(False)
     eager.model.embed_tokens.weight.requires_grad_(True)  # so every activation needs grad
-    gm = lorafa_fx.transform(make_model("qwen2"), example_inputs=batch, config=LoraFAConfig(target_modules=["lm_head"]))
+    gm = transform(make_model("qwen2"), example_inputs=batch, config=LoraFAConfig(target_modules=["lm_head"]))
     gm.get_parameter("model.embed_tokens.weight").requires_grad_(True)
     eager_bytes, ours = _saved(eager, batch), _saved(gm, batch)
     lm_head_xa = SHAPE[0] * SHAPE[1] * 8 * 4  # the one adapter's b*s*r fp32 values
@@ -67,6 +66,6 @@ def test_saves_exactly_b_s_r_per_adapted_linear(r):
     torch.manual_seed(0)
     b, s, d, n = 3, 10, 32, 4
     x = torch.randn(b, s, d)
-    gm = lorafa_fx.transform(_LinearStack(d, n), example_inputs={"hidden_states": x}, config=LoraFAConfig(r=r))
+    gm = transform(_LinearStack(d, n), example_inputs={"hidden_states": x}, config=LoraFAConfig(r=r))
     saved = saved_activation_bytes(lambda: gm(hidden_states=torch.randn(b, s, d)).sum(), exclude=module_state(gm))
     assert saved == n * b * s * r * 4

@@ -14,9 +14,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_task_model, transformed
+from conftest import make_batch, make_task_model, transform, transformed
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig, load_adapter, save_adapter
 from lorafa_fx.errors import ConfigError
 from lorafa_fx.targets import infer_task_type, resolve_task, select_adapters
@@ -186,7 +185,7 @@ def test_deberta_v2_classifier_captures_for_every_problem_type(problem_type):
         batch["labels"] = torch.nn.functional.one_hot(batch["labels"], 3).float()
     elif problem_type == "regression":
         batch["labels"] = batch["labels"].float()[:, None].expand(-1, 3).contiguous()
-    gm = lorafa_fx.transform(model, example_inputs=batch)
+    gm = transform(model, example_inputs=batch)
     assert model.config.problem_type == problem_type
     ref = _peft(model, "SEQ_CLS")
     _same_adapters(gm, ref)

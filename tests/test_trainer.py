@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B, word_tokenizer
+from conftest import make_batch, make_model, peft_lora_B, peft_reference, randomize_lora_B, transform, word_tokenizer
 from safetensors.torch import load_file
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.errors import LoraFAError
 from lorafa_fx.hf_compat import attach_hf_attributes
@@ -20,7 +19,7 @@ STEPS = 5
 
 def _transform(name="llama", model=None):
     model = model if model is not None else make_model(name)
-    gm = lorafa_fx.transform(model, example_inputs=make_batch(name, 2, SEQ),
+    gm = transform(model, example_inputs=make_batch(name, 2, SEQ),
                              config=LoraFAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_attn"]
                                                  if name != "llama" else ["q_proj", "v_proj", "down_proj"]))
     if not hasattr(gm, "accepts_loss_kwargs"):  # until transform attaches them itself
@@ -262,7 +261,7 @@ def test_deepcopy_keeps_what_trainers_read():
 
     model = make_model("llama")
     batch = make_batch("llama", 2, 8)
-    gm = lorafa_fx.transform(model, example_inputs=batch, config=LoraFAConfig(r=4))
+    gm = transform(model, example_inputs=batch, config=LoraFAConfig(r=4))
     randomize_lora_B(gm)
     twin = copy.deepcopy(gm)
     assert twin.lorafa.adapters == gm.lorafa.adapters and twin.lorafa_plan == gm.lorafa_plan

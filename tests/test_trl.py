@@ -15,9 +15,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from conftest import VOCAB, make_batch, make_model, peft_lora_B, peft_reference, word_tokenizer
+from conftest import VOCAB, make_batch, make_model, peft_lora_B, peft_reference, transform, word_tokenizer
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 
 STEPS = 3
@@ -42,7 +41,7 @@ def test_dpo_trainer_trains_like_peft(tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     model = make_model("llama")
-    gm = lorafa_fx.transform(model, example_inputs=make_batch("llama", 2, 12), config=LoraFAConfig(r=4))
+    gm = transform(model, example_inputs=make_batch("llama", 2, 12), config=LoraFAConfig(r=4))
     ref = peft_reference(model, gm)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
 
