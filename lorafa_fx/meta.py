@@ -16,7 +16,7 @@ passes.drop_metadata_asserts          (nothing)                                 
 passes.follow_input_device            val (placeholders), nn_module_stack         new nodes inherit nn_module_stack; val
 passes.follow_param_dtype             val, nn_module_stack                        new nodes inherit nn_module_stack; val
 passes.drop_full_slices               (nothing)                                   (nothing)
-passes.recognize_linears             val                                         new nodes inherit nn_module_stack, val
+passes.recognize_linears              val                                         new nodes inherit nn_module_stack, val
 passes.gate_dropout                   nn_module_stack                             new nodes inherit nn_module_stack
 passes.simplify_attention             nn_module_stack, val                        new nodes inherit nn_module_stack, val
 passes.lean_norms                     nn_module_stack, val                        new nodes inherit nn_module_stack, val
@@ -32,6 +32,7 @@ passes.recompute_regions              nn_module_stack, val                      
 passes.outline_layers                 nn_module_stack, BLOCK (region calls)       LAYER (on each layer call)
 memory.cost_model / sharded           val, nn_module_stack, LAYER                 (nothing; returns a StepEstimate)
 memory.compose                        val, nn_module_stack, BLOCK, LAYER          (nothing; composes StepEstimates)
+memory.mix / planner                  val, nn_module_stack                        (nothing; returns the decisions)
 pipeline (emit)                       the estimate                                SAVED_BYTES (`annotate_saved_bytes`)
 memory.report                         ROLE, ADAPTER, SAVED_BYTES, LAYER           (nothing; builds the MemoryPlan)
 ====================================  ==========================================  =========================================

@@ -1,8 +1,8 @@
 """Planning for a card from here (devices.PROFILES): its memory as the automatic budget, the
 step's predicted time on it, and ``offload=False`` (``--no-offload``). References: closed forms
 (the datasheet figures in the profile, the FLOPs the plan reports), the unplanned step's time,
-and for ``--no-offload`` the planner's argument and estimate()'s plan (the plan itself:
-test_offload.py)."""
+and for ``--no-offload`` estimate()'s plan and the command's plan without the flag (the plan
+itself: test_offload.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
-from lorafa_fx.__main__ import _build_parser, main
+from lorafa_fx.__main__ import main
 from lorafa_fx.choices import OFFLOADED
 from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES
 from lorafa_fx.errors import ConfigError
-from lorafa_fx.memory import planner
 
 
 def _tiny() -> LlamaConfig:
@@ -69,29 +68,23 @@ def test_a_local_card_is_known_by_its_name(monkeypatch):
     assert device_profile("cuda") is None and device_profile("cpu") is None
 
 
-def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, monkeypatch, capsys):
-    """Reference: the `offload` the planner's plan_recompute receives, and estimate()'s plan."""
-    seen = []
-    plan_recompute = planner.plan_recompute
-
-    def spy(*args, offload: bool = True, **kwargs):
-        seen.append(offload)
-        return plan_recompute(*args, offload=offload, **kwargs)
-
-    monkeypatch.setattr(planner, "plan_recompute", spy)
+def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, capsys):
+    """Reference: estimate()'s plan with offload=False, and the same command without the flag,
+    whose plan offloads (so the flag is what keeps the blocks on the card)."""
     _tiny().save_pretrained(tmp_path)
     unplanned = _plan(device="h100")
     budget = str(int(unplanned.predicted_peak_bytes * 0.9))
     args = ["plan", "--config", str(tmp_path), "--batch", "2", "--seq", "64", "--rank", "8", "--alpha", "8",
-            "--budget", budget, "--device", "h100"]
-    assert main([*args, "--no-offload", "--json"]) == 0
-    assert seen and set(seen) == {False}
+            "--budget", budget, "--device", "h100", "--json"]
+    assert main([*args, "--no-offload"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["offload"] is False
     assert not {d.value for d in OFFLOADED} & set(printed["recompute_by_block"].values())
     expected = _plan(device="h100", budget=int(budget), offload=False)
     assert printed["recompute_by_block"] == expected.recompute_by_block and expected.recompute_flops > 0
-    assert _build_parser().parse_args(args).offload is True  # without the flag, offload is allowed
+    assert main(args) == 0
+    allowed = json.loads(capsys.readouterr().out)
+    assert allowed["offload"] is True and {d.value for d in OFFLOADED} & set(allowed["recompute_by_block"].values())
 
 
 @pytest.mark.parametrize("value", ["no", 0, None])
