@@ -76,8 +76,8 @@ def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(ev
         kept.saved_activations - sum(kept.saved_by_module[b] for b in decisions) + len(decisions) * residual
     )
     # The composed simulation agrees with the whole one on offloaded runs too.
-    deep, deep_batch, deep_blocks = _graph(7)
-    decisions = {b: Decision.OFFLOAD for b in deep_blocks[:5]}
+    deep, deep_batch, deep_blocks = _graph(8)
+    decisions = {b: Decision.OFFLOAD for b in deep_blocks[:6]}  # a run longer than its sample (`compose._lead`)
     whole, composed = CostModel(deep_batch, realise=REALISE)(deep, decisions), ComposedSimulator(CostModel(deep_batch, realise=REALISE))(deep, decisions)
     assert (composed.peak, composed.saved_by_module) == (whole.peak, whole.saved_by_module)
 
@@ -99,7 +99,9 @@ def _offloaded(plan) -> list[str]:
 
 def test_planner_offloads_on_a_card_when_its_transfers_cost_less_than_recomputing_unless_forbidden():
     unplanned = _plan(device="h100")
-    budget = int(unplanned.predicted_peak_bytes * 0.8)
+    # A budget the MLPs' transfers meet: the link's exposed waits (the last copy before the loss,
+    # the first fetch of backward) cost less than the recomputation that meets it without a card.
+    budget = int(unplanned.predicted_peak_bytes * 0.9)
     plan = _plan(device="h100", budget=budget)
     assert _offloaded(plan) and plan.predicted_peak_bytes <= budget
     # Its cost is its recomputation (offloaded checkpoints) and the time compute waits for the

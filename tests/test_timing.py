@@ -12,42 +12,59 @@ from transformers import LlamaConfig
 import lorafa_fx
 from lorafa_fx.devices import PROFILES
 from lorafa_fx.memory.timing import BlockTime, transfer_wait
+from lorafa_fx.ops.offload import COPIES_IN_FLIGHT
 
 MS = 1e-3
 
 
 def test_three_offloaded_blocks_wait_for_the_link_as_worked_by_hand():
     """Three blocks of 10 ms forward and 10 ms backward, each offloading 15 ms of transfer.
-    Forward: the copies run 10-25, 25-40, 40-55 ms; forward ends at 30 ms, so backward starts
-    25 ms late. Backward (t from its start): block 2 fetches itself (0-15) and prefetches block
-    1 (15-30); it waits 15, runs 15-25. Block 1 waits for 30 (5 ms), prefetches block 0 (30-45),
-    runs 30-40. Block 0 waits for 45 (5 ms). Total: 25 + 15 + 5 + 5 = 50 ms."""
+    Forward: block 0 runs 0-10, its copy 10-25; block 1 runs 10-20, its copy 25-40; block 2
+    waits for block 0's copy (two copies in flight), 5 ms, runs 25-35, its copy 40-55; it is the
+    last offloaded block, so compute waits for that copy: 20 ms. Backward (t from its start):
+    block 2 fetches itself (0-15) and prefetches block 1 (15-30); it waits 15, runs 15-25. Block
+    1 waits for 30 (5 ms), prefetches block 0 (30-45), runs 30-40. Block 0 waits for 45 (5 ms).
+    Total: 5 + 20 + 15 + 5 + 5 = 50 ms."""
     blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS)] * 3
     assert transfer_wait(blocks) == pytest.approx(50 * MS)
 
 
+def test_a_block_waits_for_the_copy_two_offloaded_blocks_before_it():
+    """Three offloaded blocks of 10 ms forward and backward; block 0's copy takes 30 ms, blocks
+    1 and 2's 1 ms. Forward: block 0 runs 0-10, its copy 10-40; block 1 runs 10-20, its copy
+    40-41; block 2 may start only when block 0's copy is done (at 40: it waits 20 ms, where
+    without the bound it would start at 20), runs 40-50, its copy 50-51: compute waits 1 ms
+    more for it. Backward: block 2 fetches itself (0-1) and block 1 (1-2), waits 1, runs 1-11;
+    block 1 is ready, fetches block 0 from 11 (to 41), runs 11-21; block 0 waits 20.
+    Total: 20 + 1 + 1 + 20 = 42 ms."""
+    assert COPIES_IN_FLIGHT == 2  # the bound the arithmetic above follows
+    blocks = [BlockTime(10 * MS, 10 * MS, 30 * MS), BlockTime(10 * MS, 10 * MS, 1 * MS),
+              BlockTime(10 * MS, 10 * MS, 1 * MS)]
+    assert transfer_wait(blocks) == pytest.approx(42 * MS)
+
+
 def test_blocks_fetched_only_when_needed_wait_for_each_fetch_whole():
-    """The same three blocks, none prefetched (the floor's offloaded mini-sequence blocks):
-    forward as before (25 ms). Backward: block 2 fetches 0-15 and runs 15-25; block 1 fetches
-    25-40 and runs 40-50; block 0 fetches 50-65. Each waits its 15 ms: 25 + 45 = 70 ms."""
+    """The same three blocks as the first test, none prefetched (the floor's offloaded
+    mini-sequence blocks): forward as before (25 ms). Backward: block 2 fetches 0-15 and runs
+    15-25; block 1 fetches 25-40 and runs 40-50; block 0 fetches 50-65. Each waits its 15 ms:
+    25 + 45 = 70 ms."""
     blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS, prefetched=False)] * 3
     assert transfer_wait(blocks) == pytest.approx(70 * MS)
 
 
-def test_transfers_hidden_behind_kept_blocks_cost_nothing():
+def test_forward_waits_for_every_copy_after_the_last_offloaded_block():
     """Block 0 offloads 15 ms of copies; three kept blocks of 10 ms follow it. Forward: the copy
-    runs 10-25 ms, forward ends at 40. Backward: the kept blocks run 0-30 ms, but the fetch
-    starts only when backward reaches block 0 (at 30 ms) and takes 15: it waits 15 ms. The
-    output layer's 20 ms after the blocks does not change it."""
+    runs 10-25 ms, and compute waits for it after block 0 (its device memory is freed then):
+    15 ms. Backward: the kept blocks run 0-30 ms, but the fetch starts only when backward
+    reaches block 0 (at 30 ms) and takes 15: it waits 15 ms. Total 30 ms."""
     blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS)] + [BlockTime(10 * MS, 10 * MS)] * 3
-    assert transfer_wait(blocks) == pytest.approx(15 * MS)
-    assert transfer_wait(blocks, after_blocks=20 * MS) == pytest.approx(15 * MS)
+    assert transfer_wait(blocks) == pytest.approx(30 * MS)
     # Two offloaded blocks (0 and 2) with a kept one between: forward copies 10-25 and 30-45
-    # (forward ends at 40: 5 ms late). Backward: block 3 runs 0-10; block 2 fetches itself
-    # (10-25) and block 0 (25-40), waits 15, runs 25-35; block 1 runs 35-45; block 0 is ready
-    # at 40. Total 5 + 15 = 20 ms.
+    # (block 2 runs 20-30 and is the last: compute waits 15 ms). Backward: block 3 runs 0-10;
+    # block 2 fetches itself (10-25) and block 0 (25-40), waits 15, runs 25-35; block 1 runs
+    # 35-45; block 0 is ready at 40. Total 15 + 15 = 30 ms.
     blocks[2] = blocks[0]
-    assert transfer_wait(blocks) == pytest.approx(20 * MS)
+    assert transfer_wait(blocks) == pytest.approx(30 * MS)
 
 
 def test_the_plan_states_its_time_model_and_the_step_time_is_its_flops_plus_waits():

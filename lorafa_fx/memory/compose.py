@@ -8,7 +8,7 @@ all 32 layers of a 7B model to learn what one layer does is the planner's main c
 `ComposedSimulator` wraps a whole-graph `Simulator`. For a graph and the planner's decisions
 it groups the repeated blocks into *runs* (consecutive blocks that are structurally the same
 graph, up to names, and get the same decision), keeps the first, second and last block of
-each run (offloaded runs: the first three and the last; `_lead`) and drops the others (the
+each run (offloaded runs: the first four and the last; `_lead`) and drops the others (the
 *sample*: the last block rewired to read the stand-in's outputs), simulates the sample once,
 and composes the deep step's timeline from it: every dropped block repeats the timeline of its
 run's stand-in (a block with blocks alike on either side), forward and backward, with the live
@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from ..choices import OFFLOADED, Decision
 from ..graph import block_ranges, block_structure, graph_module, owner, set_attributes
+from ..ops.offload import COPIES_IN_FLIGHT
 from ..ops.regions import mlp_target, region_target
 from .simulate import Piece, Simulator, StepEstimate
 
@@ -45,8 +46,10 @@ from .simulate import Piece, Simulator, StepEstimate
 def _lead(decision: Decision) -> int:
     """Blocks sampled at the head of a run; the last of them is the one every dropped block
     repeats, a block with blocks alike on either side. An offloaded block's backward also
-    fetches its predecessor's tensors: its stand-in needs two alike before it."""
-    return 3 if decision in OFFLOADED else 2
+    fetches its predecessor's tensors, and its forward lets go of the tensors of the block
+    `COPIES_IN_FLIGHT` before it (`ops.offload`): its stand-in needs that many and one more
+    alike before it."""
+    return 2 + COPIES_IN_FLIGHT if decision in OFFLOADED else 2
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,6 @@ class Block:
 class BlockFacts:
     blocks: dict[str, Block]  # in graph order
     order: list[str]  # the layout order (module docstring)
-    after_blocks: int  # forward FLOPs after the last block (output layer, loss)
 
 
 def block_facts(
@@ -131,11 +130,9 @@ def block_facts(
             forward=forward, backward=backward, selective_flops=selective_flops, chunked_flops=chunked_flops,
             chunkable=chunkable,
         )
-    everything = list(gm.graph.nodes)
-    last = max((everything.index(nodes[-1]) for nodes in ranges.values()), default=len(everything))
     order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
                                           natural_key(b)))
-    return BlockFacts(blocks, order, sum(node_flops(n, sizes) for n in everything[last + 1:]))
+    return BlockFacts(blocks, order)
 
 
 @dataclass(frozen=True)
@@ -226,4 +223,4 @@ class Candidates:
                       prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
             for b, d in ((self.facts.blocks[name], decisions.get(name, Decision.KEEP)) for name in self.facts.blocks)
         ]
-        return transfer_wait(times, self.facts.after_blocks / self.rate)
+        return transfer_wait(times)

@@ -18,6 +18,7 @@ from rich.table import Table
 from .. import meta
 from ..choices import Decision, Sharding
 from ..devices import ACHIEVED_FRACTION, PROFILES
+from ..ops.offload import COPIES_IN_FLIGHT
 from ..ops.regions import MINI_SEQUENCE_CHUNKS
 from ..plan_config import PlanSettings
 from ..units import block_of_path, format_bytes, natural_key
@@ -243,8 +244,8 @@ class MemoryPlan:
             link = card.host_link_bytes_per_s / 1e9
             t.add_row("time model", f"FLOPs (matmuls, attention) at {ACHIEVED_FRACTION:.0%} of "
                       f"{card.dense_bf16_flops / 1e12:.0f} TFLOP/s; host link {link:.0f} GB/s each way, one copy at "
-                      "a time, overlapped with compute; a block's fetch starts when backward reaches the offloaded "
-                      "block after it")
+                      f"a time, overlapped with compute, at most {COPIES_IN_FLIGHT} blocks' copies to the host in "
+                      "flight; a block's fetch starts when backward reaches the offloaded block after it")
         lowered = sum(layer.configured_r is not None for layer in self.layers)
         if lowered or self.dropped_adapters:
             t.add_row("adapters changed by the planner", f"{lowered} ranks lowered, {len(self.dropped_adapters)} dropped")

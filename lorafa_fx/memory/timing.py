@@ -9,9 +9,11 @@ waits for the host link, on a schedule that follows `ops/offload.py`'s:
 
 * forward: a block's saved tensors (an offloaded checkpoint's: its input) are copied to the host
   when the block's forward ends, one block after another on one link (one direction: its
-  rate is the profile's), while the following blocks compute. Compute never waits for a copy,
-  but the step does not go on to backward before the last copy is done (its device memory is
-  freed then): what outlasts the forward is waited for.
+  rate is the profile's), while the following blocks compute. The copies in flight are bounded
+  (`ops.offload.COPIES_IN_FLIGHT`): an offloaded block's forward starts only once the copy of
+  the offloaded block that many before it is done, and after the last offloaded block's forward
+  compute waits for every copy (their device memory is freed then); those waits are the
+  forward's.
 * backward: when backward reaches an offloaded block, the block's tensors are fetched (unless
   already on their way) and so are the previous offloaded block's (unless it is not
   ``prefetched``), queued behind them; the block's backward waits for its own. Each fetch
@@ -27,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..ops.offload import COPIES_IN_FLIGHT
+
 
 @dataclass(frozen=True)
 class BlockTime:
@@ -38,16 +42,20 @@ class BlockTime:
     prefetched: bool = True  # fetched during the backward of the offloaded block after it
 
 
-def transfer_wait(blocks: Sequence[BlockTime], after_blocks: float = 0.0) -> float:
-    """Seconds compute waits for the link in a step of `blocks` (see the module docstring);
-    `after_blocks`: seconds of forward after the last block (the output layer and the loss)."""
-    clock = link = 0.0
-    for block in blocks:
+def transfer_wait(blocks: Sequence[BlockTime]) -> float:
+    """Seconds compute waits for the link in a step of `blocks` (see the module docstring)."""
+    offloaded = [i for i, b in enumerate(blocks) if b.transfer]
+    clock = link = wait = 0.0
+    copied: list[float] = []  # when each offloaded block's copy is done, in forward order
+    for i, block in enumerate(blocks):
+        if block.transfer and len(copied) >= COPIES_IN_FLIGHT:
+            wait, clock = wait + max(0.0, copied[-COPIES_IN_FLIGHT] - clock), max(clock, copied[-COPIES_IN_FLIGHT])
         clock += block.forward
         if block.transfer:
             link = max(link, clock) + block.transfer
-    wait = max(0.0, link - clock - after_blocks)
-    offloaded = [i for i, b in enumerate(blocks) if b.transfer]
+            copied.append(link)
+            if i == offloaded[-1]:
+                wait, clock = wait + link - clock, link
     ready: dict[int, float] = {}  # offloaded block -> when its fetch is done
     clock = link = 0.0
     for i in reversed(range(len(blocks))):

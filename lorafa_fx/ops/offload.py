@@ -9,7 +9,19 @@ backward first needs a region's tensors it also fetches the previous region's, s
 overlaps the region's backward compute (torchtune's OffloadActivations does the same), unless
 that region is not ``prefetched``: then its tensors are fetched when its own backward needs them,
 their transfer waited for but their bytes never on the device beside the next region's (the
-floor's lever, `Decision.OFFLOAD_MINI_SEQUENCE`). On the
+floor's lever, `Decision.OFFLOAD_MINI_SEQUENCE`). 
+
+Copies in flight are bounded: a region's device tensors are held (not freed) until its copies
+are done, and before region ``k`` (in forward order) runs, the compute stream waits for the
+copies of region ``k - COPIES_IN_FLIGHT`` and lets go of its tensors (torchtune's stash: a wait
+on the stream, not ``record_stream``, so the caching allocator may hand the bytes out again at
+once, in stream order, rather than when the CPU next sees the copy done). At most the tensors
+of the last ``COPIES_IN_FLIGHT`` offloaded regions (one done, one running) are held past their
+last use; after the last offloaded region of a forward (``Offloader.regions``, set by the pass)
+the compute stream waits for every copy, so none is held into the loss or backward. The held
+tensors are held the same way under `FakeTensorMode`, so the cost model counts them where they
+are (the step's predicted peak includes them), and `memory.timing.transfer_wait` charges the
+waits. On the
 CPU the copy is a host tensor like any other: the code path is the same, the memory is not
 freed, so the planner never chooses offload for a CPU step. Under `FakeTensorMode` (the cost
 model) a saved tensor becomes a record of its shape, and fetching it allocates a fake tensor:
@@ -33,6 +45,10 @@ from torch.utils.checkpoint import checkpoint
 #: Tensors smaller than this stay where they are: the copy's latency outweighs the bytes.
 MIN_BYTES = 1 << 20
 
+#: Offloaded regions whose copies may still run while a region computes (itself included): two
+#: lets the previous region's copy overlap this one's forward.
+COPIES_IN_FLIGHT = 2
+
 
 class _Stored:
     """One offloaded storage (views of it saved by several ops are copied once): its host copy
@@ -55,7 +71,6 @@ class _Stored:
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
             self.host.copy_(raw, non_blocking=True)
-        raw.record_stream(stream)  # the caching allocator keeps the storage until its copy is done
 
     def fetch(self, stream) -> None:
         if self.fetched is not None or self.views <= 0:
@@ -73,12 +88,23 @@ class _Stored:
 class _Region:
     """The storages one region offloaded in one forward."""
 
-    __slots__ = ("stored", "started", "prefetched")
+    __slots__ = ("stored", "started", "prefetched", "held", "copied")
 
     def __init__(self, prefetched: bool) -> None:
         self.stored: list[_Stored] = []
         self.started = False  # backward has used one of them
         self.prefetched = prefetched  # fetched when backward reaches the region after it
+        self.held: list[torch.Tensor] = []  # device tensors being copied (kept alive until `settle`)
+        # The device and an event on its copy stream after the region's copies (CUDA only).
+        self.copied: tuple[torch.device, torch.cuda.Event] | None = None
+
+    def settle(self) -> None:
+        """The compute stream waits for the region's copies; its device tensors may be freed."""
+        if self.copied is not None:
+            device, event = self.copied
+            torch.cuda.current_stream(device).wait_event(event)
+            self.copied = None
+        self.held = []
 
 
 class _Saved:
@@ -98,20 +124,25 @@ class _Saved:
 class Offloader:
     """Offloads the saved tensors of a graph's `Offload` regions, one forward at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, regions: int = 0) -> None:
+        self.count = regions  # offloaded regions a forward runs (the pass sets it)
         self.regions: list[_Region] = []
         self._open: dict[int, tuple[torch.UntypedStorage, _Stored]] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __deepcopy__(self, memo) -> Offloader:
-        return Offloader()  # streams and in-flight tensors belong to this module's steps
+        return Offloader(self.count)  # streams and in-flight tensors belong to this module's steps
 
     def pack_hook(self, position: int, prefetched: bool = True):
         """The pack hook of the region at `position` (0: the first a forward runs); not
         `prefetched`: its tensors are fetched when its own backward needs them."""
         if position == 0:
+            for r in self.regions:  # a forward that never reached its last region
+                r.settle()
             self.regions = []  # a new forward: its regions, which its backward will fetch
         regions, region = self.regions, len(self.regions)
+        if region >= COPIES_IN_FLIGHT:
+            regions[region - COPIES_IN_FLIGHT].settle()
         regions.append(_Region(prefetched))
 
         def pack(t: torch.Tensor):
@@ -123,6 +154,7 @@ class Offloader:
                 stored = _Stored(t, self._stream(t.device, is_fake(t)))
                 self._open[storage._cdata] = (storage, stored)
                 regions[region].stored.append(stored)
+                regions[region].held.append(t)
             stored = self._open[storage._cdata][1]
             stored.views += 1
             return _Saved(stored, t, regions, region)
@@ -130,8 +162,17 @@ class Offloader:
         return pack
 
     def end_region(self) -> None:
-        """The region's forward is over: its saved storages now live on the host only."""
+        """The region's forward is over: its copies are on their way (the forward's last
+        region: the compute stream waits for every copy, and their device tensors are freed)."""
         self._open.clear()
+        region = self.regions[-1]
+        if region.held:
+            device, fake = region.held[0].device, region.stored[0].mode is not None
+            if (stream := self._stream(device, fake)) is not None:
+                region.copied = (device, stream.record_event())
+        if len(self.regions) >= self.count:
+            for r in self.regions:
+                r.settle()
 
     def unpack(self, saved):
         if not isinstance(saved, _Saved):

@@ -86,6 +86,7 @@ class RecomputeRegions(PassBase):
                     offloaded += 1
                 _outline(gm, block_ranges(gm.graph)[block], region_target(block), block, mode, wrap)
             modified = True
+        offloader.count = offloaded  # after the last, a forward waits for every copy (`ops.offload`)
         return pass_result(gm, modified)
 
 
