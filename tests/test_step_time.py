@@ -73,7 +73,7 @@ def test_no_offload_on_the_command_line_reaches_the_planner(tmp_path, capsys):
     whose plan offloads (so the flag is what keeps the blocks on the card)."""
     _tiny().save_pretrained(tmp_path)
     unplanned = _plan(device="h100")
-    budget = str(int(unplanned.predicted_peak_bytes * 0.9))
+    budget = str(int(unplanned.predicted_peak_bytes * 0.8))
     args = ["plan", "--config", str(tmp_path), "--batch", "2", "--seq", "64", "--rank", "8", "--alpha", "8",
             "--budget", budget, "--device", "h100", "--json"]
     assert main([*args, "--no-offload"]) == 0
