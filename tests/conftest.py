@@ -7,12 +7,14 @@ import warnings
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx import pipeline
 from lorafa_fx.capture import capture
 from lorafa_fx.captured_model import CapturedModel
-from lorafa_fx.graph import graph_copy
+from lorafa_fx.graph import block_ranges, graph_copy
+from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.plan_config import resolve, with_budget
 from lorafa_fx.zoo import ARCHITECTURES as MODELS  # noqa: F401  (re-exported for the tests)
 from lorafa_fx.zoo import CONFIG_KWARGS, VOCAB, make_batch, make_model, make_task_model  # noqa: F401
@@ -174,6 +176,57 @@ def randomize_lora_B(gm: torch.fx.GraphModule, seed: int = 2, scale: float = 0.1
         for a in gm.lorafa.adapters:
             b = gm.get_parameter(f"{a.path}.lora_B.weight")
             b.copy_(torch.randn(b.shape, generator=g) * scale)
+
+
+def random_lora_llama(layers: int = 4) -> tuple[torch.fx.GraphModule, dict, list[str]]:
+    """A seeded Llama of `layers` small layers transformed at r 8 with every trained parameter
+    drawn at random (B = 0 would hide the adapters from the loss), its batch and its blocks."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=layers, num_attention_heads=4, vocab_size=96,
+        max_position_embeddings=128))
+    batch = make_batch("llama", 2, 32)
+    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(3))
+    return gm, batch, list(block_ranges(gm.graph))
+
+
+def step_grads(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward of `module` from zeroed grads: the loss and every trained
+    parameter's grad, by name (a compiled module's names without ``_orig_mod.``)."""
+    module.zero_grad(set_to_none=True)
+    out = module(**batch)
+    out.loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+def lora_B_loss_and_grads(module: torch.nn.Module, gm: torch.fx.GraphModule, batch: dict):
+    """The loss of `module` (gm or its compiled form) and `gm`'s lora_B grads, in adapter order,
+    with dropout masks seeded alike."""
+    torch.manual_seed(0)
+    loss = module(**batch).loss
+    loss.backward()
+    return loss.detach(), [gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa.adapters]
+
+
+def adamw_peak(module: torch.nn.Module, batch: dict, trained: torch.nn.Module | None = None) -> int:
+    """MemTracker's peak of the second AdamW step of `module` on `batch` (the first allocates the
+    optimizer states); `trained`: the module owning the parameters, where `module` is its
+    compiled form."""
+    owner = module if trained is None else trained
+    opt = torch.optim.AdamW([p for p in owner.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        module(**batch).loss.backward()
+        opt.step()
+
+    step()
+    return measure_peak_bytes(step, owner, opt, batch)
 
 
 @pytest.fixture(autouse=True)

@@ -14,13 +14,12 @@ import copy
 
 import pytest
 import torch
-from conftest import transform
+from conftest import adamw_peak, random_lora_llama, step_grads, transform
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx.choices import Decision
 from lorafa_fx.graph import block_ranges
-from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.simulate import with_decisions
 from lorafa_fx.ops import offload as _offload
@@ -36,25 +35,7 @@ CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
 
 @pytest.fixture(scope="module")
 def llama():
-    """Four layers, lora_B random (B = 0 would hide the adapters from the loss)."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=4,
-                                         num_attention_heads=4, vocab_size=96, max_position_embeddings=128))
-    batch = make_batch("llama", 2, 32)
-    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
-    with torch.no_grad():
-        for p in gm.parameters():
-            if p.requires_grad:
-                p.normal_(generator=torch.Generator().manual_seed(3))
-    return gm, batch, list(block_ranges(gm.graph))
-
-
-def _step(module, batch):
-    module.zero_grad(set_to_none=True)
-    out = module(**batch)
-    out.loss.backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
-    return out.loss.detach(), grads
+    return random_lora_llama()
 
 
 @pytest.mark.parametrize("lever", LEVERS)
@@ -65,12 +46,12 @@ def test_each_lever_trains_bit_for_bit_like_the_unplanned_step_eager_and_compile
     equality would need the MLP's b·s·intermediate gradients whole: the bytes chunking saves)."""
     monkeypatch.setattr(_offload, "MIN_BYTES", 0)
     gm, batch, blocks = llama
-    loss, grads = _step(gm, batch)
+    loss, grads = step_grads(gm, batch)
     planned = with_decisions(gm, dict.fromkeys(blocks, lever), REALISE)
     # Eager twice: the second step starts afresh (nothing of the first is reused).
     for module, steps in ((planned, 2), (torch.compile(planned, backend="aot_eager"), 1)):
         for _ in range(steps):
-            got_loss, got = _step(module, batch)
+            got_loss, got = step_grads(module, batch)
             assert torch.equal(got_loss, loss)
             for name, grad in grads.items():
                 if lever in CHUNKED and ".mlp." in name:
@@ -93,16 +74,7 @@ def test_predicted_peak_is_within_5pct_of_the_measured_one_with_each_lever(llama
 
 def _measured_peak(gm, decisions, batch) -> int:
     """MemTracker's peak of the second AdamW step of `gm` with `decisions` (a copy: it trains)."""
-    module = copy.deepcopy(with_decisions(gm, decisions, REALISE))
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        module(**batch).loss.backward()
-        opt.step()
-
-    step()
-    return measure_peak_bytes(step, module, opt, batch)
+    return adamw_peak(copy.deepcopy(with_decisions(gm, decisions, REALISE)), batch)
 
 
 def test_mini_sequence_chunks_shrink_a_recomputed_blocks_transient(monkeypatch):
@@ -138,9 +110,9 @@ def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monk
                                          num_attention_heads=4, vocab_size=96, max_position_embeddings=128)).to(dtype)
     batch = make_batch("llama", 2, 64)
     gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
-    loss, grads = _step(gm, batch)
+    loss, grads = step_grads(gm, batch)
     peak = CostModel(batch)(gm).peak
     monkeypatch.setattr(rows, "CHUNK_BYTES", 2048)
-    got_loss, got = _step(gm, batch)
+    got_loss, got = step_grads(gm, batch)
     assert torch.equal(got_loss, loss) and all(torch.equal(got[n], g) for n, g in grads.items())
     assert CostModel(batch)(gm).peak < peak

@@ -20,12 +20,11 @@ import functools
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B, transformed
-from test_plan_memory import _loss_and_grads, _measured_peak
+from conftest import adamw_peak, lora_B_loss_and_grads, make_batch, make_model, randomize_lora_B, transformed
 
 from lorafa_fx import InfeasibleBudgetError, LoraFAConfig
 from lorafa_fx.choices import Decision
-from lorafa_fx.measure import measure_peak_bytes, module_state, saved_activation_bytes
+from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.flops import node_flops
 from lorafa_fx.ops.experts import expert_linear, expert_xa
@@ -48,15 +47,7 @@ def test_cost_model_predicts_a_measured_moe_step(name):
     _, gm = _transform(name)
     batch = make_batch(name, 4, 24, seed=3)
     estimate = CostModel(batch)(gm)
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        gm(**batch).loss.backward()
-        opt.step()
-
-    step()
-    assert estimate.peak == pytest.approx(measure_peak_bytes(step, gm, opt, batch), rel=0.05)
+    assert estimate.peak == pytest.approx(adamw_peak(gm, batch), rel=0.05)
     saved = saved_activation_bytes(lambda: gm(**batch).loss, module_state(gm))
     assert estimate.saved_activations == pytest.approx(saved, rel=0.02)
 
@@ -92,16 +83,16 @@ def test_a_budget_recomputes_moe_blocks_with_the_unplanned_math(name):
     budget = (low + high) // 2
     _, reference = _transform(name)
     batch = make_batch(name, *SHAPE)
-    ref_loss, ref_grads = _loss_and_grads(reference, reference, batch)
+    ref_loss, ref_grads = lora_B_loss_and_grads(reference, reference, batch)
     _, gm = _transform(name, budget)
     plan = gm.lorafa_plan
     assert plan.predicted_peak_bytes <= budget
     assert Decision.RECOMPUTE in plan.recompute_by_block.values() and plan.recompute_flops > 0
-    loss, grads = _loss_and_grads(gm, gm, batch)
+    loss, grads = lora_B_loss_and_grads(gm, gm, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
-    assert _measured_peak(gm, gm, batch) <= budget
+    assert adamw_peak(gm, batch) <= budget
 
 
 def test_lowered_ranks_reach_the_experts_and_the_planned_config_selects_them():

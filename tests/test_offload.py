@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import transform
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import random_lora_llama, step_grads
+from transformers import LlamaConfig
 
 import lorafa_fx
 from lorafa_fx.choices import OFFLOADED, Decision
 from lorafa_fx.devices import ACHIEVED_FRACTION, PROFILES
-from lorafa_fx.graph import block_ranges
 from lorafa_fx.memory.compose import ComposedSimulator
 from lorafa_fx.memory.cost_model import CostModel
 from lorafa_fx.memory.simulate import with_decisions
 from lorafa_fx.ops import offload as _offload
 from lorafa_fx.stages import REALISE
-from lorafa_fx.zoo import make_batch
-
-
-def _llama(layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
-                                        num_attention_heads=4, vocab_size=96, max_position_embeddings=128))
 
 
 @pytest.fixture
@@ -37,36 +29,19 @@ def every_tensor(monkeypatch):
     monkeypatch.setattr(_offload, "MIN_BYTES", 0)
 
 
-def _graph(layers: int = 4):
-    batch = make_batch("llama", 2, 32)
-    gm = transform(_llama(layers), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
-    with torch.no_grad():
-        for p in gm.parameters():
-            if p.requires_grad:
-                p.normal_(generator=torch.Generator().manual_seed(3))
-    return gm, batch, list(block_ranges(gm.graph))
-
-
-def _step(module, batch):
-    module.zero_grad(set_to_none=True)
-    out = module(**batch)
-    out.loss.backward()
-    return out.loss.detach(), {n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters() if p.requires_grad}
-
-
 def test_offloaded_blocks_train_bit_for_bit_as_kept_ones_eager_and_compiled(every_tensor):
-    gm, batch, blocks = _graph()
-    loss, grads = _step(gm, batch)
+    gm, batch, blocks = random_lora_llama()
+    loss, grads = step_grads(gm, batch)
     offloaded = with_decisions(gm, {b: Decision.OFFLOAD for b in blocks[1:]}, REALISE)
     for module in (offloaded, torch.compile(offloaded, backend="aot_eager")):
         for _ in range(2):  # the second step starts afresh (no tensor of the first is reused)
-            got_loss, got = _step(module, batch)
+            got_loss, got = step_grads(module, batch)
             assert torch.equal(got_loss, loss)
             assert all(torch.equal(got[n], g) for n, g in grads.items())
 
 
 def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(every_tensor):
-    gm, batch, blocks = _graph()
+    gm, batch, blocks = random_lora_llama()
     kept = CostModel(batch)(gm)
     decisions = {b: Decision.OFFLOAD for b in blocks[1:3]}
     offloaded = CostModel(batch, realise=REALISE)(gm, decisions)
@@ -76,7 +51,7 @@ def test_an_offloaded_block_keeps_nothing_on_the_device_at_the_end_of_forward(ev
         kept.saved_activations - sum(kept.saved_by_module[b] for b in decisions) + len(decisions) * residual
     )
     # The composed simulation agrees with the whole one on offloaded runs too.
-    deep, deep_batch, deep_blocks = _graph(8)
+    deep, deep_batch, deep_blocks = random_lora_llama(8)
     decisions = {b: Decision.OFFLOAD for b in deep_blocks[:6]}  # a run longer than its sample (`compose._lead`)
     whole, composed = CostModel(deep_batch, realise=REALISE)(deep, decisions), ComposedSimulator(CostModel(deep_batch, realise=REALISE))(deep, decisions)
     assert (composed.peak, composed.saved_by_module) == (whole.peak, whole.saved_by_module)

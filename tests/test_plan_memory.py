@@ -6,13 +6,12 @@ import functools
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B, transformed
+from conftest import adamw_peak, lora_B_loss_and_grads, make_batch, make_model, randomize_lora_B, transformed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
 from lorafa_fx import InfeasibleBudgetError
 from lorafa_fx.choices import Decision
-from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.units import parse_budget
 
 SHAPE = (2, 16)
@@ -41,25 +40,6 @@ def _transform(name: str, budget=None):
     return gm.train()
 
 
-def _measured_peak(step_module, gm, batch) -> int:
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        step_module(**batch).loss.backward()
-        opt.step()
-
-    step()
-    return measure_peak_bytes(step, gm, opt, batch)
-
-
-def _loss_and_grads(module, gm, batch):
-    torch.manual_seed(0)  # same dropout masks in both modules (GPT-2, T5 have dropout)
-    loss = module(**batch).loss
-    loss.backward()
-    return loss.detach(), [gm.get_parameter(f"{a.path}.lora_B.weight").grad for a in gm.lorafa.adapters]
-
-
 @functools.cache
 def _budgets(name: str) -> tuple[int, ...]:
     with pytest.raises(InfeasibleBudgetError) as e:
@@ -83,7 +63,7 @@ def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
     dropout masks as eager does (`fallback_random`), so GPT-2/T5 compare too."""
     batch = _batch(name)
     reference = _transform(name)
-    ref_loss, ref_grads = _loss_and_grads(reference, reference, batch)
+    ref_loss, ref_grads = lora_B_loss_and_grads(reference, reference, batch)
     tol = {"atol": 1e-6, "rtol": 1e-5} if mode == "eager" else {"atol": 1e-5, "rtol": 1e-4}
     flops = []
     for i, budget in enumerate(_budgets(name)):
@@ -94,11 +74,11 @@ def test_five_budgets_are_met_with_the_unplanned_math(name, mode):
         if mode == "compiled" and i != 2:
             continue
         module = gm if mode == "eager" else torch.compile(gm, options={"fallback_random": True})
-        loss, grads = _loss_and_grads(module, gm, batch)
+        loss, grads = lora_B_loss_and_grads(module, gm, batch)
         torch.testing.assert_close(loss, ref_loss, atol=tol["atol"], rtol=0)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, **tol)
-        assert _measured_peak(module, gm, batch) <= budget  # trains: after the math checks
+        assert adamw_peak(module, batch, gm) <= budget  # trains: after the math checks
     assert flops == sorted(flops, reverse=True)  # a larger budget never recomputes more
     assert flops[0] > 0 and flops[-1] == 0
 
