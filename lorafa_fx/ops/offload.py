@@ -2,14 +2,14 @@
 
 `Offload` calls a region (an outlined block, see `recompute_regions.py`) under
 ``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd saves in it (but parameters,
-and tensors under `MIN_BYTES`) is copied to host memory when saved, so the device copy dies
-with its last forward use; backward copies it back. On CUDA the copies run on a side stream
-into pinned memory (``record_stream`` keeps a source alive until its copy is done), and when
-backward first needs a region's tensors it also fetches the previous region's, so that transfer
-overlaps the region's backward compute (torchtune's OffloadActivations does the same), unless
+and tensors under `MIN_BYTES`) is copied to host memory when saved, and the device copy is freed
+once that copy is done (a bounded number of regions later: below); backward copies it back. On
+CUDA the copies run on a side stream into pinned memory, and when backward first needs a
+region's tensors it also fetches the previous region's, so that transfer overlaps
+the region's backward compute (torchtune's OffloadActivations does the same), unless
 that region is not ``prefetched``: then its tensors are fetched when its own backward needs them,
 their transfer waited for but their bytes never on the device beside the next region's (the
-floor's lever, `Decision.OFFLOAD_MINI_SEQUENCE`). 
+floor's lever, `Decision.OFFLOAD_MINI_SEQUENCE`).
 
 Copies in flight are bounded: a region's device tensors are held (not freed) until its copies
 are done, and before region ``k`` (in forward order) runs, the compute stream waits for the
@@ -17,7 +17,7 @@ copies of region ``k - COPIES_IN_FLIGHT`` and lets go of its tensors (torchtune'
 on the stream, not ``record_stream``, so the caching allocator may hand the bytes out again at
 once, in stream order, rather than when the CPU next sees the copy done). At most the tensors
 of the last ``COPIES_IN_FLIGHT`` offloaded regions (one done, one running) are held past their
-last use; after the last offloaded region of a forward (``Offloader.regions``, set by the pass)
+last use; after the last offloaded region of a forward (``Offloader.count``, set by the pass)
 the compute stream waits for every copy, so none is held into the loss or backward. The held
 tensors are held the same way under `FakeTensorMode`, so the cost model counts them where they
 are (the step's predicted peak includes them), and `memory.timing.transfer_wait` charges the
