@@ -340,12 +340,11 @@ def _budget_text(plan) -> str:
 def _sweep_table(config: str, plans: list) -> str:
     """One row per shape of a sweep: its peak, whether it fits, what the planner pulled to fit."""
     from collections import Counter
-    from io import StringIO
 
-    from rich.console import Console
     from rich.table import Table
 
     from lorafa_fx.choices import Decision
+    from lorafa_fx.memory.report import render
     from lorafa_fx.units import format_bytes
 
     t = Table(title=f"lorafa_fx memory plans: {config}, {_budget_text(plans[0])}")
@@ -371,9 +370,7 @@ def _sweep_table(config: str, plans: list) -> str:
             ", ".join(levers) or "none", f"{plan.extra_compute_pct:.1f}%",
             *((f"+{plan.overhead_pct:.1f}%",) if timed else ()),
         )
-    out = StringIO()
-    Console(file=out, width=110, force_terminal=False, color_system=None).print(t)
-    return out.getvalue().rstrip()
+    return render(t)
 
 
 def _demo(args) -> int:

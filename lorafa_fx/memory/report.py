@@ -195,11 +195,11 @@ class MemoryPlan:
         return d
 
     def __str__(self) -> str:
-        return _render(self._summary(), self._layers_table(), self._blocks_table())
+        return render(self._summary(), self._layers_table(), self._blocks_table())
 
     def summary(self) -> str:
         """The plan's first table only (totals, decisions, step time), without the per-layer and per-block ones."""
-        return _render(self._summary())
+        return render(self._summary())
 
     def _summary(self) -> Table:
         t = Table(title="lorafa_fx memory plan (one training step)", show_header=False)
@@ -275,7 +275,8 @@ class MemoryPlan:
         return t
 
 
-def _render(*tables: Table) -> str:
+def render(*tables: Table) -> str:
+    """`tables` as plain text, 110 columns wide (the plan's printout and the CLI's sweep table)."""
     out = StringIO()
     console = Console(file=out, width=110, force_terminal=False, color_system=None)
     for table in tables:
