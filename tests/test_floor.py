@@ -72,6 +72,18 @@ def test_predicted_peak_is_within_5pct_of_the_measured_one_with_each_lever(llama
     assert predicted == pytest.approx(_measured_peak(gm, decisions, batch), rel=0.05)
 
 
+@pytest.mark.parametrize("offloaded, checkpointed", [(Decision.OFFLOAD_CHECKPOINT, Decision.RECOMPUTE),
+                                                      (Decision.OFFLOAD_MINI_SEQUENCE, Decision.MINI_SEQUENCE)])
+def test_an_offloaded_checkpoint_holds_what_a_checkpoint_holds(llama, offloaded, checkpointed):
+    """Its tensors under MIN_BYTES, nothing moves: the offloaded checkpoint's measured peak is the
+    on-device checkpoint's, to the byte. A reentrant checkpoint would also hold, through each
+    block's backward, the block's recomputed output and its output's gradient (the floor's peak
+    is one such backward: two b·s·d tensors more)."""
+    gm, batch, blocks = llama
+    assert _measured_peak(gm, dict.fromkeys(blocks, offloaded), batch) == \
+        _measured_peak(gm, dict.fromkeys(blocks, checkpointed), batch)
+
+
 def _measured_peak(gm, decisions, batch) -> int:
     """MemTracker's peak of the second AdamW step of `gm` with `decisions` (a copy: it trains)."""
     return adamw_peak(copy.deepcopy(with_decisions(gm, decisions, REALISE)), batch)

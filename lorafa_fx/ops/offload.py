@@ -27,20 +27,23 @@ freed, so the planner never chooses offload for a CPU step. Under `FakeTensorMod
 model) a saved tensor becomes a record of its shape, and fetching it allocates a fake tensor:
 the simulated step frees and re-allocates what the real one does, where it does.
 
-`OffloadedCheckpoint` is the same with the region checkpointed: its forward runs under
-``torch.utils.checkpoint(use_reentrant=True)``, whose one saved set is the region's inputs
-(``ctx.save_for_backward``, which the hooks see; the non-reentrant form holds its inputs in a
-closure, out of their reach). So the block keeps nothing on the device between its forward and
-its backward: its input (the residual stream) waits in host memory, is fetched back ahead of
-the block's backward like any offloaded tensor, and backward reruns the block's forward from
-it (restoring the RNG state, so dropout draws the same masks).
+`OffloadedCheckpoint` is the same with the region checkpointed (torch's non-reentrant
+checkpoint): its large inputs are packed by the same hook when it is called, and its forward
+reads them directly, its recomputation in backward through their host copies (torch's
+checkpoint would hold them in a closure, on the device). So the block keeps nothing on the
+device between its forward and its backward: its input (the residual stream) waits in host
+memory, is fetched back ahead of the block's backward like any offloaded tensor, and backward
+reruns the block's forward from it (restoring the RNG state, so dropout draws the same masks).
+Non-reentrant, the rerun's gradients flow through the forward's own graph: neither the block's
+output gradient nor the rerun's outputs are held through the block's backward, as a reentrant
+checkpoint's backward holds them (one b·s·d tensor each, at the floor's peak).
 """
 
 from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 #: Tensors smaller than this stay where they are: the copy's latency outweighs the bytes.
 MIN_BYTES = 1 << 20
@@ -233,7 +236,29 @@ class Offload(torch.nn.Module):
 
 
 class OffloadedCheckpoint(Offload):
-    """An `Offload` region that is also checkpointed: what it saves is its inputs, in host memory."""
+    """An `Offload` region that is also checkpointed: what it keeps is its inputs, in host memory."""
 
-    def run(self, *args):
-        return checkpoint(self.region, *args, use_reentrant=True)
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return self.region(*args)
+        pack = self.offloader.pack_hook(self.position, self.prefetched)
+        try:
+            packed = [pack(a) if isinstance(a, torch.Tensor) else a for a in args]
+            offloaded = {i: a.requires_grad for i, (a, p) in enumerate(zip(args, packed)) if isinstance(p, _Saved)}
+            first = {i: args[i] for i in offloaded}  # the forward's own inputs, let go once it ran
+
+            def run(*kept):
+                inputs = iter(kept)
+                return self.region(*(
+                    (first.pop(i) if i in first else self._fetch(packed[i], offloaded[i]))
+                    if i in offloaded else next(inputs) for i in range(len(packed))
+                ))
+
+            with set_checkpoint_early_stop(False):
+                return checkpoint(run, *(a for i, a in enumerate(args) if i not in offloaded), use_reentrant=False)
+        finally:
+            self.offloader.end_region()
+
+    def _fetch(self, saved: _Saved, requires_grad: bool) -> torch.Tensor:
+        # The rerun must save what the forward saved: ops save their inputs only when one needs a grad.
+        return self.offloader.unpack(saved).detach().requires_grad_(requires_grad)
