@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import adamw_peak, random_lora_llama, step_grads, transform
+from conftest import adamw_peak, lora_B_loss_and_grads, random_lora_llama, step_grads, transform
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -58,6 +58,32 @@ def test_each_lever_trains_bit_for_bit_like_the_unplanned_step_eager_and_compile
                     torch.testing.assert_close(got[name], grad, rtol=1e-6, atol=1e-8)
                 else:
                     assert torch.equal(got[name], grad), name
+
+
+@pytest.mark.parametrize("lever", [Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE])
+def test_a_recomputed_block_draws_its_forwards_dropout_masks(lever, monkeypatch):
+    """Attention dropout 0.3, every block recomputed (its input through host copies where
+    offloaded): the recomputation restores the RNG state, so the loss and every lora_B grad are
+    the unplanned step's bits under the same seed (other masks would change the grads; a chunked
+    MLP's own lora_B grads are sums over chunks, equal up to rounding, as above)."""
+    monkeypatch.setattr(_offload, "MIN_BYTES", 0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                                         vocab_size=96, max_position_embeddings=64, attention_dropout=0.3))
+    batch = make_batch("llama", 2, 16)
+    gm = transform(model, example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=8))
+    gm.train()
+    loss, grads = lora_B_loss_and_grads(gm, gm, batch)
+    grads = [g.clone() for g in grads]
+    planned = with_decisions(gm, dict.fromkeys(block_ranges(gm.graph), lever), REALISE)
+    gm.zero_grad(set_to_none=True)  # the planned graph shares gm's parameters
+    got_loss, got = lora_B_loss_and_grads(planned, gm, batch)
+    assert torch.equal(got_loss, loss)
+    for adapter, g, r in zip(gm.lorafa.adapters, got, grads, strict=True):
+        if lever in CHUNKED and ".mlp." in adapter.path:
+            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-8)
+        else:
+            assert torch.equal(g, r), adapter.path
 
 
 @pytest.mark.parametrize("lever", [Decision.KEEP, Decision.RECOMPUTE, *LEVERS])

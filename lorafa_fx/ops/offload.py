@@ -247,15 +247,19 @@ class OffloadedCheckpoint(Offload):
             offloaded = {i: a.requires_grad for i, (a, p) in enumerate(zip(args, packed)) if isinstance(p, _Saved)}
             first = {i: args[i] for i in offloaded}  # the forward's own inputs, let go once it ran
 
-            def run(*kept):
-                inputs = iter(kept)
+            def run(*kept_and_devices):
+                inputs = iter(kept_and_devices)
                 return self.region(*(
                     (first.pop(i) if i in first else self._fetch(packed[i], offloaded[i]))
                     if i in offloaded else next(inputs) for i in range(len(packed))
                 ))
 
+            # torch's checkpoint restores the RNG state of its tensor arguments' devices: an
+            # empty tensor stands on each offloaded input's device, so dropout draws the same masks.
+            devices = [torch.empty(0, device=args[i].device) for i in offloaded]
             with set_checkpoint_early_stop(False):
-                return checkpoint(run, *(a for i, a in enumerate(args) if i not in offloaded), use_reentrant=False)
+                return checkpoint(run, *(a for i, a in enumerate(args) if i not in offloaded), *devices,
+                                  use_reentrant=False)
         finally:
             self.offloader.end_region()
 
