@@ -296,6 +296,7 @@ class MLPSpans(NamedTuple):
     # Nothing in the block reads `whole`'s output but residual adds that end it (their backward
     # reads no input): a recomputation of the block may leave that output unwritten.
     output_unread: bool = False
+    selective_split: tuple[int, ...] = ()  # of `selective`'s inputs, those split into chunks of tokens
 
 
 def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
@@ -318,7 +319,8 @@ def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
         start -= 1
     selective, whole = (_one_output(nodes[start:end + 1]) for end in (index[x], inside[-1]))
     split = _token_inputs(whole) if whole is not None else ()
-    return MLPSpans(selective, whole if split else None, split, bool(split) and _output_unread(whole, nodes))
+    return MLPSpans(selective, whole if split else None, split, bool(split) and _output_unread(whole, nodes),
+                    _token_inputs(selective) if selective is not None else ())
 
 
 def _output_unread(span: list[fx.Node], nodes: list[fx.Node]) -> bool:

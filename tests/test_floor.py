@@ -1,5 +1,6 @@
 """The memory floor's levers (`choices.Decision`): offloaded checkpoints, selective recompute,
-offloaded MLPs and mini-sequence chunks, realised by passes/recompute_regions.py.
+offloaded MLPs, offloaded blocks recomputing their gate/up, and mini-sequence chunks, realised by
+passes/recompute_regions.py.
 
 References: the unplanned step of the same graph (loss and every lora_B grad, bit for bit: the
 levers move and recompute tensors, they do not change the math; the one exception is stated
@@ -28,9 +29,9 @@ from lorafa_fx.passes import recompute_regions
 from lorafa_fx.stages import REALISE
 from lorafa_fx.zoo import make_batch
 
-LEVERS = [Decision.OFFLOAD_CHECKPOINT, Decision.SELECTIVE, Decision.OFFLOAD_MLP, Decision.MINI_SEQUENCE,
-          Decision.OFFLOAD_MINI_SEQUENCE]
-CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
+LEVERS = [Decision.OFFLOAD_CHECKPOINT, Decision.SELECTIVE, Decision.OFFLOAD_MLP, Decision.OFFLOAD_SELECTIVE,
+          Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE]
+CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE, Decision.OFFLOAD_SELECTIVE)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,28 @@ def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monk
     got_loss, got = step_grads(gm, batch)
     assert torch.equal(got_loss, loss) and all(torch.equal(got[n], g) for n, g in grads.items())
     assert CostModel(batch)(gm).peak < peak
+
+
+def test_planner_trades_gate_and_up_recomputation_for_link_time_when_the_link_is_busy():
+    """Llama-2-7B's layers (fake weights), 8 of them, 4 x 1024 tokens, on the H100 profile, at 80% of
+    the unplanned peak: the link cannot carry every offloaded block's bytes behind the forward,
+    so some blocks are offloaded with their gate/up recomputed (`Decision.OFFLOAD_SELECTIVE`).
+    Reference: what those blocks recompute, worked by hand (FlopCounterMode's convention: each
+    block's gate and up matmuls and their adapters' two products, 2·tokens·in·out FLOPs each)."""
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32,
+                         vocab_size=1000, max_position_embeddings=1024)
+    lora = lorafa_fx.LoraFAConfig(r=8, chunked_cross_entropy=False)
+
+    def plan(budget=None):
+        return lorafa_fx.estimate(config, batch_size=4, seq_len=1024, budget=budget, config=lora,
+                                  plan=lorafa_fx.PlanConfig(mixed_precision="bf16", device="h100"))
+
+    unplanned = plan()
+    planned = plan(int(unplanned.predicted_peak_bytes * 0.8))
+    chosen = [b for b, d in planned.recompute_by_block.items() if d is Decision.OFFLOAD_SELECTIVE]
+    assert chosen and planned.fits
+    assert set(planned.recompute_by_block.values()) <= {Decision.OFFLOAD_SELECTIVE, Decision.OFFLOAD_MLP,
+                                                         Decision.OFFLOAD, Decision.KEEP}
+    tokens, hidden, intermediate, r = 4 * 1024, 4096, 11008, 8
+    gate_or_up = 2 * tokens * hidden * intermediate + 2 * tokens * (hidden * r + r * intermediate)
+    assert planned.recompute_flops == len(chosen) * 2 * gate_or_up

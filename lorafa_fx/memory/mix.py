@@ -4,8 +4,8 @@ A model's repeated blocks are alike, so a plan is described by how many blocks t
 decision (`Mix`), laid out in one order (`BlockFacts.order`: most bytes freed per recomputed
 FLOP first, ties in model order, so the first layer, whose input needs no grad, comes last) in
 runs: offloaded blocks first (their copies to the host then have the most forward compute
-after them to hide behind), then recomputed ones, then blocks offloading their MLP, then
-selective ones; the rest are kept. Runs keep the composed simulation cheap (`compose.py`). The
+after them to hide behind), then offloaded ones recomputing part of their MLP, then recomputed
+ones, then blocks offloading their MLP, then selective ones; the rest are kept. Runs keep the composed simulation cheap (`compose.py`). The
 recomputed blocks are offloaded checkpoints on a card (`Decision.OFFLOAD_CHECKPOINT`: the same
 FLOPs as `RECOMPUTE`, and their input leaves the card too), recomputed ones elsewhere, and at
 the floor they may all run their MLP in mini-sequence chunks (``Mix.chunked``: that lowers the
@@ -17,6 +17,8 @@ what its MLP keeps up to the last linear, `graph.mlp_spans`)::
     decision              frees (steady)        reappears in b's backward   recomputes       crosses the link
     OFFLOAD               saved(b)              2 saved(b) (+ prefetch)     0                saved(b)
     OFFLOAD_MLP           mlp(b) + input(b)     twice that                  0                mlp(b) + input(b)
+    OFFLOAD_SELECTIVE     saved(b)              2 (saved(b) - mlp(b))       its MLP's span   saved(b) - mlp(b)
+                                                + 2/8 of mlp(b)
     SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
     RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         forward(b)       0
     OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         forward(b)       input(b)
@@ -33,6 +35,7 @@ The planner ranks the mixes by seconds and checks the estimate with the simulate
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +67,7 @@ class Block:
     selective_flops: int  # forward FLOPs of the MLP span a selective block recomputes
     chunked_flops: int  # what a chunked block recomputes beyond its forward (`ops.regions.MiniSequence`)
     chunkable: bool  # its whole MLP may run in chunks of tokens
+    selective_chunkable: bool = False  # and its MLP's selective span (`Decision.OFFLOAD_SELECTIVE`)
 
     def frees(self, d: Decision) -> int:
         if d in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
@@ -81,10 +85,12 @@ class Block:
             return self.saved - self.input - chunked + offloaded_input
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):  # fetched, and the next one's prefetched
             return 2 * self.frees(d)
+        if d is Decision.OFFLOAD_SELECTIVE:  # the same, and the span's chunk with its gradients
+            return 2 * self.crosses(d) + 2 * self.selective // MINI_SEQUENCE_CHUNKS
         return self.frees(d) + offloaded_input
 
     def recomputes(self, d: Decision) -> int:
-        if d is Decision.SELECTIVE:
+        if d in (Decision.SELECTIVE, Decision.OFFLOAD_SELECTIVE):
             return self.selective_flops
         if d in (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT):
             return self.forward
@@ -93,6 +99,8 @@ class Block:
     def crosses(self, d: Decision) -> int:
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):
             return self.frees(d)
+        if d is Decision.OFFLOAD_SELECTIVE:
+            return self.saved - self.selective
         return self.input if d in (Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE) else 0
 
 
@@ -121,26 +129,40 @@ def block_facts(
                 sum(node_flops(n, sizes) for n in spans.selective or []),
                 # the chunks rerun in backward; the block's recomputation runs them too unless it may skip them
                 0 if spans.output_unread else sum(node_flops(n, sizes) for n in spans.whole or []),
-                spans.whole is not None, [positions[n] for n in spans.selective or []],
+                spans.whole is not None, bool(spans.selective_split), [positions[n] for n in spans.selective or []],
             )
-        forward, backward, selective_flops, chunked_flops, chunkable, selective = counted[key]
+        forward, backward, selective_flops, chunked_flops, chunkable, selective_chunkable, selective = counted[key]
         blocks[b] = Block(
             saved=unplanned.saved_by_module.get(b, 0), input=kept(nodes),
             selective=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in selective),
             forward=forward, backward=backward, selective_flops=selective_flops, chunked_flops=chunked_flops,
-            chunkable=chunkable,
+            chunkable=chunkable, selective_chunkable=selective_chunkable,
         )
     order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
                                           natural_key(b)))
     return BlockFacts(blocks, order)
 
 
+#: The runs of the layout order: offloaded, offloaded-selective, recomputed, offloaded MLP, selective.
+_RUNS = (Decision.OFFLOAD, Decision.OFFLOAD_SELECTIVE, None, Decision.OFFLOAD_MLP, Decision.SELECTIVE)
+_RECOMPUTED = _RUNS.index(None)
+
+
+def _run_kind(run: int, recompute: Decision, chunked: bool) -> Decision:
+    """The decision of run `run`; the recomputed run's is `recompute` (or its chunked form)."""
+    if run == _RECOMPUTED:
+        return _CHUNKED[recompute] if chunked else recompute
+    return _RUNS[run]
+
+
 @dataclass(frozen=True)
 class Mix:
-    """How many blocks are offloaded, recomputed (`recompute`: the kind), offload their MLP and
-    recompute their MLP (selective), in the layout order."""
+    """How many blocks are offloaded, offloaded recomputing part of their MLP, recomputed
+    (`recompute`: the kind), offload their MLP and recompute their MLP (selective), in the
+    layout order."""
 
     offloaded: int
+    offloaded_selective: int
     recomputed: int
     offloaded_mlp: int
     selective: int
@@ -149,11 +171,10 @@ class Mix:
 
     def runs(self) -> list[tuple[Decision, int, int]]:
         """(decision, first, end) of each run of the layout order."""
-        kinds = (Decision.OFFLOAD, _CHUNKED[self.recompute] if self.chunked else self.recompute,
-                 Decision.OFFLOAD_MLP, Decision.SELECTIVE)
-        ends = list(itertools.accumulate((self.offloaded, self.recomputed, self.offloaded_mlp, self.selective)))
-        return [(d, end - count, end) for d, count, end in zip(kinds, (self.offloaded, self.recomputed,
-                                                                        self.offloaded_mlp, self.selective), ends)]
+        counts = (self.offloaded, self.offloaded_selective, self.recomputed, self.offloaded_mlp, self.selective)
+        ends = itertools.accumulate(counts)
+        return [(_run_kind(run, self.recompute, self.chunked), end - count, end)
+                for run, (count, end) in enumerate(zip(counts, ends))]
 
     def decisions(self, facts: BlockFacts) -> dict[str, Decision]:
         chosen = {facts.order[i]: d for d, first, end in self.runs() for i in range(first, end)}
@@ -172,30 +193,33 @@ class Candidates:
         self.facts, self.rate, self.link = facts, rate, link
         self.recompute = Decision.OFFLOAD_CHECKPOINT if link else Decision.RECOMPUTE
         n, blocks = len(facts.order), [facts.blocks[b] for b in facts.order]
+        card = link is not None
         selective = all(b.selective > 0 for b in blocks)
         chunkable = all(b.chunkable for b in blocks)
+        card_selective = card and selective and all(b.selective_chunkable for b in blocks)
+        # Five counts: steps that keep the rows near 10^5 (a 32-block model counts in 2s).
         step = max(1, round(n / 32))
 
         def counts(left: int, allowed: bool = True) -> list[int]:
             return sorted({*range(0, left + 1, step), left}) if allowed else [0]
 
-        rows = [(a, r, m, s, c) for a in counts(n, link is not None) for r in counts(n - a)
-                for m in counts(n - a - r, link is not None and selective) for s in counts(n - a - r - m, selective)
-                for c in ((0, 1) if r and chunkable else (0,))]
+        rows = [(a, o, r, m, s, c) for a in counts(n, card) for o in counts(n - a, card_selective)
+                for r in counts(n - a - o) for m in counts(n - a - o - r, card and selective)
+                for s in counts(n - a - o - r - m, selective) for c in ((0, 1) if r and chunkable else (0,))]
         self.rows = torch.tensor(rows, dtype=torch.long)
-        ends = self.rows[:, :4].cumsum(1)
-        starts = ends - self.rows[:, :4]
+        ends = self.rows[:, :5].cumsum(1)
+        starts = ends - self.rows[:, :5]
         freed = torch.zeros(len(rows), dtype=torch.long)
         recomputed = torch.zeros(len(rows), dtype=torch.float64)
         reappears = torch.zeros(len(rows), dtype=torch.long)
-        for run in range(4):
+        for run in range(5):
             for chunked in (0, 1):
-                d = self._kind(run, bool(chunked))
+                d = _run_kind(run, self.recompute, bool(chunked))
                 frees = torch.tensor([0, *itertools.accumulate(b.frees(d) for b in blocks)])
                 flops = torch.tensor([0, *itertools.accumulate(b.recomputes(d) for b in blocks)], dtype=torch.float64)
                 most = torch.tensor([[max((b.reappears(d) for b in blocks[i:j]), default=0) for j in range(n + 1)]
                                      for i in range(n + 1)])
-                take = self.rows[:, 4] == chunked if run == 1 else torch.full((len(rows),), chunked == 0)
+                take = self.rows[:, 5] == chunked if run == _RECOMPUTED else torch.full((len(rows),), chunked == 0)
                 i, j = starts[:, run], ends[:, run]
                 freed += torch.where(take, frees[j] - frees[i], 0)
                 recomputed += torch.where(take, flops[j] - flops[i], 0.0)
@@ -205,22 +229,18 @@ class Candidates:
         order = torch.argsort(self.estimated, stable=True)
         self.order = order[torch.argsort(self.lower[order], stable=True)].tolist()
 
-    def _kind(self, run: int, chunked: bool) -> Decision:
-        if run == 1:
-            return _CHUNKED[self.recompute] if chunked else self.recompute
-        return (Decision.OFFLOAD, None, Decision.OFFLOAD_MLP, Decision.SELECTIVE)[run]
-
     def mix(self, index: int) -> Mix:
-        a, r, m, s, c = self.rows[index].tolist()
-        return Mix(a, r, m, s, self.recompute, chunked=bool(c))
+        a, o, r, m, s, c = self.rows[index].tolist()
+        return Mix(a, o, r, m, s, self.recompute, chunked=bool(c))
 
     def wait_seconds(self, decisions: Mapping[str, Decision]) -> float:
         """Seconds compute waits for the link (`timing.transfer_wait`) under `decisions`."""
         if self.link is None:
             return 0.0
-        times = [
-            BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link,
-                      prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
-            for b, d in ((self.facts.blocks[name], decisions.get(name, Decision.KEEP)) for name in self.facts.blocks)
-        ]
-        return transfer_wait(times)
+        return transfer_wait([self._time(name, decisions.get(name, Decision.KEEP)) for name in self.facts.blocks])
+
+    @functools.cache  # noqa: B019 (the candidates live for one plan; the planner prices ~10^4 mixes)
+    def _time(self, name: str, d: Decision) -> BlockTime:
+        b = self.facts.blocks[name]
+        return BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link,
+                         prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)

@@ -302,6 +302,7 @@ _DECIDED = {
     Decision.OFFLOAD: "blocks offloaded to host memory",
     Decision.OFFLOAD_CHECKPOINT: "blocks recomputed from an input in host memory",
     Decision.OFFLOAD_MLP: "blocks offloading their MLP up to its last linear",
+    Decision.OFFLOAD_SELECTIVE: "blocks offloaded, their MLP up to its last linear recomputed",
     Decision.SELECTIVE: "blocks recomputing their MLP up to its last linear",
     Decision.MINI_SEQUENCE: f"blocks recomputed, the MLP in {MINI_SEQUENCE_CHUNKS} chunks of tokens",
     Decision.OFFLOAD_MINI_SEQUENCE: f"blocks recomputed from host memory, the MLP in {MINI_SEQUENCE_CHUNKS} chunks",

@@ -45,6 +45,7 @@ class BlockTime:
 def transfer_wait(blocks: Sequence[BlockTime]) -> float:
     """Seconds compute waits for the link in a step of `blocks` (see the module docstring)."""
     offloaded = [i for i, b in enumerate(blocks) if b.transfer]
+    position = {i: p for p, i in enumerate(offloaded)}
     clock = link = wait = 0.0
     copied: list[float] = []  # when each offloaded block's copy is done, in forward order
     for i, block in enumerate(blocks):
@@ -59,9 +60,9 @@ def transfer_wait(blocks: Sequence[BlockTime]) -> float:
     ready: dict[int, float] = {}  # offloaded block -> when its fetch is done
     clock = link = 0.0
     for i in reversed(range(len(blocks))):
-        if i in offloaded:
-            position = offloaded.index(i)
-            ahead = offloaded[position - 1] if position and blocks[offloaded[position - 1]].prefetched else None
+        if i in position:
+            p = position[i]
+            ahead = offloaded[p - 1] if p and blocks[offloaded[p - 1]].prefetched else None
             for j in (i, ahead) if ahead is not None else (i,):
                 if j not in ready:
                     link = max(link, clock) + blocks[j].transfer

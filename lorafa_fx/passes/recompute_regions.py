@@ -18,7 +18,11 @@ whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the
 `ops.regions.MiniSequence` chunks of tokens inside a block recomputed as ``RECOMPUTE`` or
 ``OFFLOAD_CHECKPOINT`` would, so the block's recomputation never holds its MLP's
 b·s·intermediate tensors whole (the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
-input is not prefetched either, `Offload`'s ``prefetched``). torch's own selective (op-level)
+input is not prefetched either, `Offload`'s ``prefetched``). ``Decision.OFFLOAD_SELECTIVE``
+offloads the block (`Offload`) with its MLP's selective span in `MiniSequence` chunks: that span
+keeps only its input (the norm's, offloaded with the rest), and backward recomputes gate and up
+a chunk at a time, so the link carries the block's bytes less that span's (a card whose link
+cannot hide a whole block's copies trades the gate/up matmuls for them). torch's own selective (op-level)
 policy is not used: it keeps every matmul output, more than autograd keeps around frozen linears
 (a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
 
@@ -66,12 +70,14 @@ class RecomputeRegions(PassBase):
             if mode in _IN_MLP:
                 spans = mlp_spans(block_ranges(gm.graph)[block])
                 span = spans.whole if mode in _CHUNKED else spans.selective
-                if span is None:
+                if span is None or (mode is Decision.OFFLOAD_SELECTIVE and not spans.selective_split):
                     raise ConfigError(f"{block} has no MLP that {mode} applies to; decide {Decision.RECOMPUTE} for it.")
                 if mode is Decision.SELECTIVE:
                     wrap = Recompute
                 elif mode is Decision.OFFLOAD_MLP:
                     wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
+                elif mode is Decision.OFFLOAD_SELECTIVE:
+                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.selective_split)
                 else:
                     wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.split,
                                              rerun_skips=spans.output_unread)
@@ -80,7 +86,7 @@ class RecomputeRegions(PassBase):
                 if mode in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
                     wrap = Recompute
                 else:
-                    kind = Offload if mode is Decision.OFFLOAD else OffloadedCheckpoint
+                    kind = Offload if mode in (Decision.OFFLOAD, Decision.OFFLOAD_SELECTIVE) else OffloadedCheckpoint
                     wrap = functools.partial(kind, offloader=offloader, position=offloaded,
                                              prefetched=mode is not Decision.OFFLOAD_MINI_SEQUENCE)
                     offloaded += 1
@@ -92,7 +98,7 @@ class RecomputeRegions(PassBase):
 
 #: The decisions that outline a block's MLP (`graph.mlp_spans`) into a region of its own.
 _CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
-_IN_MLP = (Decision.SELECTIVE, Decision.OFFLOAD_MLP, *_CHUNKED)
+_IN_MLP = (Decision.SELECTIVE, Decision.OFFLOAD_MLP, Decision.OFFLOAD_SELECTIVE, *_CHUNKED)
 
 
 def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap) -> None:
