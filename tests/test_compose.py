@@ -115,13 +115,15 @@ def test_composed_rank_step_equals_the_whole_rank_simulation(sharding):
 
 def test_composed_step_equals_the_whole_for_the_planners_mixes():
     """Mixes of every decision in runs (`memory/mix.py`'s layout): offloaded blocks, offloaded
-    checkpoints, MLPs offloaded, recomputed selectively or in mini-sequence chunks."""
+    checkpoints, MLPs offloaded, recomputed selectively or in mini-sequence chunks, offloaded
+    blocks recomputing their gate/up."""
     gm, batch = _graph("llama", layers=13)
     blocks = list(block_ranges(gm.graph))
     runs = [
         [Decision.OFFLOAD] * 4 + [Decision.OFFLOAD_CHECKPOINT] * 4 + [Decision.OFFLOAD_MLP] * 4 + [Decision.KEEP],
         [Decision.OFFLOAD_MINI_SEQUENCE] * 5 + [Decision.SELECTIVE] * 4 + [Decision.KEEP] * 4,
         [Decision.KEEP] + [Decision.MINI_SEQUENCE] * 6 + [Decision.SELECTIVE] * 6,
+        [Decision.OFFLOAD] * 6 + [Decision.OFFLOAD_SELECTIVE] * 6 + [Decision.KEEP],
     ]
     whole, composed = CostModel(batch, realise=REALISE), ComposedSimulator(CostModel(batch, realise=REALISE))
     for kinds in runs:
