@@ -1,4 +1,5 @@
-"""One rank of tests/test_distributed.py (launched by torchrun): train 5 steps with FSDP2 or DDP,
+"""One rank of tests/test_distributed.py (launched by torchrun): train 5 steps with FSDP2 or DDP (each
+run of --runs, then of --compiled-runs under torch.compile),
 save the gathered lora_B (and the adapter, by save_adapter), the frozen weights' drift, the
 gradient traffic and the measured peak."""
 
@@ -131,13 +132,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget", "none_lorafaopt"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compiled-runs", nargs="*", default=[],
+                        help="runs to repeat under torch.compile, after the eager ones (files suffixed _compiled)")
     parser.add_argument("--model", default="llama")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         for name in args.runs:
-            run(name, args.out, args.compile, args.model)
+            run(name, args.out, False, args.model)
+        for name in args.compiled_runs:
+            run(name, args.out, True, args.model)
     finally:
         dist.destroy_process_group()
