@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch._inductor.config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -234,9 +235,12 @@ def adamw_peak(module: torch.nn.Module, batch: dict, trained: torch.nn.Module | 
 #: CI runs two xdist workers on two cores, and a worker's second intra-op thread waits for a core
 #: the other worker holds at every parallel op (a tiny model's step took up to 10 s instead of
 #: 0.05 s; test_plan_memory ran 2.3x slower). Set again before each test: a bench sets its own.
+#: Inductor compiles its kernels in the test's process too, not in a pool of 2 compile
+#: processes that each worker would start (and that would share the same 2 cores).
 THREADS = 1
-os.environ["OMP_NUM_THREADS"] = str(THREADS)
+os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(THREADS)
 torch.set_num_threads(THREADS)
+torch._inductor.config.compile_threads = THREADS
 
 
 @pytest.fixture(autouse=True)
