@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
+from conftest import make_batch, make_model, randomize_lora_B, transform  # noqa: E402
 
 import lorafa_fx  # noqa: E402
 from lorafa_fx.distributed import prepare  # noqa: E402
@@ -77,11 +77,12 @@ def run(name: str, out: str, compile: bool, model_name: str = "llama") -> None:
     config = lorafa_fx.LoraFAConfig(r=R)
     budget = None
     if name == "full_budget":
-        unplanned = lorafa_fx.transform(make_model(model_name), example_inputs=local, config=config,
-                                        plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
+        unplanned = transform(make_model(model_name), example_inputs=local, config=config,
+                              plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
         budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
-    gm = lorafa_fx.transform(make_model(model_name), budget, example_inputs=local, config=config,
-                             plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
+    # conftest's transform: one capture per process (torch.export, ~2 s), its graph reused by every run.
+    gm = transform(make_model(model_name), budget, example_inputs=local, config=config,
+                   plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
     randomize_lora_B(gm)
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
     model = prepare(gm)
