@@ -1,4 +1,5 @@
-"""One rank of tests/test_distributed.py (launched by torchrun): train 5 steps with FSDP2 or DDP,
+"""One rank of tests/test_distributed.py (launched by torchrun): train 5 steps with FSDP2 or DDP (each
+run of --runs, then of --compiled-runs under torch.compile),
 save the gathered lora_B (and the adapter, by save_adapter), the frozen weights' drift, the
 gradient traffic and the measured peak."""
 
@@ -16,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-from conftest import make_batch, make_model, randomize_lora_B  # noqa: E402
+from conftest import make_batch, make_model, randomize_lora_B, transform  # noqa: E402
 
 import lorafa_fx  # noqa: E402
 from lorafa_fx.distributed import prepare  # noqa: E402
@@ -76,11 +77,12 @@ def run(name: str, out: str, compile: bool, model_name: str = "llama") -> None:
     config = lorafa_fx.LoraFAConfig(r=R)
     budget = None
     if name == "full_budget":
-        unplanned = lorafa_fx.transform(make_model(model_name), example_inputs=local, config=config,
-                                        plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
+        unplanned = transform(make_model(model_name), example_inputs=local, config=config,
+                              plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding)).lorafa_plan
         budget = unplanned.predicted_peak_bytes - unplanned.saved_by_block["model.layers.1"] // 2
-    gm = lorafa_fx.transform(make_model(model_name), budget, example_inputs=local, config=config,
-                             plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
+    # conftest's transform: one capture per process (torch.export, ~2 s), its graph reused by every run.
+    gm = transform(make_model(model_name), budget, example_inputs=local, config=config,
+                   plan=lorafa_fx.PlanConfig(world_size=world, sharding=sharding))
     randomize_lora_B(gm)
     frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
     model = prepare(gm)
@@ -131,13 +133,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["full", "none", "full_budget", "none_lorafaopt"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compiled-runs", nargs="*", default=[],
+                        help="runs to repeat under torch.compile, after the eager ones (files suffixed _compiled)")
     parser.add_argument("--model", default="llama")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         for name in args.runs:
-            run(name, args.out, args.compile, args.model)
+            run(name, args.out, False, args.model)
+        for name in args.compiled_runs:
+            run(name, args.out, True, args.model)
     finally:
         dist.destroy_process_group()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
 import torch
+import torch._inductor.config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_fx
@@ -229,8 +231,21 @@ def adamw_peak(module: torch.nn.Module, batch: dict, trained: torch.nn.Module | 
     return measure_peak_bytes(step, owner, opt, batch)
 
 
+#: One torch thread per test process, and for the processes tests start (CLI, torchrun, bench):
+#: CI runs two xdist workers on two cores, and a worker's second intra-op thread waits for a core
+#: the other worker holds at every parallel op (a tiny model's step took up to 10 s instead of
+#: 0.05 s; test_plan_memory ran 2.3x slower). Set again before each test: a bench sets its own.
+#: Inductor compiles its kernels in the test's process too, not in a pool of 2 compile
+#: processes that each worker would start (and that would share the same 2 cores).
+THREADS = 1
+os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
+torch._inductor.config.compile_threads = THREADS
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
+    torch.set_num_threads(THREADS)

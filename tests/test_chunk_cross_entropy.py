@@ -11,11 +11,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, randomize_lora_B, transformed
+from conftest import make_batch, randomize_lora_B, transform, transformed
 from torch.testing import FileCheck
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import measure_peak_bytes
 from lorafa_fx.ops.cross_entropy import linear_cross_entropy
@@ -117,7 +116,7 @@ def test_chunk_ce_peak_drops_by_more_than_the_logits():
     batch["labels"] = batch["input_ids"].clone()
     peaks, losses = [], []
     for chunk in (False, True):
-        gm = lorafa_fx.transform(copy.deepcopy(model), example_inputs=batch, config=LoraFAConfig(r=4))
+        gm = transform(copy.deepcopy(model), example_inputs=batch, config=LoraFAConfig(r=4))
         if chunk:
             gm = ChunkCrossEntropy()(gm).graph_module
         opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B
+from conftest import make_batch, make_model, randomize_lora_B, transform
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.utils.checkpoint import CheckpointPolicy
 
-import lorafa_fx
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import module_state, saved_activation_bytes
 
@@ -18,7 +17,7 @@ R = 4
 
 
 def _build(name="llama"):
-    gm = lorafa_fx.transform(make_model(name), example_inputs=make_batch(name, 2, 16), config=LoraFAConfig(r=R))
+    gm = transform(make_model(name), example_inputs=make_batch(name, 2, 16), config=LoraFAConfig(r=R))
     randomize_lora_B(gm)
     return gm
 

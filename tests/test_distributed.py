@@ -3,6 +3,7 @@ against single-process training on the concatenated batch, and the per-rank memo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B
+from conftest import make_batch, make_model, randomize_lora_B, transform
 
 import lorafa_fx
 from lorafa_fx.distributed import DistributedPlanError, prepare
@@ -27,31 +28,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out, runs: list[str], *flags: str) -> dict:
+def _launch(out, runs: list[str], *flags: str, compiled_runs: tuple[str, ...] = ()) -> dict:
+    """One torchrun of tests/_dist_worker.py: every rank's results of `runs`, and of
+    `compiled_runs` under torch.compile (keyed ``"<run>_compiled"``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            f"--master_port={_free_port()}", os.path.join(ROOT, "tests", "_dist_worker.py"), "--out", str(out),
-           "--runs", *runs, *flags]
+           "--runs", *runs, *flags, "--compiled-runs", *compiled_runs]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    suffix = "_compiled" if "--compile" in flags else ""
-    return {(s, r): torch.load(out / f"{s}{suffix}_rank{r}.pt", weights_only=False) for s in runs for r in range(WORLD)}
+    names = [*runs, *(f"{s}_compiled" for s in compiled_runs)]
+    return {(s, r): torch.load(out / f"{s}_rank{r}.pt", weights_only=False) for s in names for r in range(WORLD)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Every rank's results of tests/_dist_worker.py: 5 AdamW steps with FSDP2, with DDP, and with
-    FSDP2 under a budget."""
-    return _launch(tmp_path_factory.mktemp("dist"), ["full", "none", "full_budget", "none_lorafaopt"])
+    """Every rank's results of tests/_dist_worker.py, one torchrun: 5 AdamW steps with FSDP2, with
+    DDP, with FSDP2 under a budget, with DDP and the LoRA-FA optimizer; and FSDP2 and DDP again
+    under torch.compile."""
+    return _launch(tmp_path_factory.mktemp("dist"), ["full", "none", "full_budget", "none_lorafaopt"],
+                   compiled_runs=("full", "none"))
 
 
+@functools.cache
 def _single_process_lora_B(lorafa_optimizer: bool = False) -> dict[str, torch.Tensor]:
-    """Reference: one process, the same 5 steps on the concatenated (global) batch."""
+    """Reference: one process, the same 5 steps on the concatenated (global) batch (computed once
+    per optimizer; callers only read it)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from _dist_worker import GLOBAL_BATCH, LR, SEQ, STEPS, R
 
     batch = make_batch("llama", GLOBAL_BATCH, SEQ, seed=3)
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))
+    gm = transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=R))
     randomize_lora_B(gm)
     if lorafa_optimizer:
         opt = lorafa_fx.create_lorafa_optimizer(gm, lr=LR)
@@ -70,7 +77,7 @@ def test_lora_B_after_5_steps_equals_single_process_on_the_concatenated_batch(ra
     """Reference: `_single_process_lora_B` (HF loss is a token mean; every rank has equal tokens).
     "full_budget": FSDP2 with recomputed layers (checkpointing inside the sharded layer);
     "none_lorafaopt": DDP with `create_lorafa_optimizer`, against the same optimizer."""
-    ref = _single_process_lora_B(lorafa_optimizer=sharding == "none_lorafaopt")
+    ref = _single_process_lora_B(sharding == "none_lorafaopt")
     for r in range(WORLD):
         got = ranks[sharding, r]
         assert got["lora_B"].keys() == ref.keys()
@@ -81,12 +88,13 @@ def test_lora_B_after_5_steps_equals_single_process_on_the_concatenated_batch(ra
 
 
 @pytest.mark.slow
-def test_compiled_fsdp2_and_ddp_equal_single_process(tmp_path):
+def test_compiled_fsdp2_and_ddp_equal_single_process(ranks):
     """`torch.compile` of the wrapped module (FSDP2: the hooks run eagerly, dynamo's default;
-    DDP: dynamo's DDPOptimizer). Reference: `_single_process_lora_B`. About 75 s on 2 cores."""
-    ranks = _launch(tmp_path, ["full", "none"], "--compile")
-    ref = _single_process_lora_B()
-    for (sharding, r), got in ranks.items():
+    DDP: dynamo's DDPOptimizer). Reference: `_single_process_lora_B`."""
+    ref = _single_process_lora_B(False)
+    compiled = {(s, r): got for (s, r), got in ranks.items() if s.endswith("_compiled")}
+    assert sorted(compiled) == [(f"{s}_compiled", r) for s in ("full", "none") for r in range(WORLD)]
+    for (sharding, r), got in compiled.items():
         assert got["compiled_graphs"] > 0, sharding
         for name in ref:
             torch.testing.assert_close(got["lora_B"][name], ref[name], rtol=0, atol=1e-5)
@@ -97,7 +105,7 @@ def test_compiled_fsdp2_and_ddp_equal_single_process(tmp_path):
 def test_only_lora_B_gradients_are_communicated(ranks):
     """Reference: the adapters' lora_B names. FSDP2 reduces those gradients only; DDP buckets only
     the 4-byte values of the parameters that require grad."""
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
+    gm = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
                              config=lorafa_fx.LoraFAConfig(r=4))
     lora_B = sorted(f"{a.path}.lora_B.weight" for a in gm.lorafa.adapters)
     trainable_bytes = sum(p.numel() * 4 for p in gm.parameters() if p.requires_grad)
@@ -111,7 +119,7 @@ def test_only_lora_B_gradients_are_communicated(ranks):
 def test_save_adapter_called_on_every_rank_writes_the_trained_lora_B(ranks, sharding):
     """Reference: the trained lora_B gathered on each rank. FSDP2 holds 1/2 of every lora_B per
     rank: save_adapter all-gathers them (every rank calls it) and rank 0 writes the PEFT files."""
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
+    gm = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
                              config=lorafa_fx.LoraFAConfig(r=4))
     lorafa_fx.load_adapter(gm, ranks[sharding, 0]["adapter"])
     for r in range(WORLD):
@@ -139,7 +147,7 @@ def test_sharded_plan_divides_every_parameter_and_its_optimizer_states():
     fp32 states per local value plus a step counter per parameter."""
     batch = make_batch("llama", 2, 16)
     for n in (2, 4):
-        gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
+        gm = transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
                                  plan=lorafa_fx.PlanConfig(world_size=n, sharding="full"))
         plan = gm.lorafa_plan
         assert plan.world_size == n and plan.sharding == "full"
@@ -152,8 +160,8 @@ def test_sharded_plan_divides_every_parameter_and_its_optimizer_states():
 def test_ddp_plan_is_the_single_process_plan_plus_gradient_buckets():
     """Reference: the plan of `transform` without world_size, plus one copy of the trainable params."""
     batch = make_batch("llama", 2, 16)
-    single = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4))
-    ddp = lorafa_fx.transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
+    single = transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4))
+    ddp = transform(make_model("llama"), example_inputs=batch, config=lorafa_fx.LoraFAConfig(r=4),
                               plan=lorafa_fx.PlanConfig(world_size=2, sharding="none"))
     buckets = sum(p.numel() * p.element_size() for p in ddp.parameters() if p.requires_grad)
     assert ddp.lorafa_plan.predicted_peak_bytes == single.lorafa_plan.predicted_peak_bytes + buckets
@@ -164,10 +172,10 @@ def test_errors_say_what_to_do():
     batch = make_batch("llama", 2, 8)
     with pytest.raises(DistributedPlanError, match="use one of"):
         lorafa_fx.PlanConfig(world_size=2, sharding="zero3")
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch, plan=lorafa_fx.PlanConfig(world_size=2))
+    gm = transform(make_model("llama"), example_inputs=batch, plan=lorafa_fx.PlanConfig(world_size=2))
     with pytest.raises(DistributedPlanError, match="init_process_group"):
         prepare(gm)
-    plain = lorafa_fx.transform(make_model("llama"), example_inputs=batch)
+    plain = transform(make_model("llama"), example_inputs=batch)
     with pytest.raises(DistributedPlanError, match="world_size=N"):
         prepare(plain)
     from lorafa_fx.memory.sharded_cost_model import fake_world
@@ -193,7 +201,7 @@ def test_cli_plans_one_rank(tmp_path, capsys):
                                   plan=lorafa_fx.PlanConfig(world_size=2), config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
     assert printed["world_size"] == 2 and printed["sharding"] == "full"
     assert printed["predicted_peak_bytes"] == expected.predicted_peak_bytes
-    real = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
+    real = transform(make_model("llama"), example_inputs=make_batch("llama", 2, 16),
                                plan=lorafa_fx.PlanConfig(world_size=2), config=lorafa_fx.LoraFAConfig(r=4, lora_alpha=8))
     assert printed["weights_bytes"] == sum(_sharded_bytes(p, 2) for p in real.parameters())
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, make_batch, transformed
+from conftest import MODELS, make_batch, transform, transformed
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from lorafa_fx.memory.flops import backward_flops, needs_grad, node_flops, step_flops
@@ -84,7 +84,7 @@ def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkey
     planner may choose without a card (`mix.Candidates`: recomputed, selective, chunked) that the
     cost model says fits the budget; the planner's plan is one with the fewest, and the FLOPs
     it reports recomputing are FlopCounterMode's extra over the unplanned step."""
-    from lorafa_fx import LoraFAConfig, transform
+    from lorafa_fx import LoraFAConfig
     from lorafa_fx.errors import InfeasibleBudgetError
     from lorafa_fx.graph import block_ranges
     from lorafa_fx.memory.cost_model import CostModel

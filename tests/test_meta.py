@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, transform
 from torch.utils.checkpoint import CheckpointPolicy
 
 import lorafa_fx
@@ -26,7 +26,7 @@ B, S, R = 2, 8, 4
 
 @pytest.fixture(scope="module")
 def gm():
-    return lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", B, S), config=LoraFAConfig(r=R))
+    return transform(make_model("llama"), example_inputs=make_batch("llama", B, S), config=LoraFAConfig(r=R))
 
 
 def _annotated(gm, key):
