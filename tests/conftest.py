@@ -244,8 +244,12 @@ torch._inductor.config.compile_threads = THREADS
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(THREADS)
