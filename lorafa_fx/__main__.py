@@ -18,9 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import traceback
 import warnings
 
@@ -86,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     json_mode = "plan" in argv and "--json" in argv
     try:
         try:
-            with _ctrl_c_ends_the_run(json_mode):
-                status = _run(argv, json_mode)
+            status = _run(argv, json_mode)
             sys.stdout.flush()  # here, not at exit: a closed stdout raises where it is caught below
             return status
-        except KeyboardInterrupt:  # where `main` keeps its caller's SIGINT handling (an embedding app's)
+        except KeyboardInterrupt:
             _fail("interrupted", json_mode)
             return EXIT_INTERRUPTED
         except BrokenPipeError:
@@ -103,28 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # ValueError, OSError: not a real file
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_CLOSED_STDOUT
-
-
-@contextlib.contextmanager
-def _ctrl_c_ends_the_run(json_mode: bool):
-    """Ctrl-C ends the process at once with its one line and status 130. Not a KeyboardInterrupt:
-    code the planner runs (capture, tracing) may catch one, and the run would go on. A caller
-    that ignores SIGINT, or runs `main` off the main thread, keeps its own handling."""
-    def interrupted(signum, frame):
-        _fail("interrupted", json_mode)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
-
-    ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGINT, interrupted) if ours else None
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _run(argv: list[str], json_mode: bool) -> int:

@@ -287,6 +287,14 @@ def _cli(*args: str) -> list[str]:
             f"flush=True); sys.exit(main({list(args)!r}))"]
 
 
+def _sigint_as_a_shell_gives_it() -> None:
+    # A child inherits its parent's SIGINT disposition and mask: in a full run, a library another
+    # test ran in this worker can leave SIGINT ignored or blocked here, and the CLI would never see
+    # the Ctrl-C (it keeps a caller's SIG_IGN on purpose).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.slow
 def test_sigint_exits_130_with_one_line_and_a_closed_stdout_exits_quietly(tmp_path):
     """A real Ctrl-C while the 7B preset is being planned (about 7 s), and a reader that closed stdout
@@ -294,7 +302,8 @@ def test_sigint_exits_130_with_one_line_and_a_closed_stdout_exits_quietly(tmp_pa
     env = {**os.environ, "PYTHONPATH": ROOT}
     for json_flag in ([], ["--json"]):
         proc = subprocess.Popen(_cli("plan", "--config", "llama-2-7b", "--batch", "1", "--seq", "8", *json_flag),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=_sigint_as_a_shell_gives_it)
         assert proc.stderr.readline() == "ready\n"
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
