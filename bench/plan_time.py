@@ -11,7 +11,7 @@ left out). The plans (`PLANS`; ``--only`` picks a group):
 * ``70b``: Llama-2-70B, batch 1 x 4096 per rank, r 16, 8 ranks (FSDP2), under "80GB";
 * ``budgets``: the 7B plan under "40GB" timed on an H100 (``device="h100"``: the planner may
   offload blocks to host memory where its time model says that beats recomputing), under
-  "24GB", and under "20GB" (below the smallest feasible budget: the row is the planner's
+  "24GB", and under "15GB" (below the smallest feasible budget: the row is the planner's
   `InfeasibleBudgetError`, its smallest feasible budget and what takes the memory there).
   ``python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget ...``
   prints the same plans.
@@ -53,7 +53,7 @@ PLANS: dict[str, tuple[str, str, dict, dict, float | None]] = {
                         {"budget": "80GB", "world_size": 8}, 30.0),
     "7b-40GB-h100": ("budgets", "llama-2-7b", _7B, {"budget": "40GB", "device": "h100"}, None),
     "7b-24GB": ("budgets", "llama-2-7b", _7B, {"budget": "24GB"}, None),
-    "7b-20GB": ("budgets", "llama-2-7b", _7B, {"budget": "20GB"}, None),
+    "7b-15GB": ("budgets", "llama-2-7b", _7B, {"budget": "15GB"}, None),
     "smoke": ("smoke", "zoo:llama", {"batch_size": 2, "seq_len": 16, "r": 8, "lora_alpha": 16}, {}, None),
 }
 GROUPS = ("7b", "70b", "budgets")
