@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 
 import torch
 
@@ -75,8 +76,8 @@ def child(name: str) -> None:
         plan = lorafa_fx.estimate(config, batch_size=shape["batch_size"], seq_len=shape["seq_len"], config=lora,
                                   **H.plan_args(**settings))
         out = {"predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
-               "weights_bytes": plan.weights_bytes, "blocks_recomputed": len(plan.recomputed_blocks),
-               "blocks_offloaded": len(plan.offloaded_blocks), "blocks": config.num_hidden_layers,
+               "weights_bytes": plan.weights_bytes, "blocks": config.num_hidden_layers,
+               "decisions": dict(Counter(str(d) for d in plan.recompute_by_block.values())),
                "chunked_cross_entropy": plan.chunked_cross_entropy, "extra_compute_pct": plan.extra_compute_pct,
                "world_size": plan.world_size, "predicted_step_s": plan.step_seconds,
                "predicted_overhead_pct": plan.overhead_pct}
@@ -149,8 +150,8 @@ def _outcome(r: dict) -> str:
     if r.get("infeasible"):
         return (f"infeasible: smallest feasible budget {r['min_budget_bytes'] / GB:.2f} GB; at that peak: "
                 f"{r['what_takes_memory']}")
-    out = f"{r['blocks_recomputed']} of {r['blocks']} blocks recomputed"
-    out += f", {r['blocks_offloaded']} offloaded" if r["blocks_offloaded"] else ""
+    decided = [f"{n} {d}" for d, n in sorted(r["decisions"].items()) if d != "keep"]
+    out = f"of {r['blocks']} blocks: {', '.join(decided)}" if decided else f"all {r['blocks']} blocks kept"
     out += ", chunked CE" if r["chunked_cross_entropy"] else ""
     out += f", {r['extra_compute_pct']:.1f}% extra FLOPs" if r["extra_compute_pct"] else ""
     if r["predicted_step_s"] is not None:
