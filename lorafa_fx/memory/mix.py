@@ -5,8 +5,8 @@ decision (`Mix`), laid out in one order (`BlockFacts.order`: most bytes freed pe
 FLOP first, ties in model order, so the first layer, whose input needs no grad, comes last) in
 runs: offloaded blocks first (their copies to the host then have the most forward compute
 after them to hide behind), then offloaded ones recomputing part of their MLP, then recomputed
-ones, then blocks offloading their MLP, then selective ones; the rest are kept. Runs keep the composed simulation cheap (`compose.py`). The
-recomputed blocks are offloaded checkpoints on a card (`Decision.OFFLOAD_CHECKPOINT`: the same
+ones, then blocks offloading their MLP, then selective ones; the rest are kept. Runs keep the
+composed simulation cheap (`compose.py`). The recomputed blocks are offloaded checkpoints on a card (`Decision.OFFLOAD_CHECKPOINT`: the same
 FLOPs as `RECOMPUTE`, and their input leaves the card too), recomputed ones elsewhere, and at
 the floor they may all run their MLP in mini-sequence chunks (``Mix.chunked``: that lowers the
 peak of a recomputed block's backward, not what the blocks keep).
@@ -35,7 +35,6 @@ The planner ranks the mixes by seconds and checks the estimate with the simulate
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,20 +183,21 @@ class Mix:
 class Candidates:
     """Every mix of `facts`' blocks (with `offload`, a card: offloaded blocks, MLPs and
     checkpoints; selective and chunked ones where every block's MLP allows them; counts in
-    steps that keep them under ~10^5 on deep models), priced (module docstring) at `rate`
+    steps that keep them under ~10^6 on deep models), priced (module docstring) at `rate`
     FLOP/s over a `link` of bytes/s (None: nothing crosses), in order of their recomputation
-    seconds (a lower bound of their seconds), then of their estimated peak. Tens of thousands
+    seconds (a lower bound of their seconds), then of their estimated peak. Hundreds of thousands
     of mixes are priced at once from running totals along the layout order."""
 
     def __init__(self, facts: BlockFacts, unplanned_peak: int, rate: float, link: float | None) -> None:
         self.facts, self.rate, self.link = facts, rate, link
+        self._times: dict[tuple[str, Decision], BlockTime] = {}
         self.recompute = Decision.OFFLOAD_CHECKPOINT if link else Decision.RECOMPUTE
         n, blocks = len(facts.order), [facts.blocks[b] for b in facts.order]
         card = link is not None
         selective = all(b.selective > 0 for b in blocks)
         chunkable = all(b.chunkable for b in blocks)
         card_selective = card and selective and all(b.selective_chunkable for b in blocks)
-        # Five counts: steps that keep the rows near 10^5 (a 32-block model counts in 2s).
+        # Counts in steps of n/32: a 32-block model on a card has ~8 * 10^5 rows (five counts).
         step = max(1, round(n / 32))
 
         def counts(left: int, allowed: bool = True) -> list[int]:
@@ -239,8 +239,10 @@ class Candidates:
             return 0.0
         return transfer_wait([self._time(name, decisions.get(name, Decision.KEEP)) for name in self.facts.blocks])
 
-    @functools.cache  # noqa: B019 (the candidates live for one plan; the planner prices ~10^4 mixes)
     def _time(self, name: str, d: Decision) -> BlockTime:
-        b = self.facts.blocks[name]
-        return BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate, b.crosses(d) / self.link,
-                         prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
+        # Built once per block and decision: the planner prices ~10^4 mixes of the same few.
+        if (name, d) not in self._times:
+            b = self.facts.blocks[name]
+            self._times[name, d] = BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate,
+                                             b.crosses(d) / self.link, prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
+        return self._times[name, d]

@@ -225,43 +225,37 @@ class Offload(torch.nn.Module):
         if not torch.is_grad_enabled():
             return self.region(*args)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack_hook(self.position, self.prefetched),
-                                                          self.offloader.unpack):
-                return self.run(*args)
+            return self.run(self.offloader.pack_hook(self.position, self.prefetched), *args)
         finally:
             self.offloader.end_region()
 
-    def run(self, *args):
-        return self.region(*args)
+    def run(self, pack, *args):
+        """The region's forward, what it saves packed by `pack` (this region's hook)."""
+        with torch.autograd.graph.saved_tensors_hooks(pack, self.offloader.unpack):
+            return self.region(*args)
 
 
 class OffloadedCheckpoint(Offload):
     """An `Offload` region that is also checkpointed: what it keeps is its inputs, in host memory."""
 
-    def forward(self, *args):
-        if not torch.is_grad_enabled():
-            return self.region(*args)
-        pack = self.offloader.pack_hook(self.position, self.prefetched)
-        try:
-            packed = [pack(a) if isinstance(a, torch.Tensor) else a for a in args]
-            offloaded = {i: a.requires_grad for i, (a, p) in enumerate(zip(args, packed)) if isinstance(p, _Saved)}
-            first = {i: args[i] for i in offloaded}  # the forward's own inputs, let go once it ran
+    def run(self, pack, *args):
+        packed = [pack(a) if isinstance(a, torch.Tensor) else a for a in args]
+        offloaded = {i: a.requires_grad for i, (a, p) in enumerate(zip(args, packed)) if isinstance(p, _Saved)}
+        first = {i: args[i] for i in offloaded}  # the forward's own inputs, let go once it ran
 
-            def run(*kept_and_devices):
-                inputs = iter(kept_and_devices)
-                return self.region(*(
-                    (first.pop(i) if i in first else self._fetch(packed[i], offloaded[i]))
-                    if i in offloaded else next(inputs) for i in range(len(packed))
-                ))
+        def rerun(*kept_and_devices):
+            inputs = iter(kept_and_devices)
+            return self.region(*(
+                (first.pop(i) if i in first else self._fetch(packed[i], offloaded[i]))
+                if i in offloaded else next(inputs) for i in range(len(packed))
+            ))
 
-            # torch's checkpoint restores the RNG state of its tensor arguments' devices: an
-            # empty tensor stands on each offloaded input's device, so dropout draws the same masks.
-            devices = [torch.empty(0, device=args[i].device) for i in offloaded]
-            with set_checkpoint_early_stop(False):
-                return checkpoint(run, *(a for i, a in enumerate(args) if i not in offloaded), *devices,
-                                  use_reentrant=False)
-        finally:
-            self.offloader.end_region()
+        # torch's checkpoint restores the RNG state of its tensor arguments' devices: an
+        # empty tensor stands on each offloaded input's device, so dropout draws the same masks.
+        devices = [torch.empty(0, device=args[i].device) for i in offloaded]
+        with set_checkpoint_early_stop(False):
+            return checkpoint(rerun, *(a for i, a in enumerate(args) if i not in offloaded), *devices,
+                              use_reentrant=False)
 
     def _fetch(self, saved: _Saved, requires_grad: bool) -> torch.Tensor:
         # The rerun must save what the forward saved: ops save their inputs only when one needs a grad.

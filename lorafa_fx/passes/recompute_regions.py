@@ -22,9 +22,10 @@ input is not prefetched either, `Offload`'s ``prefetched``). ``Decision.OFFLOAD_
 offloads the block (`Offload`) with its MLP's selective span in `MiniSequence` chunks: that span
 keeps only its input (the norm's, offloaded with the rest), and backward recomputes gate and up
 a chunk at a time, so the link carries the block's bytes less that span's (a card whose link
-cannot hide a whole block's copies trades the gate/up matmuls for them). torch's own selective (op-level)
-policy is not used: it keeps every matmul output, more than autograd keeps around frozen linears
-(a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs 2.7 MB).
+cannot hide a whole block's copies trades the gate/up matmuls for them). torch's own selective
+(op-level) policy is not used: it keeps every matmul output, more than autograd keeps around
+frozen linears (a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs
+2.7 MB).
 
 Parameters stay where they were (``get_attr`` in the outer graph, passed in), so names,
 ``state_dict`` and the optimizer are unchanged.
