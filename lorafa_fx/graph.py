@@ -297,6 +297,10 @@ class MLPSpans(NamedTuple):
     # reads no input): a recomputation of the block may leave that output unwritten.
     output_unread: bool = False
     selective_split: tuple[int, ...] = ()  # of `selective`'s inputs, those split into chunks of tokens
+    # The block's nodes after `selective`: its last linear with its adapter and the residual adds
+    # (None: anything else, or `whole` does not qualify). They keep only the adapter's x·A
+    # (LoRA-FA's frozen A and W save no input), so a recomputed block may leave them out.
+    tail: list[fx.Node] | None = None
 
 
 def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
@@ -319,8 +323,13 @@ def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
         start -= 1
     selective, whole = (_one_output(nodes[start:end + 1]) for end in (index[x], inside[-1]))
     split = _token_inputs(whole) if whole is not None else ()
-    return MLPSpans(selective, whole if split else None, split, bool(split) and _output_unread(whole, nodes),
-                    _token_inputs(selective) if selective is not None else ())
+    unread = bool(split) and _output_unread(whole, nodes)
+    tail = nodes[index[x] + 1:] if unread and selective is not None else None
+    mlp = set(whole or ())
+    if tail is not None and not all(n in mlp or n.op == "get_attr" or whole[-1] in n.args for n in tail):
+        tail = None
+    return MLPSpans(selective, whole if split else None, split, unread,
+                    _token_inputs(selective) if selective is not None else (), tail)
 
 
 def _output_unread(span: list[fx.Node], nodes: list[fx.Node]) -> bool:

@@ -111,6 +111,41 @@ def test_an_offloaded_checkpoint_holds_what_a_checkpoint_holds(llama, offloaded,
         _measured_peak(gm, dict.fromkeys(blocks, checkpointed), batch)
 
 
+def test_an_offloaded_mini_sequence_block_is_fetched_at_the_next_ones_prefetch_point(llama, monkeypatch):
+    """Every block `OFFLOAD_MINI_SEQUENCE` (its input not fetched when the next block's backward
+    starts, where the floor's peak allows no second input): backward fetches it at the next
+    block's prefetch point, past that block's attention backward. Reference: when backward
+    first needs a block's input, it is already on its way for every block but the first one
+    backward reaches, and it is fetched after that block's attention's backward began."""
+    monkeypatch.setattr(_offload, "MIN_BYTES", 0)
+    gm, batch, blocks = llama
+    planned = with_decisions(gm, dict.fromkeys(blocks, Decision.OFFLOAD_MINI_SEQUENCE), REALISE)
+    events = []
+    unpack, fetch_ahead = _offload.Offloader.unpack, _offload.Offloader.fetch_ahead
+
+    def first_use(self, saved):
+        region = saved.regions[saved.region] if isinstance(saved, _offload._Saved) else None
+        if region is not None and not region.started:
+            events.append(("needed", saved.region, all(s.fetched is not None for s in region.stored)))
+        return unpack(self, saved)
+
+    def attention_backward(module, grad_input, grad_output):
+        events.append(("attention backward", None, None))
+
+    monkeypatch.setattr(_offload.Offloader, "unpack", first_use)
+    monkeypatch.setattr(_offload.Offloader, "fetch_ahead",
+                        lambda self, position: (events.append(("point", position, None)), fetch_ahead(self, position)))
+    for module in planned.modules():
+        if type(module).__name__ == "SDPAttention":
+            module.register_full_backward_hook(attention_backward)
+    planned(**batch).loss.backward()
+    last = len(blocks) - 1
+    assert [e for e in events if e[0] == "needed"] == [("needed", last - i, i > 0) for i in range(len(blocks))]
+    points = [i for i, e in enumerate(events) if e[0] == "point"]
+    assert [events[i][1] for i in points] == list(range(last, -1, -1))
+    assert all(events[i - 1][0] == "attention backward" for i in points)
+
+
 def _measured_peak(gm, decisions, batch) -> int:
     """MemTracker's peak of the second AdamW step of `gm` with `decisions` (a copy: it trains)."""
     return adamw_peak(copy.deepcopy(with_decisions(gm, decisions, REALISE)), batch)

@@ -127,11 +127,14 @@ def test_the_planner_recomputes_the_fewest_flops_flop_counter_mode_counts(monkey
     assert planned.recompute_flops == chosen - counted({})
 
 
-def test_a_chunked_block_recomputes_its_forward_once_as_flop_counter_mode_counts():
+def test_a_recomputed_block_reruns_its_forward_but_its_last_linear_as_flop_counter_mode_counts():
     """Reference: FlopCounterMode's count of a real step of the zoo Llama with every block
-    recomputed with its MLP in mini-sequence chunks, and with every block recomputed whole:
-    the chunked blocks' recomputation skips the MLP, whose chunks rerun in backward, so both
-    add each block's forward FLOPs once (what `mix.Block.recomputes` prices both at)."""
+    recomputed with its MLP in mini-sequence chunks, and with every block recomputed whole,
+    over the unplanned step's; and a hand count of each block's last linear (down_proj, with
+    LoRA-FA's x·A and (x·A)·B: 2·tokens·(i·d + i·r + r·d) FLOPs). Its backward reads only the
+    x·A it keeps, so neither recomputation reruns it: a whole block's region leaves it out, a
+    chunked block's recomputation skips the MLP and its chunks rerun up to it. Both add each
+    block's forward FLOPs less the hand count (what `mix.Block.recomputes` prices both at)."""
     from lorafa_fx.choices import Decision
     from lorafa_fx.graph import block_ranges
     from lorafa_fx.memory.cost_model import CostModel
@@ -153,6 +156,10 @@ def test_a_chunked_block_recomputes_its_forward_once_as_flop_counter_mode_counts
     sizes = symbol_sizes(gm, batch)
     facts = block_facts(gm, CostModel(batch, realise=REALISE)(gm), sizes, needs_grad(gm),
                         lambda nodes: _kept(nodes, sizes))
+    d, i = gm.get_parameter("model.layers.0.mlp.down_proj.weight").shape
+    r = gm.get_parameter("model.layers.0.mlp.down_proj.lora_A.weight").shape[0]
+    last_linear = 2 * SHAPE[0] * SHAPE[1] * (i * d + i * r + r * d)
     extra = counted(Decision.MINI_SEQUENCE) - counted(None)
-    assert extra == counted(Decision.RECOMPUTE) - counted(None) > 0
+    assert extra == counted(Decision.RECOMPUTE) - counted(None)
+    assert extra == sum(b.forward - last_linear for b in facts.blocks.values()) > 0
     assert extra == sum(b.recomputes(Decision.MINI_SEQUENCE) for b in facts.blocks.values())

@@ -52,6 +52,15 @@ def test_blocks_fetched_only_when_needed_wait_for_each_fetch_whole():
     assert transfer_wait(blocks) == pytest.approx(70 * MS)
 
 
+def test_a_prefetch_point_fetches_the_previous_block_that_long_before_its_backward_ends():
+    """The same three blocks, none prefetched, each with a prefetch point 4 ms before its
+    backward's end: forward as before (25 ms). Backward: block 2 fetches 0-15 (waits 15) and
+    runs 15-25; at 21 it fetches block 1 (21-36): block 1 waits 11 and runs 36-46; at 42 it
+    fetches block 0 (42-57): block 0 waits 11. 25 + 15 + 11 + 11 = 62 ms."""
+    blocks = [BlockTime(10 * MS, 10 * MS, 15 * MS, prefetched=False, lead=4 * MS)] * 3
+    assert transfer_wait(blocks) == pytest.approx(62 * MS)
+
+
 def test_forward_waits_for_every_copy_after_the_last_offloaded_block():
     """Block 0 offloads 15 ms of copies; three kept blocks of 10 ms follow it. Forward: the copy
     runs 10-25 ms, and compute waits for it after block 0 (its device memory is freed then):

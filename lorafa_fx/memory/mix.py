@@ -12,7 +12,8 @@ the floor they may all run their MLP in mini-sequence chunks (``Mix.chunked``: t
 peak of a recomputed block's backward, not what the blocks keep).
 
 Per block ``b`` (bytes from the cost model's unplanned step, FLOPs from `flops.py`; ``mlp(b)``:
-what its MLP keeps up to the last linear, `graph.mlp_spans`)::
+what its MLP keeps up to the last linear, `graph.mlp_spans`; ``fwd(b)``: its forward FLOPs less
+its tail's, which no recomputation reruns, `graph.MLPSpans.tail`)::
 
     decision              frees (steady)        reappears in b's backward   recomputes       crosses the link
     OFFLOAD               saved(b)              2 saved(b) (+ prefetch)     0                saved(b)
@@ -20,9 +21,9 @@ what its MLP keeps up to the last linear, `graph.mlp_spans`)::
     OFFLOAD_SELECTIVE     saved(b)              2 (saved(b) - mlp(b))       its MLP's span   saved(b) - mlp(b)
                                                 + 2/8 of mlp(b)
     SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
-    RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         forward(b)       0
-    OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         forward(b)       input(b)
-    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  forward(b) (+    as recomputed
+    RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         fwd(b)           0
+    OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         fwd(b)           input(b)
+    chunked (*MINI_*)     as recomputed         less 7/8 of mlp(b), and no  fwd(b) (+        as recomputed
                                                 prefetched input            forward(MLP) if
                                                                             its output is read)
 
@@ -45,6 +46,7 @@ import torch.fx as fx
 
 from ..choices import Decision
 from ..graph import block_ranges, mlp_spans
+from ..ops.attention import attention_call
 from ..ops.regions import MINI_SEQUENCE_CHUNKS
 from ..units import natural_key
 from .flops import backward_flops, node_flops
@@ -65,23 +67,28 @@ class Block:
     backward: int
     selective_flops: int  # forward FLOPs of the MLP span a selective block recomputes
     chunked_flops: int  # what a chunked block recomputes beyond its forward (`ops.regions.MiniSequence`)
-    chunkable: bool  # its whole MLP may run in chunks of tokens
+    chunkable: bool  # its MLP may run in chunks of tokens inside its recomputation
     selective_chunkable: bool = False  # and its MLP's selective span (`Decision.OFFLOAD_SELECTIVE`)
+    tail_flops: int = 0  # forward FLOPs of its tail, which its recomputation leaves out (`graph.MLPSpans.tail`)
+    tail_kept: int = 0  # bytes its tail keeps (the last adapter's x·A)
+    prefetch_lead: int = 0  # backward FLOPs after its attention (an OFFLOAD_MINI_SEQUENCE block's prefetch point)
 
     def frees(self, d: Decision) -> int:
         if d in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
-            return self.saved - self.input
+            return self.saved - self.input - self.tail_kept
         if d is Decision.SELECTIVE:
             return self.selective
         if d is Decision.OFFLOAD_MLP:  # with the norm's input, the size of the block's
             return self.selective + self.input
+        if d in (Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE):
+            return self.saved - self.tail_kept
         return 0 if d is Decision.KEEP else self.saved
 
     def reappears(self, d: Decision) -> int:
         offloaded_input = self.input if d is Decision.OFFLOAD_CHECKPOINT else 0  # the next one's, prefetched
         if d in (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE):
             chunked = self.selective * (MINI_SEQUENCE_CHUNKS - 1) // MINI_SEQUENCE_CHUNKS
-            return self.saved - self.input - chunked + offloaded_input
+            return self.saved - self.input - self.tail_kept - chunked + offloaded_input
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):  # fetched, and the next one's prefetched
             return 2 * self.frees(d)
         if d is Decision.OFFLOAD_SELECTIVE:  # the same, and the span's chunk with its gradients
@@ -92,8 +99,8 @@ class Block:
         if d in (Decision.SELECTIVE, Decision.OFFLOAD_SELECTIVE):
             return self.selective_flops
         if d in (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT):
-            return self.forward
-        return self.forward + self.chunked_flops if d in _CHUNKED.values() else 0
+            return self.forward - self.tail_flops
+        return self.forward - self.tail_flops + self.chunked_flops if d in _CHUNKED.values() else 0
 
     def crosses(self, d: Decision) -> int:
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):
@@ -126,16 +133,24 @@ def block_facts(
             counted[key] = (
                 sum(node_flops(n, sizes) for n in nodes), sum(backward_flops(n, grads, sizes) for n in nodes),
                 sum(node_flops(n, sizes) for n in spans.selective or []),
-                # the chunks rerun in backward; the block's recomputation runs them too unless it may skip them
+                # the chunks rerun in backward; the block's recomputation runs them too unless it may
+                # skip them (a block with a tail chunks its selective span, which only the tail reads)
                 0 if spans.output_unread else sum(node_flops(n, sizes) for n in spans.whole or []),
-                spans.whole is not None, bool(spans.selective_split), [positions[n] for n in spans.selective or []],
+                bool(spans.selective_split) if spans.tail else spans.whole is not None, bool(spans.selective_split),
+                [positions[n] for n in spans.selective or []],
+                # what the tail itself keeps: its output (the block's) is the next block's input
+                [positions[n] for n in spans.tail or [] if all(u in positions for u in n.users)],
+                sum(backward_flops(n, grads, sizes) for n in nodes[:positions.get(attention_call(nodes), 0)]),
             )
-        forward, backward, selective_flops, chunked_flops, chunkable, selective_chunkable, selective = counted[key]
+        forward, backward, selective_flops, chunked_flops, chunkable, selective_chunkable, selective, tail, lead = \
+            counted[key]
         blocks[b] = Block(
             saved=unplanned.saved_by_module.get(b, 0), input=kept(nodes),
             selective=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in selective),
             forward=forward, backward=backward, selective_flops=selective_flops, chunked_flops=chunked_flops,
             chunkable=chunkable, selective_chunkable=selective_chunkable,
+            tail_flops=sum(node_flops(nodes[i], sizes) for i in tail),
+            tail_kept=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in tail), prefetch_lead=lead,
         )
     order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
                                           natural_key(b)))
@@ -243,6 +258,8 @@ class Candidates:
         # Built once per block and decision: the planner prices ~10^4 mixes of the same few.
         if (name, d) not in self._times:
             b = self.facts.blocks[name]
+            late = d is Decision.OFFLOAD_MINI_SEQUENCE
             self._times[name, d] = BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate,
-                                             b.crosses(d) / self.link, prefetched=d is not Decision.OFFLOAD_MINI_SEQUENCE)
+                                             b.crosses(d) / self.link, prefetched=not late,
+                                             lead=b.prefetch_lead / self.rate if late else 0.0)
         return self._times[name, d]

@@ -206,16 +206,15 @@ class Piece:
 def timeline_block(node: fx.Node) -> str | None:
     """The repeated block `node` runs in, seen through the calls that outline blocks (a
     recompute region's or an FSDP layer's call, and the getitems of their outputs)."""
-    info = meta.lorafa_meta(node)
-    for key in (meta.LAYER, meta.BLOCK):
-        if key in info:
-            return info[key]
+    return _outlined_in(node) or repeated_block(node)
+
+
+def _outlined_in(node: fx.Node) -> str | None:
+    """The block whose outlining call `node` is, or is an output of (None: neither)."""
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        source = meta.lorafa_meta(node.args[0])
-        for key in (meta.LAYER, meta.BLOCK):
-            if key in source:
-                return source[key]
-    return repeated_block(node)
+        node = node.args[0]
+    info = meta.lorafa_meta(node)
+    return next((info[key] for key in (meta.LAYER, meta.BLOCK) if key in info), None)
 
 
 class Recorder(fx.Interpreter):
@@ -307,8 +306,9 @@ def step_estimate(
         peak=sum(static.values()) + tracker.peak,
         peak_phase=phase,
         peak_node=name,
-        # A recompute region's or FSDP layer's call runs in no module of its own: its block's.
-        peak_module=(owner(peak_node)[0] or timeline_block(peak_node) or "") if peak_node is not None else "",
+        # A recompute region's or FSDP layer's call (and its outputs) runs in no module of its own: its block's.
+        peak_module=(_outlined_in(peak_node) or owner(peak_node)[0] or timeline_block(peak_node) or "")
+        if peak_node is not None else "",
         saved_activations=saved_at_end_of_forward,
         saved_by_module=dict(by_module),
         saved_by_node=dict(by_node),

@@ -16,8 +16,10 @@ waits for the host link, on a schedule that follows `ops/offload.py`'s:
   forward's.
 * backward: when backward reaches an offloaded block, the block's tensors are fetched (unless
   already on their way) and so are the previous offloaded block's (unless it is not
-  ``prefetched``), queued behind them; the block's backward waits for its own. Each fetch
-  overlaps the backward (and recomputation) of the blocks after it in backward order.
+  ``prefetched``), queued behind them; the block's backward waits for its own. A block with a
+  prefetch point (``lead``: the seconds of its backward after it, `ops.offload.PrefetchPoint`)
+  fetches the previous offloaded block there instead. Each fetch overlaps the backward (and
+  recomputation) of the blocks after it in backward order.
 
 Assumptions (the plan printout states them): copies and compute overlap fully (a side stream,
 pinned host memory) and one copy at a time uses the link's nominal rate; a block's forward is
@@ -40,6 +42,7 @@ class BlockTime:
     backward: float  # seconds of its backward, recomputation included
     transfer: float = 0.0  # seconds its offloaded bytes take over the link, one way (0: none)
     prefetched: bool = True  # fetched during the backward of the offloaded block after it
+    lead: float = 0.0  # seconds of its backward after its prefetch point (0: it has none)
 
 
 def transfer_wait(blocks: Sequence[BlockTime]) -> float:
@@ -69,5 +72,8 @@ def transfer_wait(blocks: Sequence[BlockTime]) -> float:
                     ready[j] = link
             wait += max(0.0, ready[i] - clock)
             clock = max(clock, ready[i])
+            if p and offloaded[p - 1] not in ready and blocks[i].lead:
+                link = max(link, clock + blocks[i].backward - blocks[i].lead) + blocks[offloaded[p - 1]].transfer
+                ready[offloaded[p - 1]] = link
         clock += blocks[i].backward
     return wait

@@ -11,6 +11,7 @@ import contextvars
 from collections.abc import Iterator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
@@ -31,6 +32,12 @@ class SDPAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"dropout_p={self.dropout_p}, scale={self.scale}, enable_gqa={self.enable_gqa}"
+
+
+def attention_call(nodes: list[fx.Node]) -> fx.Node | None:
+    """The first `SDPAttention` call among a block's `nodes` (None: none)."""
+    return next((n for n in nodes if n.op == "call_module"
+                 and isinstance(n.graph.owning_module.get_submodule(n.target), SDPAttention)), None)
 
 
 _ASSUME_UNPADDED = contextvars.ContextVar("lorafa_assume_unpadded", default=False)

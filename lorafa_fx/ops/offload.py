@@ -199,6 +199,13 @@ class Offloader:
             t.record_stream(torch.cuda.current_stream(t.device))
         return t
 
+    def fetch_ahead(self, position: int) -> None:
+        """Backward passed the prefetch point of the region at `position`: fetch the region
+        before it (one not ``prefetched``) now, while the rest of this region's backward runs."""
+        if 0 < position <= len(self.regions):
+            for stored in self.regions[position - 1].stored:
+                stored.fetch(self._stream(stored.device, stored.mode is not None))
+
     def _stream(self, device: torch.device, fake: bool) -> torch.cuda.Stream | None:
         if device.type != "cuda" or fake:
             return None
@@ -260,3 +267,29 @@ class OffloadedCheckpoint(Offload):
     def _fetch(self, saved: _Saved, requires_grad: bool) -> torch.Tensor:
         # The rerun must save what the forward saved: ops save their inputs only when one needs a grad.
         return self.offloader.unpack(saved).detach().requires_grad_(requires_grad)
+
+
+class PrefetchPoint(torch.nn.Module):
+    """Passes its input through; when backward passes it, the offloaded region before the
+    `position`-th is fetched (`Offloader.fetch_ahead`). Placed on a block's attention input: the
+    block's backward is past its attention's (where its peak is, at the floor) and the fetch
+    overlaps the query/key/value projections' backward."""
+
+    def __init__(self, offloader: Offloader, position: int) -> None:
+        super().__init__()
+        self.offloader, self.position = offloader, position
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FetchAhead.apply(self, x) if torch.is_grad_enabled() and x.requires_grad else x
+
+
+class _FetchAhead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, point: PrefetchPoint, x: torch.Tensor) -> torch.Tensor:
+        ctx.point = point
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.point.offloader.fetch_ahead(ctx.point.position)
+        return None, grad

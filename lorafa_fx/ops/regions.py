@@ -5,9 +5,11 @@ that decides what it keeps for backward (`passes/recompute_regions.py` makes the
 `Recompute` runs its region under ``torch.utils.checkpoint(use_reentrant=False)``: the block
 keeps only its inputs and backward reruns its forward (checkpointing restores the RNG state, so
 dropout draws the same masks; `torch.compile` traces the same call as its activation-checkpoint
-higher-order op). The whole forward is rerun (no early stop after the last tensor backward
-needs): what `memory/flops.py` counts is then what FlopCounterMode measures, at the cost of a
-block's last adapter product (about 1% of its forward). `offload.Offload` keeps the region's
+higher-order op). Early stop is off: the region's forward is rerun whole, so what
+`memory/flops.py` counts is what FlopCounterMode measures. A recomputed block's region leaves
+out its tail (its last linear with LoRA-FA's adapter and the residual add, `graph.MLPSpans`):
+the tail keeps only x·A for its backward, so it stays outside and is never rerun (for Llama, a
+fifth of the block's matmul FLOPs). `offload.Offload` keeps the region's
 saved tensors in host memory instead.
 
 `MiniSequence` runs a token-wise region (a block's MLP, `graph.mlp_spans`) a chunk of tokens at
@@ -19,7 +21,10 @@ block whose MLP output only a residual add reads (``rerun_skips``, `graph.MLPSpa
 block's recomputation (a call during backward: autograd's engine is running) does not run the
 chunks at all: the block's backward needs none of the output's values, and the chunks'
 backward computes them again anyway; so such a chunked block recomputes its forward FLOPs once,
-like a whole-block recompute (otherwise its MLP's once more). Each output row is the unchunked region's row, so the forward and the
+like a whole-block recompute (otherwise its MLP's once more). With the block's tail, the chunks
+run the MLP up to its last linear, each chunk followed by the tail on its own tokens (kept, not
+rerun), so the last linear's input gradient also exists a chunk at a time. Each output row is
+the unchunked region's row, so the forward and the
 input gradients are the same bits; the gradients of inputs that are not split (its adapters'
 lora_B) are sums over chunks, equal up to the rounding of that order.
 """
@@ -55,21 +60,48 @@ MINI_SEQUENCE_CHUNKS = 8
 class MiniSequence(torch.nn.Module):
     """Calls `region` on `chunks` chunks of tokens (dim -2) of the arguments at `split` (the
     others, its parameters, whole) and concatenates its one output; `rerun_skips`: a call
-    during backward (the block's recomputation) leaves the output unwritten."""
+    during backward (the block's recomputation) leaves the output unwritten.
 
-    def __init__(self, region: fx.GraphModule, chunks: int, split: tuple[int, ...], rerun_skips: bool = False) -> None:
+    With a `tail` (the MLP's last linear and adapter, `graph.MLPSpans.tail`; `tail_args`: the
+    call's argument at each of its inputs, -1 for `region`'s output), each chunk is its own
+    autograd node followed by the tail on that chunk: backward reruns a chunk's region and
+    runs its tail's backward, which reads only what the tail kept (x·A), one chunk at a time,
+    and the tail is never rerun."""
+
+    def __init__(self, region: fx.GraphModule, chunks: int, split: tuple[int, ...], rerun_skips: bool = False,
+                 tail: fx.GraphModule | None = None, tail_args: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.region, self.chunks, self.split, self.rerun_skips = region, chunks, split, rerun_skips
-        self.output: tuple[int, torch.dtype] | None = None  # its output's last dim and dtype, once run
+        self.tail, self.tail_args = tail, tail_args
+        # The last dim and dtype of the region's output and of the tail's, once run.
+        self.region_output: tuple[int, torch.dtype] | None = None
+        self.output: tuple[int, torch.dtype] | None = None
 
     def forward(self, *args):
-        return (_Chunks.apply(self, self.rerun_skips and torch._C._current_graph_task_id() != -1, *args),)
+        rerun = self.rerun_skips and torch._C._current_graph_task_id() != -1
+        if self.tail is None:
+            return (_Chunks.apply(self, rerun, self.chunks, *args),)
+        region_args = args[:len(self.region.graph.find_nodes(op="placeholder"))]
+        outputs = []
+        for chunk in self.pieces(region_args):
+            x = _Chunks.apply(self, rerun, 1, *chunk)
+            if rerun:  # the tail's own autograd nodes from forward serve backward
+                continue
+            # What the tail saves stays with it (it is not a recomputation's to rebuild).
+            with torch.autograd.graph.saved_tensors_hooks(_itself, _itself):
+                outputs.append(self.tail(*(x if i < 0 else args[i] for i in self.tail_args))[0])
+        x = region_args[self.split[0]]
+        if rerun:
+            width, dtype = self.output
+            return (x.new_empty((*x.shape[:-1], width), dtype=dtype),)
+        self.output = (outputs[0].shape[-1], outputs[0].dtype)
+        return (_whole(outputs, x.shape[-2]),)
 
-    def pieces(self, args: tuple) -> list[tuple]:
+    def pieces(self, args: tuple, chunks: int | None = None) -> list[tuple]:
         """The region's arguments chunk by chunk. On fake tensors (the cost model) one chunk:
         one chunk's tensors are what the real loop holds at a time."""
         tokens = args[self.split[0]].shape[-2]
-        split = {i: args[i].split(-(-tokens // self.chunks), dim=-2) for i in self.split}
+        split = {i: args[i].split(-(-tokens // (chunks or self.chunks)), dim=-2) for i in self.split}
         count = 1 if is_fake(args[self.split[0]]) else len(split[self.split[0]])
         return [tuple(split[i][c] if i in split else a for i, a in enumerate(args)) for c in range(count)]
 
@@ -77,35 +109,44 @@ class MiniSequence(torch.nn.Module):
         return f"chunks={self.chunks}, rerun_skips={self.rerun_skips}"
 
 
+def _itself(t):
+    return t
+
+
+def _whole(outputs: list[torch.Tensor], tokens: int) -> torch.Tensor:
+    """The chunks' outputs concatenated along tokens (fake: one chunk ran, the rest is empty)."""
+    rest = tokens - sum(o.shape[-2] for o in outputs)
+    if rest:
+        outputs = [*outputs, outputs[0].new_empty((*outputs[0].shape[:-2], rest, outputs[0].shape[-1]))]
+    return torch.cat(outputs, dim=-2)
+
+
 class _Chunks(torch.autograd.Function):
     """`MiniSequence`'s step: forward without grad (`rerun`: the block's recomputation, the
     output left unwritten), backward a chunk at a time."""
 
     @staticmethod
-    def forward(ctx, mini: MiniSequence, rerun: bool, *args):
-        ctx.mini = mini
+    def forward(ctx, mini: MiniSequence, rerun: bool, chunks: int, *args):
+        ctx.mini, ctx.chunks = mini, chunks
         ctx.save_for_backward(*args)
         x = args[mini.split[0]]
-        if rerun and mini.output is not None:  # the forward's output row: width and dtype
-            width, dtype = mini.output
+        if rerun and mini.region_output is not None:  # the forward's output row: width and dtype
+            width, dtype = mini.region_output
             return x.new_empty((*x.shape[:-1], width), dtype=dtype)
         # Detached: views taken without grad of tensors that need one confuse module hooks (MemTracker's).
         plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        outputs = [mini.region(*chunk)[0] for chunk in mini.pieces(plain)]
-        mini.output = (outputs[0].shape[-1], outputs[0].dtype)
-        rest = x.shape[-2] - sum(o.shape[-2] for o in outputs)  # fake: one chunk ran
-        if rest:
-            outputs.append(outputs[0].new_empty((*outputs[0].shape[:-2], rest, outputs[0].shape[-1])))
-        return torch.cat(outputs, dim=-2)
+        outputs = [mini.region(*chunk)[0] for chunk in mini.pieces(plain, chunks)]
+        mini.region_output = (outputs[0].shape[-1], outputs[0].dtype)
+        return _whole(outputs, x.shape[-2])
 
     @staticmethod
     def backward(ctx, grad):
         mini, args = ctx.mini, ctx.saved_tensors
-        wanted = ctx.needs_input_grad[2:]
+        wanted = ctx.needs_input_grad[3:]
         grads: list = [None] * len(args)
         chunk_grads: dict[int, list] = {i: [] for i in mini.split if wanted[i]}
         start = 0
-        for chunk in mini.pieces(args):
+        for chunk in mini.pieces(args, ctx.chunks):
             inputs = [a.detach().requires_grad_(w) if isinstance(a, torch.Tensor) else a for a, w in zip(chunk, wanted)]
             with torch.enable_grad():
                 # The region reads views of the leaves: module hooks that watch its inputs'
@@ -126,7 +167,7 @@ class _Chunks(torch.autograd.Function):
             if whole.shape[-2] < args[i].shape[-2]:  # fake: one chunk ran
                 whole = whole.new_zeros(args[i].shape)
             grads[i] = whole
-        return None, None, *grads
+        return None, None, None, *grads
 
 
 def region_target(block: str) -> str:

@@ -7,7 +7,8 @@ keeps only its inputs, backward reruns its forward) or `ops.offload.Offload`
 (``Decision.OFFLOAD``: its saved tensors wait in host memory between forward and backward, a
 CUDA step's lever) or `ops.offload.OffloadedCheckpoint` (``Decision.OFFLOAD_CHECKPOINT``: both,
 the block recomputed from an input that waits in host memory). ``Decision.KEEP`` leaves the
-block as it is.
+block as it is. A recomputed block's tail (`graph.MLPSpans.tail`: its last linear, whose
+LoRA-FA adapter keeps only x·A, and the residual add) stays out of its region: nothing reruns it.
 
 Three decisions outline the block's MLP (`graph.mlp_spans`: from the norm before it) into a
 region of its own first, named `ops.regions.mlp_target`: ``Decision.SELECTIVE`` recomputes it up
@@ -17,7 +18,8 @@ gate and up; a card's host link hides them behind a block's compute where it wou
 whole block's); ``Decision.MINI_SEQUENCE`` and ``OFFLOAD_MINI_SEQUENCE`` run the whole MLP in
 `ops.regions.MiniSequence` chunks of tokens inside a block recomputed as ``RECOMPUTE`` or
 ``OFFLOAD_CHECKPOINT`` would, so the block's recomputation never holds its MLP's
-b·s·intermediate tensors whole (the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
+b·s·intermediate tensors whole (with a tail, the chunks stop before it and each chunk runs
+it on its own tokens; the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
 input is not prefetched either, `Offload`'s ``prefetched``). ``Decision.OFFLOAD_SELECTIVE``
 offloads the block (`Offload`) with its MLP's selective span in `MiniSequence` chunks: that span
 keeps only its input (the norm's, offloaded with the rest), and backward recomputes gate and up
@@ -47,7 +49,8 @@ from .. import meta
 from ..choices import Decision
 from ..errors import ConfigError
 from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, mlp_spans, pass_result
-from ..ops.offload import Offload, OffloadedCheckpoint, Offloader
+from ..ops.attention import attention_call
+from ..ops.offload import Offload, OffloadedCheckpoint, Offloader, PrefetchPoint
 from ..ops.regions import MINI_SEQUENCE_CHUNKS, MiniSequence, Recompute, mlp_target, region_target
 
 
@@ -68,11 +71,15 @@ class RecomputeRegions(PassBase):
             mode = self.decisions.get(block, Decision.KEEP)
             if mode is Decision.KEEP:
                 continue
+            spans = mlp_spans(block_ranges(gm.graph)[block])
+            # A recomputed block never reruns its tail (`graph.MLPSpans.tail`: it keeps only x·A):
+            # a whole block's region leaves it out, a chunked MLP runs it a chunk at a time.
+            tail = spans.tail if mode in _RECOMPUTED else None
             if mode in _IN_MLP:
-                spans = mlp_spans(block_ranges(gm.graph)[block])
-                span = spans.whole if mode in _CHUNKED else spans.selective
+                span = spans.whole if mode in _CHUNKED and not tail else spans.selective
                 if span is None or (mode is Decision.OFFLOAD_SELECTIVE and not spans.selective_split):
                     raise ConfigError(f"{block} has no MLP that {mode} applies to; decide {Decision.RECOMPUTE} for it.")
+                rest = spans.whole[len(spans.selective):] if mode in _CHUNKED and tail else []
                 if mode is Decision.SELECTIVE:
                     wrap = Recompute
                 elif mode is Decision.OFFLOAD_MLP:
@@ -80,9 +87,10 @@ class RecomputeRegions(PassBase):
                 elif mode is Decision.OFFLOAD_SELECTIVE:
                     wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.selective_split)
                 else:
-                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.split,
+                    wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS,
+                                             split=spans.selective_split if rest else spans.split,
                                              rerun_skips=spans.output_unread)
-                _outline(gm, span, mlp_target(block), block, mode, wrap)
+                _outline(gm, span, mlp_target(block), block, mode, wrap, rest)
             if mode not in (Decision.SELECTIVE, Decision.OFFLOAD_MLP):
                 if mode in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
                     wrap = Recompute
@@ -90,8 +98,12 @@ class RecomputeRegions(PassBase):
                     kind = Offload if mode in (Decision.OFFLOAD, Decision.OFFLOAD_SELECTIVE) else OffloadedCheckpoint
                     wrap = functools.partial(kind, offloader=offloader, position=offloaded,
                                              prefetched=mode is not Decision.OFFLOAD_MINI_SEQUENCE)
+                    if mode is Decision.OFFLOAD_MINI_SEQUENCE:
+                        _prefetch_point(gm, block, offloader, offloaded)
                     offloaded += 1
-                _outline(gm, block_ranges(gm.graph)[block], region_target(block), block, mode, wrap)
+                cut = set(tail or ()) if mode not in _CHUNKED else set()
+                _outline(gm, [n for n in block_ranges(gm.graph)[block] if n not in cut], region_target(block), block,
+                         mode, wrap)
             modified = True
         offloader.count = offloaded  # after the last, a forward waits for every copy (`ops.offload`)
         return pass_result(gm, modified)
@@ -100,15 +112,47 @@ class RecomputeRegions(PassBase):
 #: The decisions that outline a block's MLP (`graph.mlp_spans`) into a region of its own.
 _CHUNKED = (Decision.MINI_SEQUENCE, Decision.OFFLOAD_MINI_SEQUENCE)
 _IN_MLP = (Decision.SELECTIVE, Decision.OFFLOAD_MLP, Decision.OFFLOAD_SELECTIVE, *_CHUNKED)
+#: The decisions that recompute the whole block.
+_RECOMPUTED = (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT, *_CHUNKED)
 
 
-def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap) -> None:
+def _prefetch_point(gm: fx.GraphModule, block: str, offloader: Offloader, position: int) -> None:
+    """A `PrefetchPoint` on `block`'s attention query (none without an attention call): its
+    backward fetches the offloaded region before this one, past the block's peak."""
+    attention = attention_call(block_ranges(gm.graph)[block])
+    if attention is None or not isinstance(query := attention.args[0], fx.Node):
+        return
+    target = region_target(block) + "_prefetch"
+    gm.add_submodule(target, PrefetchPoint(offloader, position))
+    with gm.graph.inserting_before(attention):
+        point = gm.graph.call_module(target, (query,))
+    point.meta.update(nn_module_stack=attention.meta["nn_module_stack"], val=query.meta["val"])
+    attention.update_arg(0, point)
+
+
+def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap,
+             tail: list[fx.Node] = ()) -> None:
+    """Outline `span` into a region called through `wrap`; with `tail` (the nodes after it, which
+    read its one output), `wrap` gets the tail's own region and, for each of the tail's inputs,
+    its position among the call's (-1: the span's output)."""
     # get_attr nodes (the adapters' lora_A/lora_B) move in front of the span: parameters stay
     # owned by the outer module and enter the region as inputs.
-    for node in [n for n in span if n.op == "get_attr"]:
+    for node in [n for n in (*span, *tail) if n.op == "get_attr"]:
         span[0].prepend(node)
-    body = [n for n in span if n.op != "get_attr"]
-    inputs, outputs = boundary(body)
+    body, rest = ([n for n in nodes if n.op != "get_attr"] for nodes in (span, tail))
+    inputs, outputs = boundary(body + rest)
+    region = _region(gm, body, *boundary(body))
+    if rest:
+        tail_inputs, tail_outputs = boundary(rest)
+        wrap = functools.partial(wrap, tail=_region(gm, rest, tail_inputs, tail_outputs),
+                                 tail_args=tuple(inputs.index(a) if a in inputs else -1 for a in tail_inputs))
+    gm.add_submodule(name, wrap(region))
+    call = call_in_place_of(gm.graph, body + rest, inputs, outputs, name, {})
+    meta.annotate(call, recompute=mode, block=block)
+
+
+def _region(gm: fx.GraphModule, body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+    """`body` as a GraphModule of its own, holding the modules it calls under their paths."""
     modules = torch.nn.Module()
     for n in body:
         if n.op == "call_module":
@@ -119,7 +163,4 @@ def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mod
                     holder.add_module(part, torch.nn.Module())
                 holder = getattr(holder, part)
             holder.add_module(leaf, gm.get_submodule(n.target))
-    region = fx.GraphModule(modules, extract_graph(body, inputs, outputs))
-    gm.add_submodule(name, wrap(region))
-    call = call_in_place_of(gm.graph, body, inputs, outputs, name, {})
-    meta.annotate(call, recompute=mode, block=block)
+    return fx.GraphModule(modules, extract_graph(body, inputs, outputs))
