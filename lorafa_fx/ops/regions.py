@@ -31,6 +31,8 @@ lora_B) are sums over chunks, equal up to the rounding of that order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import is_fake
@@ -109,6 +111,11 @@ class MiniSequence(torch.nn.Module):
         return f"chunks={self.chunks}, rerun_skips={self.rerun_skips}"
 
 
+def _autocast_state(device_type: str) -> dict:
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
 def _itself(t):
     return t
 
@@ -128,6 +135,9 @@ class _Chunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mini: MiniSequence, rerun: bool, chunks: int, *args):
         ctx.mini, ctx.chunks = mini, chunks
+        # Backward reruns the chunks under the forward's autocast (as torch's checkpoint does):
+        # backward runs outside it, and a rerun in other dtypes would give other gradients.
+        ctx.autocast = [_autocast_state(d) for d in dict.fromkeys(("cpu", args[mini.split[0]].device.type))]
         ctx.save_for_backward(*args)
         x = args[mini.split[0]]
         if rerun and mini.region_output is not None:  # the forward's output row: width and dtype
@@ -148,7 +158,9 @@ class _Chunks(torch.autograd.Function):
         start = 0
         for chunk in mini.pieces(args, ctx.chunks):
             inputs = [a.detach().requires_grad_(w) if isinstance(a, torch.Tensor) else a for a, w in zip(chunk, wanted)]
-            with torch.enable_grad():
+            with torch.enable_grad(), contextlib.ExitStack() as autocast:
+                for state in ctx.autocast:
+                    autocast.enter_context(torch.autocast(**state))
                 # The region reads views of the leaves: module hooks that watch its inputs'
                 # gradients (FlopCounterMode's, MemTracker's) cannot watch a leaf's in autograd.grad.
                 out = mini.region(*(a.view_as(a) if isinstance(a, torch.Tensor) and w else a
