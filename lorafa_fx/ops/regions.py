@@ -86,12 +86,12 @@ class MiniSequence(torch.nn.Module):
         region_args = args[:len(self.region.graph.find_nodes(op="placeholder"))]
         outputs = []
         for chunk in self.pieces(region_args):
-            x = _Chunks.apply(self, rerun, 1, *chunk)
+            h = _Chunks.apply(self, rerun, 1, *chunk)
             if rerun:  # the tail's own autograd nodes from forward serve backward
                 continue
             # What the tail saves stays with it (it is not a recomputation's to rebuild).
             with torch.autograd.graph.saved_tensors_hooks(_itself, _itself):
-                outputs.append(self.tail(*(x if i < 0 else args[i] for i in self.tail_args))[0])
+                outputs.append(self.tail(*(h if i < 0 else args[i] for i in self.tail_args))[0])
         x = region_args[self.split[0]]
         if rerun:
             width, dtype = self.output
