@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cached_capture
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from lorafa_fx import LoraFAConfig
@@ -45,7 +46,7 @@ def _deep(name: str, layers: int = LAYERS) -> torch.nn.Module:
 def _graph(name: str, layers: int = LAYERS, **config) -> tuple[torch.fx.GraphModule, dict]:
     batch = make_batch("llama" if name == "mistral" else name, *SHAPE)
     lora = LoraFAConfig(r=4, **{**CONFIG_KWARGS.get(name, {}), **config})
-    return CapturedModel(_deep(name, layers), batch, lora).build(), batch
+    return CapturedModel(_deep(name, layers), batch, lora, capture=cached_capture).build(), batch
 
 
 def _same(whole, composed) -> None:

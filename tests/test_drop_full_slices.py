@@ -6,17 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import cached_capture, make_batch, make_model
 from torch.testing import FileCheck
 
-from lorafa_fx.capture import capture
 from lorafa_fx.passes.drop_full_slices import DropFullSlices, is_full_slice
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_drops_full_slices_and_keeps_loss_and_grads(name):
     """Reference: the captured graph before the pass (every parameter trained)."""
-    ref = capture(make_model(name), make_batch(name, 2, 12))
+    ref = cached_capture(make_model(name), make_batch(name, 2, 12))
     gm = DropFullSlices()(copy.deepcopy(ref)).graph_module
     assert any(is_full_slice(n) for n in ref.graph.nodes)
     assert not any(is_full_slice(n) for n in gm.graph.nodes)
@@ -34,5 +33,5 @@ def test_drops_full_slices_and_keeps_loss_and_grads(name):
 
 def test_partial_slices_stay():
     """Llama's rotate_half slices x[..., :d/2] and x[..., d/2:]: real slices, kept."""
-    gm = DropFullSlices()(capture(make_model("llama"), make_batch("llama", 2, 12))).graph_module
+    gm = DropFullSlices()(cached_capture(make_model("llama"), make_batch("llama", 2, 12))).graph_module
     FileCheck().check("aten.slice.Tensor").run(gm.code)

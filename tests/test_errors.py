@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, transform
 
 import lorafa_fx
 from lorafa_fx import AdapterFileError, ConfigError, LoraFAConfig, LoraFAError
@@ -50,7 +50,7 @@ def test_config_refuses_values_that_cannot_mean_what_was_asked(kwargs, named):
 
 @pytest.fixture(scope="module")
 def gm():
-    return lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 8), config=LoraFAConfig(r=4))
+    return transform(make_model("llama"), example_inputs=make_batch("llama", 2, 8), config=LoraFAConfig(r=4))
 
 
 @pytest.mark.parametrize("kwargs,named", [
@@ -114,8 +114,8 @@ def test_the_optimizer_trains_at_both_ends_of_the_accepted_scalings(lora_alpha):
 
     assert SCALING_RANGE == (1e-6, 1e6)
     batch = make_batch("llama", 2, 8)
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=batch,
-                             config=LoraFAConfig(r=4, lora_alpha=lora_alpha, target_modules=["q_proj", "down_proj"]))
+    gm = transform(make_model("llama"), example_inputs=batch,
+                   config=LoraFAConfig(r=4, lora_alpha=lora_alpha, target_modules=["q_proj", "down_proj"]))
     opt = lorafa_fx.create_lorafa_optimizer(gm, lr=1e-3)
     for _ in range(3):
         opt.zero_grad()

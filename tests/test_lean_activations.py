@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from conftest import VOCAB, compiled_step, make_batch, make_model, peft_reference, randomize_lora_B
+from conftest import VOCAB, cached_capture, compiled_step, make_batch, make_model, peft_reference, randomize_lora_B
 from torch.testing import FileCheck
 from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
 
@@ -61,12 +61,12 @@ _MODELS = {
 
 @functools.cache
 def _graphs(name: str, dtype: torch.dtype, modules_to_save: tuple[str, ...] = ()):
-    """(model, plain, lean): the model in `dtype` and its adapted graph captured without and
-    with the lean passes (`stages.LEAN_PASSES`), both with the same random lora_B."""
+    """(model, plain, lean): the model in `dtype` and its adapted graph built from one capture
+    without and with the lean passes (`stages.LEAN_PASSES`), both with the same random lora_B."""
     model = _MODELS[name]().to(dtype)
     config = LoraFAConfig(r=R, lora_alpha=ALPHA, modules_to_save=list(modules_to_save) or None)
-    plain = CapturedModel(model, _batch(), config, lean_passes=()).build()
-    lean = CapturedModel(model, _batch(), config).build()
+    plain = CapturedModel(model, _batch(), config, lean_passes=(), capture=cached_capture).build()
+    lean = CapturedModel(model, _batch(), config, capture=cached_capture).build()
     for gm in (plain, lean):
         randomize_lora_B(gm)
     return model, plain, lean
