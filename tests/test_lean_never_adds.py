@@ -26,6 +26,7 @@ from conftest import (
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.captured_model import CapturedModel
+from lorafa_fx.graph import graph_copy
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.stages import LEAN_PASSES
 from lorafa_fx.zoo import ARCHITECTURES
@@ -46,6 +47,11 @@ def _batch(name: str, head: str | None) -> dict[str, torch.Tensor]:
     return make_batch(name, *SHAPE, head=head)
 
 
+@functools.cache
+def _captured(name: str, head: str | None) -> torch.fx.GraphModule:
+    return cached_capture(_model(name, head), _batch(name, head))
+
+
 def _saved(module: torch.nn.Module, batch: dict) -> int:
     return saved_activation_bytes(lambda: module(**batch).loss, exclude=module_state(module))
 
@@ -54,7 +60,7 @@ def _saved(module: torch.nn.Module, batch: dict) -> int:
 def _built(name: str, head: str | None, lean: tuple) -> torch.fx.GraphModule:
     """The adapted graph of the one capture with the lean passes `lean`, lora_B random."""
     gm = CapturedModel(_model(name, head), _batch(name, head), _CONFIG.get(name, LoraFAConfig()), lean_passes=lean,
-                       capture=cached_capture).build()
+                       capture=lambda *_: graph_copy(_captured(name, head))).build()
     randomize_lora_B(gm)
     return gm
 
