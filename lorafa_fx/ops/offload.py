@@ -136,6 +136,10 @@ class Offloader:
     def __deepcopy__(self, memo) -> Offloader:
         return Offloader(self.count)  # streams and in-flight tensors belong to this module's steps
 
+    # The hooks below run eagerly under torch.compile: they keep host-side books and copies
+    # that no graph holds, and traced, dynamo compiled one frame per saved tensor's shape and
+    # dtype until its recompile limit.
+    @torch.compiler.disable
     def pack_hook(self, position: int, prefetched: bool = True):
         """The pack hook of the region at `position` (0: the first a forward runs); not
         `prefetched`: its tensors are fetched when its own backward needs them."""
@@ -162,8 +166,9 @@ class Offloader:
             stored.views += 1
             return _Saved(stored, t, regions, region)
 
-        return pack
+        return torch.compiler.disable(pack)
 
+    @torch.compiler.disable
     def end_region(self) -> None:
         """The region's forward is over: its copies are on their way (the forward's last
         region: the compute stream waits for every copy, and their device tensors are freed)."""
@@ -177,6 +182,7 @@ class Offloader:
             for r in self.regions:
                 r.settle()
 
+    @torch.compiler.disable
     def unpack(self, saved):
         if not isinstance(saved, _Saved):
             return saved
@@ -199,6 +205,7 @@ class Offloader:
             t.record_stream(torch.cuda.current_stream(t.device))
         return t
 
+    @torch.compiler.disable
     def fetch_ahead(self, position: int) -> None:
         """Backward passed the prefetch point of the region at `position`: fetch the region
         before it (one not ``prefetched``) now, while the rest of this region's backward runs."""
