@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import sys
 import warnings
 
 import pytest
 import torch
 import torch._inductor.config
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 import lorafa_fx
-from lorafa_fx import pipeline
+from lorafa_fx import api, pipeline
 from lorafa_fx.capture import capture
 from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.graph import block_ranges, graph_copy
@@ -88,6 +89,86 @@ def _has(module: torch.nn.Module, target: str) -> bool:
 def _attr(module: torch.nn.Module, target: str):
     owner, _, leaf = target.rpartition(".")
     return getattr(module.get_submodule(owner), leaf)
+
+
+#: `estimate`'s captures of a config (`lorafa_fx.api._captured`: the model built with fake
+#: weights, captured and adapted), by config, shape, LoraFAConfig and dtype; see `_estimate_captured`.
+_ESTIMATE_CAPTURES: dict[tuple, tuple[CapturedModel, object, tuple[str, ...]]] = {}
+_uncached_captured = api._captured
+#: The running test's request (`_current_request`), for `_estimate_captured`'s check of its monkeypatches.
+_REQUEST: list[pytest.FixtureRequest] = []
+#: What a test may monkeypatch and still share `estimate`'s captures: what planning and the ops
+#: read (memory/, ops/, the planner's regions pass) and the device readings (psutil, torch.cuda);
+#: never the model's code, capture or the capture-time passes.
+_PLANNING_MODULES = ("lorafa_fx.memory", "lorafa_fx.ops", "lorafa_fx.passes.recompute_regions", "psutil", "torch.cuda")
+
+
+def _estimate_captured(model_or_config, batch_size, seq_len, config, dtype, progress):
+    """`lorafa_fx.api._captured` (what `estimate`, `largest_batch_size`, the CLI and the benches
+    capture a config with), once per session for each config, shape, `LoraFAConfig` and dtype:
+    a later call gets the first call's `CapturedModel` (a sweep plans one capture at many shapes
+    and budgets the same way) and the progress lines the capture gave, replayed to its `progress`.
+
+    A capture that warns is not kept (its warnings are re-issued as they came; every later call
+    captures anew and warns itself), nor is one made while the test monkeypatches anything but
+    what planning reads (`_PLANNING_MODULES`). A model (not a config) is always captured anew.
+    """
+    key = _estimate_key(model_or_config, batch_size, seq_len, config, dtype)
+    if key is None:
+        return _uncached_captured(model_or_config, batch_size, seq_len, config, dtype, progress)
+    if key in _ESTIMATE_CAPTURES:
+        captured, batch_of, lines = _ESTIMATE_CAPTURES[key]
+        for line in lines:
+            progress(line)
+        return captured, batch_of
+    lines: list[str] = []
+
+    def recording(line: str) -> None:
+        lines.append(line)
+        progress(line)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            captured, batch_of = _uncached_captured(model_or_config, batch_size, seq_len, config, dtype, recording)
+    finally:  # under the caller's filters again
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if not caught:
+        _ESTIMATE_CAPTURES[key] = captured, batch_of, tuple(lines)
+    return captured, batch_of
+
+
+def _estimate_key(model_or_config, batch_size, seq_len, config, dtype) -> tuple | None:
+    if not isinstance(model_or_config, PretrainedConfig) or _patched_beyond_planning():
+        return None
+    return (type(model_or_config), model_or_config.to_json_string(),
+            getattr(model_or_config, "_attn_implementation", None), batch_size, seq_len, repr(config), dtype,
+            torch.get_default_dtype(), torch.is_grad_enabled(), torch.is_autocast_enabled())
+
+
+def _patched_beyond_planning() -> bool:
+    request = _REQUEST[-1] if _REQUEST else None
+    if request is None or "monkeypatch" not in request.fixturenames:
+        return False
+    patched = request.getfixturevalue("monkeypatch")
+    if patched._setitem:
+        return True
+    for owner, _, _ in patched._setattr:
+        module = owner.__name__ if isinstance(owner, type(sys)) else getattr(owner, "__module__", "")
+        if not module.startswith(_PLANNING_MODULES):
+            return True
+    return False
+
+
+api._captured = _estimate_captured
+
+
+@pytest.fixture(autouse=True)
+def _current_request(request):
+    _REQUEST.append(request)
+    yield
+    _REQUEST.pop()
 
 
 def transform(model, budget=None, *, example_inputs, config=None, plan=None) -> torch.fx.GraphModule:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -44,11 +46,18 @@ def test_keeps_the_models_mode():
     assert not model.training
 
 
+@functools.cache
+def _llama_at_2_by_12() -> tuple[nn.Module, torch.fx.GraphModule]:
+    """An eval-mode Llama and its transform at batch 2 x 12, made once per process: the shape
+    tests only call both (forward only, nothing trained)."""
+    model = make_model("llama").eval()
+    return model, lorafa_fx.transform(model, example_inputs=make_batch("llama", 2, 12))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 40), (5, 3), (4, 128)])
 def test_one_capture_serves_other_shapes(shape):
     """Reference: the unmodified model (B = 0, so outputs must be identical) at each shape."""
-    model = make_model("llama").eval()
-    gm = lorafa_fx.transform(model, example_inputs=make_batch("llama", 2, 12))
+    model, gm = _llama_at_2_by_12()
     batch = make_batch("llama", *shape, seed=3)
     torch.testing.assert_close(gm(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
@@ -56,7 +65,7 @@ def test_one_capture_serves_other_shapes(shape):
 def test_sequence_longer_than_the_position_limit_is_rejected():
     """Export's own check raises `AssertionError: Guard failed: input_ids.size()[1] <= 128`; the
     error names the input, the size given, the bound, and the config field to raise."""
-    gm = lorafa_fx.transform(make_model("llama"), example_inputs=make_batch("llama", 2, 12))
+    _, gm = _llama_at_2_by_12()
     with pytest.raises(InputShapeError) as e:
         gm(**make_batch("llama", 1, 129))
     msg = str(e.value)
