@@ -22,6 +22,8 @@ import sys
 import traceback
 import warnings
 
+from .ctrl_c import EndsTheProcess
+
 PLAN_EXAMPLES = """examples:
   python -m lorafa_fx plan --config llama-2-7b --batch 16 --seq 1024 --rank 64 --budget 40GB
   python -m lorafa_fx plan --config llama-2-7b --batch 1 2 4 8 16 --seq 1024 --rank 64 --budget 24GB
@@ -84,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     json_mode = "plan" in argv and "--json" in argv
     try:
         try:
-            status = _run(argv, json_mode)
+            with EndsTheProcess(lambda: _fail("interrupted", json_mode), EXIT_INTERRUPTED) as ctrl_c:
+                status = _run(argv, json_mode, ctrl_c)
             sys.stdout.flush()  # here, not at exit: a closed stdout raises where it is caught below
             return status
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a caller kept its own SIGINT handling (see EndsTheProcess), or code raised one
             _fail("interrupted", json_mode)
             return EXIT_INTERRUPTED
         except BrokenPipeError:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CLOSED_STDOUT
 
 
-def _run(argv: list[str], json_mode: bool) -> int:
+def _run(argv: list[str], json_mode: bool, ctrl_c: EndsTheProcess) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -110,7 +113,7 @@ def _run(argv: list[str], json_mode: bool) -> int:
         return _fail(e, json_mode)
     if args.command == "demo":
         return _demo(args)
-    return _plan(args)
+    return _plan(args, ctrl_c)
 
 
 def _unexpected(e: Exception) -> str:
@@ -263,7 +266,7 @@ def _notes(caught: list[warnings.WarningMessage]) -> list[str]:
     return notes
 
 
-def _plan(args) -> int:
+def _plan(args, ctrl_c: EndsTheProcess) -> int:
     import torch
     from rich.console import Console
 
@@ -290,6 +293,7 @@ def _plan(args) -> int:
             warnings.simplefilter("always")
             try:
                 with Console(stderr=True).status(f"{args.config}: starting") as status:
+                    ctrl_c.cleanups.append(status.stop)  # on a terminal: its cursor shown, the line cleared
                     kwargs["progress"] = lambda stage: status.update(f"{args.config}: {stage}")
                     if args.max_batch:
                         result = lorafa_fx.largest_batch_size(config, seq_len=seqs[0], **kwargs)

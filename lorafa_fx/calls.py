@@ -209,6 +209,16 @@ class MergedWeight:
 class _Forward:
     """``gm.forward``: the captured graph for the captured call, `eager_model` for any other."""
 
+    def __new__(cls, *args: object) -> _Forward:
+        # torch.compile(gm) enters at __call__, and dynamo keeps at most recompile_limit (8) compilations on the
+        # code object it enters, whichever module they are for: with one __call__ code for all, a process that
+        # compiles a ninth module (or eight and then a new shape) is refused (an error under fullgraph=True). Each
+        # instance, a deep copy's included (copy makes it with __new__), is of a class whose __call__ is its own
+        # copy of the code, so each module has the limit to itself.
+        call = _Forward.__call__
+        own_call = types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__)
+        return object.__new__(type(_Forward.__name__, (_Forward,), {"__call__": own_call, "__module__": __name__}))
+
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm, self.names = gm, _captured_names(gm)
         # Inputs captured as constants (use_cache=False): the graph holds for that value only.

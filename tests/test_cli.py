@@ -322,6 +322,34 @@ def test_sigint_exits_130_with_one_line_and_a_closed_stdout_exits_quietly(tmp_pa
     assert err == "ready\n", err
 
 
+def test_a_sigint_while_a_weakref_callback_runs_still_exits_130(tmp_path):
+    """Torch frees tensors all through planning and runs Python callbacks as they go (torch.utils.weak's
+    WeakIdKeyDictionary): a KeyboardInterrupt raised in one is printed as "Exception ignored" and dropped.
+    Here the child's SIGINT lands in such a callback, deterministically. Before: the plan, and status 0
+    (seen with a real Ctrl-C under load)."""
+    args = ["plan", "--config", _tiny_config(tmp_path), "--batch", "1", "--seq", "8"]
+    for json_flag in ([], ["--json"]):
+        child = ("import signal, sys, weakref\n"
+                 "import lorafa_fx\n"
+                 "from lorafa_fx.__main__ import main\n"
+                 "class Freed: pass\n"
+                 "estimate = lorafa_fx.estimate\n"
+                 "def interrupted_in_a_callback(*args, **kwargs):\n"
+                 "    freed = Freed()\n"
+                 "    ref = weakref.ref(freed, lambda _: signal.raise_signal(signal.SIGINT))\n"
+                 "    del freed\n"
+                 "    return estimate(*args, **kwargs)\n"
+                 "lorafa_fx.estimate = interrupted_in_a_callback\n"
+                 f"sys.exit(main({[*args, *json_flag]!r}))")
+        proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": ROOT}, preexec_fn=_sigint_as_a_shell_gives_it)
+        assert proc.returncode == 130, proc.stderr
+        if json_flag:
+            assert json.loads(proc.stdout) == {"error": "interrupted", "notes": []} and proc.stderr == ""
+        else:
+            assert _one_error_line(proc.stderr) == "error: interrupted" and proc.stdout == ""
+
+
 def test_demo_with_one_token_per_sequence_is_refused_not_a_nan_loss(capsys):
     """Before: "loss nan" at every step and exit status 0 (a causal LM has no next token to predict)."""
     assert main(["demo", "--seq", "1"]) == 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model, randomize_lora_B, transform
+import torch._dynamo
+from conftest import VOCAB, make_batch, make_model, randomize_lora_B, transform
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.utils.checkpoint import CheckpointPolicy
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.measure import module_state, saved_activation_bytes
@@ -104,3 +106,20 @@ def test_compiled_step_saves_no_more_than_eager_even_from_warm_caches():
     b, s = 2, 16
     loss_partition = 2 * b * s * 4 + b * 8
     assert compiled_bytes[0] == compiled_bytes[1] <= eager_bytes + loss_partition, (compiled_bytes, eager_bytes)
+
+
+def test_compiling_more_modules_than_the_recompile_limit_compiles_each():
+    """Reference: each module run eagerly. Dynamo keeps `recompile_limit` compilations per code
+    object; each transformed module's forward is a code object of its own, so a process compiling
+    more modules than that (here 4 with a limit of 2) compiles every one instead of failing the
+    fullgraph compile of the third."""
+    batch = make_batch("llama", 2, 8)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for layers, kv_heads in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                                 num_attention_heads=2, num_key_value_heads=kv_heads, vocab_size=VOCAB))
+            gm = transform(model, example_inputs=batch, config=LoraFAConfig(r=R))
+            randomize_lora_B(gm)
+            compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(**batch).loss, gm(**batch).loss, atol=1e-6, rtol=0)

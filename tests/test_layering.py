@@ -5,7 +5,7 @@ choices, meta, errors, config, plan_config, atomic_dir, devices, checks, json_fi
 runs (ops/) -> model-side helpers (targets, capture, bnb_layers, presets, shallow) -> passes/ ->
 memory/ -> stages (the pass lists) -> the training-side modules (optim, peft_files, merge,
 hf_compat, backbone, calls, distributed, measure) -> captured_model -> pipeline -> api. memory/ never
-imports passes/: it receives the rewrites it needs as an object. The package root, the CLI, the
+imports passes/: it receives the rewrites it needs as an object. The package root, the CLI (with ctrl_c), the
 demo and the zoo may import anything.
 """
 
@@ -31,7 +31,7 @@ LAYERS = [
     {"pipeline"},
     {"api"},
 ]
-TOP = {"__init__", "__main__", "demo", "demo_text", "zoo"}
+TOP = {"__init__", "__main__", "ctrl_c", "demo", "demo_text", "zoo"}
 
 
 def _module_name(path: Path) -> str:
