@@ -9,7 +9,9 @@ waits for the host link, on a schedule that follows `ops/offload.py`'s:
 
 * forward: a block's saved tensors (an offloaded checkpoint's: its input) are copied to the host
   when the block's forward ends, one block after another on one link (one direction: its
-  rate is the profile's), while the following blocks compute. The copies in flight are bounded
+  rate is the profile's), while the following blocks compute. The code starts each tensor's
+  copy earlier, when autograd saves it (`ops.offload`'s pack hook): the model's forward waits
+  are an upper bound of the code's. The copies in flight are bounded
   (`ops.offload.COPIES_IN_FLIGHT`): an offloaded block's forward starts only once the copy of
   the offloaded block that many before it is done, and after the last offloaded block's forward
   compute waits for every copy (their device memory is freed then); those waits are the
