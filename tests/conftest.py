@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch._inductor.config
+from torch._subclasses.fake_tensor import is_fake
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 import lorafa_fx
@@ -29,8 +30,8 @@ _CAPTURES: dict[tuple, torch.fx.GraphModule] = {}
 
 def cached_capture(model: torch.nn.Module, example_inputs: dict) -> torch.fx.GraphModule:
     """`lorafa_fx.capture.capture`, once per session for each model structure and batch: a later
-    call with an equal model (class, config, modules, dtypes) and an equal batch (same values)
-    gets the first capture's graph over its own parameters and buffers.
+    call with an equal model (class, config, modules, dtypes) and an equal batch (same values;
+    fake batches: same shapes) gets the first capture's graph over its own parameters and buffers.
 
     Capturing (torch.export, ~2 s) is most of a test's time and most tests capture the same tiny
     models; the graph depends on the model's code, config and dtypes and on the batch, never on
@@ -49,7 +50,8 @@ def _capture_key(model: torch.nn.Module, example_inputs: dict) -> tuple | None:
     if config is None or any("bitsandbytes" in type(m).__module__ for m in model.modules()):
         return None
     batch = tuple(
-        (k, tuple(v.shape), v.dtype, v.device.type, _digest(v)) if isinstance(v, torch.Tensor)
+        # A fake batch (estimate's) has no values: its graph depends on its shapes alone.
+        (k, tuple(v.shape), v.dtype, v.device.type, None if is_fake(v) else _digest(v)) if isinstance(v, torch.Tensor)
         else (k, repr(v))
         for k, v in sorted(example_inputs.items())
     )

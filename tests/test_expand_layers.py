@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import _rebound
+from conftest import cached_capture
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import (
     BloomConfig,
@@ -27,7 +27,6 @@ from transformers import (
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.api import model_from_config, token_batch
-from lorafa_fx.capture import capture
 from lorafa_fx.captured_model import CapturedModel
 from lorafa_fx.choices import Decision
 from lorafa_fx.memory.cost_model import CostModel
@@ -51,21 +50,8 @@ def _captured_pair(config, lora: LoraFAConfig) -> tuple[CapturedModel, CapturedM
         model = model_from_config(config, torch.bfloat16)
         shallow = model_from_config(shallow, torch.bfloat16) if shallow is not None else None
         batch = token_batch(*SHAPE)
-    return (CapturedModel(model, batch, lora, shallow=shallow, capture=_capture),
-            CapturedModel(model, batch, lora, capture=_capture), batch)
-
-
-_CAPTURES: dict[tuple, torch.fx.GraphModule] = {}
-
-
-def _capture(model: torch.nn.Module, batch: dict) -> torch.fx.GraphModule:
-    """`capture`, once per process for each config captured at `SHAPE` (every batch here is
-    `token_batch(*SHAPE)`, fake), as conftest's `cached_capture` does for real weights: the tests
-    capture the same Llama deep and shallow several times, under other LoRA configs."""
-    key = (type(model), model.config.to_json_string(), tuple((k, tuple(v.shape), v.dtype) for k, v in batch.items()))
-    if key not in _CAPTURES:
-        _CAPTURES[key] = capture(model, batch)
-    return _rebound(_CAPTURES[key], model)
+    return (CapturedModel(model, batch, lora, shallow=shallow, capture=cached_capture),
+            CapturedModel(model, batch, lora, capture=cached_capture), batch)
 
 
 def _parameters(gm) -> list[tuple]:
