@@ -18,7 +18,7 @@ from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralFo
 
 from lorafa_fx import LoraFAConfig
 from lorafa_fx.captured_model import CapturedModel
-from lorafa_fx.graph import owner
+from lorafa_fx.graph import graph_copy, owner
 from lorafa_fx.measure import module_state, saved_activation_bytes
 from lorafa_fx.ops.gated_activation import gated_activation
 from lorafa_fx.ops.norms import rms_norm
@@ -65,8 +65,11 @@ def _graphs(name: str, dtype: torch.dtype, modules_to_save: tuple[str, ...] = ()
     without and with the lean passes (`stages.LEAN_PASSES`), both with the same random lora_B."""
     model = _MODELS[name]().to(dtype)
     config = LoraFAConfig(r=R, lora_alpha=ALPHA, modules_to_save=list(modules_to_save) or None)
-    plain = CapturedModel(model, _batch(), config, lean_passes=(), capture=cached_capture).build()
-    lean = CapturedModel(model, _batch(), config, capture=cached_capture).build()
+    # One capture for both: building the first CapturedModel freezes the model's weights (they
+    # are the graph's), so a second cached_capture call would not match the first and capture again.
+    exported = cached_capture(model, _batch())
+    plain = CapturedModel(model, _batch(), config, lean_passes=(), capture=lambda *_: graph_copy(exported)).build()
+    lean = CapturedModel(model, _batch(), config, capture=lambda *_: graph_copy(exported)).build()
     for gm in (plain, lean):
         randomize_lora_B(gm)
     return model, plain, lean
