@@ -16,7 +16,7 @@ class Decision(str, Enum):
     OFFLOAD_CHECKPOINT = "offload_checkpoint"  # recomputed, and its inputs wait in host memory
     SELECTIVE = "selective"  # its MLP up to the last linear recomputed from the norm's input; the rest kept
     OFFLOAD_MLP = "offload_mlp"  # what that part of its MLP keeps waits in host memory; the rest kept
-    OFFLOAD_SELECTIVE = "offload_selective"  # offloaded, but that part of its MLP recomputed (in chunks) instead
+    OFFLOAD_SELECTIVE = "offload_selective"  # offloaded, but its MLP's gate recomputed (in chunks) instead
     MINI_SEQUENCE = "mini_sequence"  # recomputed, its MLP a chunk of tokens at a time (MsT)
     OFFLOAD_MINI_SEQUENCE = "offload_mini_sequence"  # both: recomputed in chunks, its inputs in host memory
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import warnings
 from collections.abc import Callable, Mapping
@@ -330,6 +331,26 @@ def mlp_spans(nodes: list[fx.Node]) -> MLPSpans:
         tail = None
     return MLPSpans(selective, whole if split else None, split, unread,
                     _token_inputs(selective) if selective is not None else (), tail)
+
+
+def kept_linears(span: list[fx.Node]) -> list[fx.Node]:
+    """Of a selective MLP span (`MLPSpans.selective`), its frozen linears (``aten.linear`` with
+    a frozen weight and bias) after the first: SwiGLU's ``up_proj`` (``gate_proj`` is the first).
+    An offloaded block recomputing that span keeps their outputs for backward rather than
+    recomputing them (`Decision.OFFLOAD_SELECTIVE`); none where the span calls a module (the
+    region's copy that backward runs would hold it a second time)."""
+    if any(n.op == "call_module" for n in span):
+        return []
+    linears = [n for n in span if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+               and _is_linear_weight(n.args[1]) and all(_frozen(a) for a in n.args[1:3] if a is not None)]
+    return linears[1:]
+
+
+def _frozen(node: object) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    value = functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
+    return isinstance(value, torch.Tensor) and not value.requires_grad
 
 
 def _output_unread(span: list[fx.Node], nodes: list[fx.Node]) -> bool:

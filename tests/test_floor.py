@@ -1,5 +1,5 @@
 """The memory floor's levers (`choices.Decision`): offloaded checkpoints, selective recompute,
-offloaded MLPs, offloaded blocks recomputing their gate/up, and mini-sequence chunks, realised by
+offloaded MLPs, offloaded blocks recomputing their MLP's gate, and mini-sequence chunks, realised by
 passes/recompute_regions.py.
 
 References: the unplanned step of the same graph (loss and every lora_B grad, bit for bit: the
@@ -223,12 +223,13 @@ def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monk
     assert CostModel(batch)(gm).peak < peak
 
 
-def test_planner_trades_gate_and_up_recomputation_for_link_time_when_the_link_is_busy():
+def test_planner_trades_gate_recomputation_for_link_time_when_the_link_is_busy():
     """Llama-2-7B's layers (fake weights), 8 of them, 4 x 1024 tokens, on the H100 profile, at 80% of
     the unplanned peak: the link cannot carry every offloaded block's bytes behind the forward,
-    so some blocks are offloaded with their gate/up recomputed (`Decision.OFFLOAD_SELECTIVE`).
-    Reference: what those blocks recompute, worked by hand (FlopCounterMode's convention: each
-    block's gate and up matmuls and their adapters' two products, 2·tokens·in·out FLOPs each)."""
+    so some blocks are offloaded with their gate recomputed (`Decision.OFFLOAD_SELECTIVE`: the up
+    matmul's output is offloaded too). Reference: what those blocks recompute, worked by hand
+    (FlopCounterMode's convention: each block's gate matmul and both adapters' two products, gate's
+    and up's, 2·tokens·in·out FLOPs each)."""
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32,
                          vocab_size=1000, max_position_embeddings=1024)
     lora = lorafa_fx.LoraFAConfig(r=8, chunked_cross_entropy=False)
@@ -244,5 +245,5 @@ def test_planner_trades_gate_and_up_recomputation_for_link_time_when_the_link_is
     assert set(planned.recompute_by_block.values()) <= {Decision.OFFLOAD_SELECTIVE, Decision.OFFLOAD_MLP,
                                                          Decision.OFFLOAD, Decision.KEEP}
     tokens, hidden, intermediate, r = 4 * 1024, 4096, 11008, 8
-    gate_or_up = 2 * tokens * hidden * intermediate + 2 * tokens * (hidden * r + r * intermediate)
-    assert planned.recompute_flops == len(chosen) * 2 * gate_or_up
+    gate, adapter = 2 * tokens * hidden * intermediate, 2 * tokens * (hidden * r + r * intermediate)
+    assert planned.recompute_flops == len(chosen) * (gate + 2 * adapter)

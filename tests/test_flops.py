@@ -163,3 +163,37 @@ def test_a_recomputed_block_reruns_its_forward_but_its_last_linear_as_flop_count
     assert extra == counted(Decision.RECOMPUTE) - counted(None)
     assert extra == sum(b.forward - last_linear for b in facts.blocks.values()) > 0
     assert extra == sum(b.recomputes(Decision.MINI_SEQUENCE) for b in facts.blocks.values())
+
+
+def test_an_offloaded_selective_block_reruns_its_gate_but_not_its_up_matmul_as_flop_counter_mode_counts():
+    """Reference: FlopCounterMode's count of a real step of the zoo Llama with every block
+    offloaded recomputing its MLP's gate (`Decision.OFFLOAD_SELECTIVE`), over the unplanned
+    step's, and a hand count: each block reruns its gate matmul and both gate's and up's
+    adapters (2·tokens·(d·i) + 2 · 2·tokens·(d·r + r·i) FLOPs); up's matmul output was kept, and
+    its input gradient (2·tokens·i·d) is taken as the unplanned step takes it."""
+    from lorafa_fx.choices import Decision
+    from lorafa_fx.graph import block_ranges
+    from lorafa_fx.memory.cost_model import CostModel
+    from lorafa_fx.memory.mix import block_facts
+    from lorafa_fx.memory.planner import _kept
+    from lorafa_fx.memory.simulate import with_decisions
+    from lorafa_fx.stages import REALISE
+
+    _, gm = transformed("llama", SHAPE)
+    batch = make_batch("llama", *SHAPE)
+    blocks = list(block_ranges(gm.graph))
+
+    def counted(module) -> int:
+        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+            module(**batch).loss.backward()
+        return counter.get_total_flops()
+
+    extra = counted(with_decisions(gm, dict.fromkeys(blocks, Decision.OFFLOAD_SELECTIVE), REALISE)) - counted(gm)
+    i, d = gm.get_parameter("model.layers.0.mlp.gate_proj.weight").shape
+    r = gm.get_parameter("model.layers.0.mlp.gate_proj.lora_A.weight").shape[0]
+    tokens = SHAPE[0] * SHAPE[1]
+    assert extra == len(blocks) * (2 * tokens * d * i + 2 * 2 * tokens * (d * r + r * i))
+    sizes = symbol_sizes(gm, batch)
+    facts = block_facts(gm, CostModel(batch, realise=REALISE)(gm), sizes, needs_grad(gm),
+                        lambda nodes: _kept(nodes, sizes))
+    assert extra == sum(b.recomputes(Decision.OFFLOAD_SELECTIVE) for b in facts.blocks.values())

@@ -76,6 +76,32 @@ def test_forward_waits_for_every_copy_after_the_last_offloaded_block():
     assert transfer_wait(blocks) == pytest.approx(30 * MS)
 
 
+def test_copies_start_when_each_tensor_is_saved_as_worked_by_hand():
+    """Two offloaded blocks of 10 ms forward and backward. Each saves a tensor of 4 ms of copy
+    2 ms into its forward and another 8 ms in: on an idle link its copies run 2-6 and 8-12,
+    done 12 ms after its forward starts (`mix.Block.copied`, from the block's FLOPs and bytes at
+    1 TFLOP/s over 1 GB/s). Forward: block 0 runs 0-10, its copies 2-6 and 8-12; block 1 runs
+    10-20, its copies 12-16 and 18-22; it is the last offloaded block: compute waits 2 ms.
+    Backward: block 1 fetches itself (0-8) and block 0 (8-16), waits 8, runs 8-18; block 0 is
+    ready at 16. Total 10 ms; copied whole when each forward ends (10-18, 20-28) it would be 16.
+    An offloaded-selective block sends its other saves as they come and its MLP's span (its
+    input and kept up output, 3 ms here) when the span ends, 9 ms in: done at max(2 + 4 + 3,
+    9 + 3) = 12 ms."""
+    from lorafa_fx.choices import Decision
+    from lorafa_fx.memory.mix import Block
+
+    block = Block(saved=8_000_000, input=1, selective=4_000_000, forward=10 * 10**9, backward=10 * 10**9,
+                  selective_flops=1, chunked_flops=0, chunkable=True, selective_chunkable=True, kept=3_000_000,
+                  saves=((2 * 10**9, 4_000_000, False), (8 * 10**9, 4_000_000, True)), selective_end=9 * 10**9)
+    assert block.copied(Decision.OFFLOAD, 1e12, 1e9) == pytest.approx(12 * MS)
+    assert block.copied(Decision.OFFLOAD_SELECTIVE, 1e12, 1e9) == pytest.approx(12 * MS)
+    blocks = [BlockTime(10 * MS, 10 * MS, 8 * MS, copied=12 * MS)] * 2
+    assert transfer_wait(blocks) == pytest.approx(10 * MS)
+    assert transfer_wait([BlockTime(10 * MS, 10 * MS, 8 * MS)] * 2) == pytest.approx(16 * MS)
+    # Copies done (at 4 ms) before the forward ends (10 ms) hold nothing up; backward waits for the fetch.
+    assert transfer_wait([BlockTime(10 * MS, 10 * MS, 2 * MS, copied=4 * MS)]) == pytest.approx(2 * MS)
+
+
 def test_the_plan_states_its_time_model_and_the_step_time_is_its_flops_plus_waits():
     """A Llama step planned for an H100 with every block offloaded or recomputed. Reference:
     the printout's stated assumptions are the profile's figures (989 TFLOP/s at 40%, 64 GB/s),

@@ -12,14 +12,16 @@ the floor they may all run their MLP in mini-sequence chunks (``Mix.chunked``: t
 peak of a recomputed block's backward, not what the blocks keep).
 
 Per block ``b`` (bytes from the cost model's unplanned step, FLOPs from `flops.py`; ``mlp(b)``:
-what its MLP keeps up to the last linear, `graph.mlp_spans`; ``fwd(b)``: its forward FLOPs less
-its tail's, which no recomputation reruns, `graph.MLPSpans.tail`)::
+what its MLP keeps up to the last linear, `graph.mlp_spans`; ``kept(b)``: the outputs of that
+span's frozen linears after its first, SwiGLU's up, `graph.kept_linears`; ``fwd(b)``: its forward
+FLOPs less its tail's, which no recomputation reruns, `graph.MLPSpans.tail`)::
 
     decision              frees (steady)        reappears in b's backward   recomputes       crosses the link
     OFFLOAD               saved(b)              2 saved(b) (+ prefetch)     0                saved(b)
     OFFLOAD_MLP           mlp(b) + input(b)     twice that                  0                mlp(b) + input(b)
-    OFFLOAD_SELECTIVE     saved(b)              2 (saved(b) - mlp(b))       its MLP's span   saved(b) - mlp(b)
-                                                + 2/8 of mlp(b)
+    OFFLOAD_SELECTIVE     saved(b)              2 (saved(b) - mlp(b)        its MLP's span   saved(b) - mlp(b)
+                                                + kept(b)) + 2/8 of mlp(b)  but the kept     + kept(b)
+                                                                            linears
     SELECTIVE             mlp(b)                mlp(b)                      its MLP's span   0
     RECOMPUTE             saved(b) - input(b)   saved(b) - input(b)         fwd(b)           0
     OFFLOAD_CHECKPOINT    saved(b)              saved(b) + input(b)         fwd(b)           input(b)
@@ -30,6 +32,10 @@ its tail's, which no recomputation reruns, `graph.MLPSpans.tail`)::
     peak(mix)    ~= peak(unplanned) - sum of frees + max of reappears
     seconds(mix)  = recomputed FLOPs / rate + timing.transfer_wait(...)
 
+What crosses the link starts crossing as it is saved (`Block.copies`: each tensor once its
+first reader has run; what an offloaded-selective span keeps, when the span ends; an offloaded
+checkpoint's input, when the block is called).
+
 The planner ranks the mixes by seconds and checks the estimate with the simulated step
 (`planner.plan_recompute`).
 """
@@ -37,6 +43,7 @@ The planner ranks the mixes by seconds and checks the estimate with the simulate
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,11 +52,11 @@ import torch
 import torch.fx as fx
 
 from ..choices import Decision
-from ..graph import block_ranges, mlp_spans
+from ..graph import block_ranges, kept_linears, mlp_spans
 from ..ops.attention import attention_call
 from ..ops.regions import MINI_SEQUENCE_CHUNKS
 from ..units import natural_key
-from .flops import backward_flops, node_flops
+from .flops import backward_flops, concrete, node_flops
 from .simulate import StepEstimate
 from .timing import BlockTime, transfer_wait
 
@@ -72,6 +79,12 @@ class Block:
     tail_flops: int = 0  # forward FLOPs of its tail, which its recomputation leaves out (`graph.MLPSpans.tail`)
     tail_kept: int = 0  # bytes its tail keeps (the last adapter's x·A)
     prefetch_lead: int = 0  # backward FLOPs after its attention (an OFFLOAD_MINI_SEQUENCE block's prefetch point)
+    kept: int = 0  # bytes of the outputs of its MLP's frozen linears OFFLOAD_SELECTIVE keeps (`graph.kept_linears`)
+    kept_flops: int = 0  # their forward FLOPs, which it does not recompute
+    # Each saved tensor in forward order: the block's forward FLOPs when it is saved (its first
+    # reader has run), its bytes, and whether its MLP's selective span saves it.
+    saves: tuple[tuple[int, int, bool], ...] = ()
+    selective_end: int = 0  # the block's forward FLOPs when its MLP's selective span ends
 
     def frees(self, d: Decision) -> int:
         if d in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
@@ -96,8 +109,10 @@ class Block:
         return self.frees(d) + offloaded_input
 
     def recomputes(self, d: Decision) -> int:
-        if d in (Decision.SELECTIVE, Decision.OFFLOAD_SELECTIVE):
+        if d is Decision.SELECTIVE:
             return self.selective_flops
+        if d is Decision.OFFLOAD_SELECTIVE:
+            return self.selective_flops - self.kept_flops
         if d in (Decision.RECOMPUTE, Decision.OFFLOAD_CHECKPOINT):
             return self.forward - self.tail_flops
         return self.forward - self.tail_flops + self.chunked_flops if d in _CHUNKED.values() else 0
@@ -106,8 +121,35 @@ class Block:
         if d in (Decision.OFFLOAD, Decision.OFFLOAD_MLP):
             return self.frees(d)
         if d is Decision.OFFLOAD_SELECTIVE:
-            return self.saved - self.selective
+            return self.saved - self.selective + self.kept
         return self.input if d in (Decision.OFFLOAD_CHECKPOINT, Decision.OFFLOAD_MINI_SEQUENCE) else 0
+
+    def copies(self, d: Decision) -> list[tuple[int, int]]:
+        """What crosses the link in forward under `d`, in the order it is saved: (the block's
+        forward FLOPs when its copy may start, bytes). Empty where nothing crosses or the saves
+        are not known (the copies are then taken to start at the forward's end)."""
+        if not self.saves or not self.crosses(d):
+            return []
+        if d is Decision.OFFLOAD:
+            return [(at, nbytes) for at, nbytes, _ in self.saves]
+        if d is Decision.OFFLOAD_MLP:  # the span's own saves, its input first
+            span = [(at, nbytes) for at, nbytes, selective in self.saves if selective]
+            return [(span[0][0] if span else self.selective_end, self.input), *span]
+        if d is Decision.OFFLOAD_SELECTIVE:  # the span saves its input and kept outputs when it ends
+            rest = [(at, nbytes) for at, nbytes, selective in self.saves if not selective]
+            span = (self.selective_end, self.crosses(d) - sum(nbytes for _, nbytes in rest))
+            return sorted([*rest, span], key=lambda row: row[0])
+        return [(0, self.input)]  # a checkpoint's input, when it is called
+
+    def copied(self, d: Decision, rate: float, link: float) -> float | None:
+        """Seconds from the block's forward start until an idle link of `link` bytes/s has
+        copied what crosses under `d` (`copies`: each copy starts when its tensor is saved,
+        one at a time), at `rate` FLOP/s; None where the copies are not known."""
+        done, copied, total = None, 0, self.crosses(d)
+        for at, nbytes in self.copies(d):
+            done = max(done or 0.0, at / rate + (total - copied) / link)
+            copied += nbytes
+        return done
 
 
 @dataclass(frozen=True)
@@ -123,38 +165,74 @@ def block_facts(
     bytes from its nodes. Blocks that are the same graph (ops, weights' shapes, which nodes
     need a grad) are counted once: a 7B graph has 32 alike blocks of ~750 nodes."""
     blocks, counted = {}, {}
-    ranges = block_ranges(gm.graph)
-    for b, nodes in ranges.items():
+    for b, nodes in block_ranges(gm.graph).items():
         key = tuple((n.op, n.target.removeprefix(b) if isinstance(n.target, str) else n.target, n in grads,
                      tuple(n.meta["val"].shape) if n.op == "get_attr" and "val" in n.meta else None) for n in nodes)
         if key not in counted:
-            spans = mlp_spans(nodes)
-            positions = {n: i for i, n in enumerate(nodes)}
-            counted[key] = (
-                sum(node_flops(n, sizes) for n in nodes), sum(backward_flops(n, grads, sizes) for n in nodes),
-                sum(node_flops(n, sizes) for n in spans.selective or []),
-                # the chunks rerun in backward; the block's recomputation runs them too unless it may
-                # skip them (a block with a tail chunks its selective span, which only the tail reads)
-                0 if spans.output_unread else sum(node_flops(n, sizes) for n in spans.whole or []),
-                bool(spans.selective_split) if spans.tail else spans.whole is not None, bool(spans.selective_split),
-                [positions[n] for n in spans.selective or []],
-                # what the tail itself keeps: its output (the block's) is the next block's input
-                [positions[n] for n in spans.tail or [] if all(u in positions for u in n.users)],
-                sum(backward_flops(n, grads, sizes) for n in nodes[:positions.get(attention_call(nodes), 0)]),
-            )
-        forward, backward, selective_flops, chunked_flops, chunkable, selective_chunkable, selective, tail, lead = \
-            counted[key]
+            counted[key] = _Shape.of(nodes, grads, sizes)
+        shape = counted[key]
+        saved = [unplanned.saved_by_node.get(n.name, 0) for n in nodes]
         blocks[b] = Block(
             saved=unplanned.saved_by_module.get(b, 0), input=kept(nodes),
-            selective=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in selective),
-            forward=forward, backward=backward, selective_flops=selective_flops, chunked_flops=chunked_flops,
-            chunkable=chunkable, selective_chunkable=selective_chunkable,
-            tail_flops=sum(node_flops(nodes[i], sizes) for i in tail),
-            tail_kept=sum(unplanned.saved_by_node.get(nodes[i].name, 0) for i in tail), prefetch_lead=lead,
+            selective=sum(saved[i] for i in shape.selective),
+            forward=shape.forward, backward=shape.backward, selective_flops=shape.selective_flops,
+            chunked_flops=shape.chunked_flops, chunkable=shape.chunkable, selective_chunkable=shape.selective_chunkable,
+            tail_flops=sum(node_flops(nodes[i], sizes) for i in shape.tail),
+            tail_kept=sum(saved[i] for i in shape.tail), prefetch_lead=shape.lead,
+            kept=shape.kept, kept_flops=shape.kept_flops,
+            saves=tuple((shape.saved_at[i], saved[i], i in shape.selective) for i in range(len(nodes)) if saved[i]),
+            selective_end=shape.selective_end,
         )
     order = sorted(blocks, key=lambda b: (-blocks[b].frees(Decision.OFFLOAD) / max(blocks[b].forward, 1),
                                           natural_key(b)))
     return BlockFacts(blocks, order)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What `block_facts` counts once per alike block: FLOPs, and positions in its nodes."""
+
+    forward: int
+    backward: int
+    selective_flops: int
+    chunked_flops: int
+    chunkable: bool
+    selective_chunkable: bool
+    selective: frozenset[int]  # its MLP's selective span
+    tail: list[int]  # the tail's nodes that keep bytes of their own
+    lead: int
+    kept: int
+    kept_flops: int
+    saved_at: list[int]  # per node: the block's forward FLOPs once its first reader in the block has run
+    selective_end: int
+
+    @classmethod
+    def of(cls, nodes: list[fx.Node], grads, sizes: Mapping[sympy.Symbol, int]) -> _Shape:
+        spans = mlp_spans(nodes)
+        positions = {n: i for i, n in enumerate(nodes)}
+        done = list(itertools.accumulate(node_flops(n, sizes) for n in nodes))
+        saved_at = [min((done[positions[u]] for u in n.users if u in positions), default=done[-1]) for n in nodes]
+        kept = kept_linears(spans.selective) if spans.selective else []
+        return cls(
+            forward=done[-1], backward=sum(backward_flops(n, grads, sizes) for n in nodes),
+            selective_flops=sum(node_flops(n, sizes) for n in spans.selective or []),
+            # the chunks rerun in backward; the block's recomputation runs them too unless it may
+            # skip them (a block with a tail chunks its selective span, which only the tail reads)
+            chunked_flops=0 if spans.output_unread else sum(node_flops(n, sizes) for n in spans.whole or []),
+            chunkable=bool(spans.selective_split) if spans.tail else spans.whole is not None,
+            selective_chunkable=bool(spans.selective_split),
+            selective=frozenset(positions[n] for n in spans.selective or []),
+            # what the tail itself keeps: its output (the block's) is the next block's input
+            tail=[positions[n] for n in spans.tail or [] if all(u in positions for u in n.users)],
+            lead=sum(backward_flops(n, grads, sizes) for n in nodes[:positions.get(attention_call(nodes), 0)]),
+            kept=sum(_nbytes(n, sizes) for n in kept), kept_flops=sum(node_flops(n, sizes) for n in kept),
+            saved_at=saved_at, selective_end=done[positions[spans.selective[-1]]] if spans.selective else 0,
+        )
+
+
+def _nbytes(node: fx.Node, sizes: Mapping[sympy.Symbol, int]) -> int:
+    val = node.meta["val"]
+    return math.prod(concrete(d, sizes) for d in val.shape) * val.dtype.itemsize
 
 
 #: The runs of the layout order: offloaded, offloaded-selective, recomputed, offloaded MLP, selective.
@@ -261,5 +339,6 @@ class Candidates:
             late = d is Decision.OFFLOAD_MINI_SEQUENCE
             self._times[name, d] = BlockTime(b.forward / self.rate, (b.backward + b.recomputes(d)) / self.rate,
                                              b.crosses(d) / self.link, prefetched=not late,
-                                             lead=b.prefetch_lead / self.rate if late else 0.0)
+                                             lead=b.prefetch_lead / self.rate if late else 0.0,
+                                             copied=b.copied(d, self.rate, self.link))
         return self._times[name, d]

@@ -244,7 +244,7 @@ class MemoryPlan:
             link = card.host_link_bytes_per_s / 1e9
             t.add_row("time model", f"FLOPs (matmuls, attention) at {ACHIEVED_FRACTION:.0%} of "
                       f"{card.dense_bf16_flops / 1e12:.0f} TFLOP/s; host link {link:.0f} GB/s each way, one copy at "
-                      f"a time, overlapped with compute, at most {COPIES_IN_FLIGHT} blocks' copies to the host in "
+                      f"a time, each from when it is saved, overlapped with compute, at most {COPIES_IN_FLIGHT} blocks' copies to the host in "
                       "flight; a block's fetch starts when backward reaches the offloaded block after it")
         lowered = sum(layer.configured_r is not None for layer in self.layers)
         if lowered or self.dropped_adapters:
@@ -302,7 +302,7 @@ _DECIDED = {
     Decision.OFFLOAD: "blocks offloaded to host memory",
     Decision.OFFLOAD_CHECKPOINT: "blocks recomputed from an input in host memory",
     Decision.OFFLOAD_MLP: "blocks offloading their MLP up to its last linear",
-    Decision.OFFLOAD_SELECTIVE: "blocks offloaded, their MLP up to its last linear recomputed",
+    Decision.OFFLOAD_SELECTIVE: "blocks offloaded, their MLP's gate recomputed",
     Decision.SELECTIVE: "blocks recomputing their MLP up to its last linear",
     Decision.MINI_SEQUENCE: f"blocks recomputed, the MLP in {MINI_SEQUENCE_CHUNKS} chunks of tokens",
     Decision.OFFLOAD_MINI_SEQUENCE: f"blocks recomputed from host memory, the MLP in {MINI_SEQUENCE_CHUNKS} chunks",

@@ -7,15 +7,14 @@ FLOPs are `flops.py`'s (FlopCounterMode's convention: matmuls and attention; the
 fraction stands for everything else a step spends time on). `transfer_wait` is the time compute
 waits for the host link, on a schedule that follows `ops/offload.py`'s:
 
-* forward: a block's saved tensors (an offloaded checkpoint's: its input) are copied to the host
-  when the block's forward ends, one block after another on one link (one direction: its
-  rate is the profile's), while the following blocks compute. The code starts each tensor's
-  copy earlier, when autograd saves it (`ops.offload`'s pack hook): the model's forward waits
-  are an upper bound of the code's. The copies in flight are bounded
-  (`ops.offload.COPIES_IN_FLIGHT`): an offloaded block's forward starts only once the copy of
-  the offloaded block that many before it is done, and after the last offloaded block's forward
-  compute waits for every copy (their device memory is freed then); those waits are the
-  forward's.
+* forward: each tensor an offloaded block saves (an offloaded checkpoint's: its input, when the
+  block is called) is copied to the host once autograd saves it (`ops.offload`'s pack hook:
+  ``BlockTime.copied``, from the forward FLOPs before its first reader), one after another on
+  one link (one direction: its rate is the profile's), while the block and the following ones
+  compute. The copies in flight are bounded (`ops.offload.COPIES_IN_FLIGHT`): an offloaded
+  block's forward starts only once the copies of the offloaded block that many before it are
+  done, and after the last offloaded block's forward compute waits for every copy (their
+  device memory is freed then); those waits are the forward's.
 * backward: when backward reaches an offloaded block, the block's tensors are fetched (unless
   already on their way) and so are the previous offloaded block's (unless it is not
   ``prefetched``), queued behind them; the block's backward waits for its own. A block with a
@@ -45,6 +44,9 @@ class BlockTime:
     transfer: float = 0.0  # seconds its offloaded bytes take over the link, one way (0: none)
     prefetched: bool = True  # fetched during the backward of the offloaded block after it
     lead: float = 0.0  # seconds of its backward after its prefetch point (0: it has none)
+    # Seconds from its forward's start until an idle link has copied it all, each tensor's copy
+    # starting when autograd saves it (None: all of them when its forward ends).
+    copied: float | None = None
 
 
 def transfer_wait(blocks: Sequence[BlockTime]) -> float:
@@ -56,12 +58,13 @@ def transfer_wait(blocks: Sequence[BlockTime]) -> float:
     for i, block in enumerate(blocks):
         if block.transfer and len(copied) >= COPIES_IN_FLIGHT:
             wait, clock = wait + max(0.0, copied[-COPIES_IN_FLIGHT] - clock), max(clock, copied[-COPIES_IN_FLIGHT])
-        clock += block.forward
+        start, clock = clock, clock + block.forward
         if block.transfer:
-            link = max(link, clock) + block.transfer
+            copied_by = block.forward + block.transfer if block.copied is None else block.copied
+            link = max(link + block.transfer, start + copied_by)  # one copy at a time, each once saved
             copied.append(link)
             if i == offloaded[-1]:
-                wait, clock = wait + link - clock, link
+                wait, clock = wait + max(0.0, link - clock), max(clock, link)
     ready: dict[int, float] = {}  # offloaded block -> when its fetch is done
     clock = link = 0.0
     for i in reversed(range(len(blocks))):

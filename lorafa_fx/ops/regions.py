@@ -23,7 +23,10 @@ chunks at all: the block's backward needs none of the output's values, and the c
 backward computes them again anyway; so such a chunked block recomputes its forward FLOPs once,
 like a whole-block recompute (otherwise its MLP's once more). With the block's tail, the chunks
 run the MLP up to its last linear, each chunk followed by the tail on its own tokens (kept, not
-rerun), so the last linear's input gradient also exists a chunk at a time. Each output row is
+rerun), so the last linear's input gradient also exists a chunk at a time. A region may also
+keep the outputs of frozen linears (``rerun``: an offloaded block's up matmul) beside its inputs:
+its backward then reruns a copy that reads them (`known_linear`), so only the rest is
+recomputed, and their input gradients are taken as autograd takes them. Each output row is
 the unchunked region's row, so the forward and the
 input gradients are the same bits; the gradients of inputs that are not split (its adapters'
 lora_B) are sums over chunks, equal up to the rounding of that order.
@@ -68,13 +71,22 @@ class MiniSequence(torch.nn.Module):
     call's argument at each of its inputs, -1 for `region`'s output), each chunk is its own
     autograd node followed by the tail on that chunk: backward reruns a chunk's region and
     runs its tail's backward, which reads only what the tail kept (x·A), one chunk at a time,
-    and the tail is never rerun."""
+    and the tail is never rerun.
+
+    With `rerun` (`region` then returns, after its output, the outputs of frozen linears it
+    keeps for backward): forward saves those outputs beside the inputs, and backward runs
+    `rerun` instead of `region`, a copy that reads each kept output from an argument after
+    the region's (`known_linear`) rather than computing it again."""
 
     def __init__(self, region: fx.GraphModule, chunks: int, split: tuple[int, ...], rerun_skips: bool = False,
-                 tail: fx.GraphModule | None = None, tail_args: tuple[int, ...] = ()) -> None:
+                 tail: fx.GraphModule | None = None, tail_args: tuple[int, ...] = (),
+                 rerun: fx.GraphModule | None = None) -> None:
         super().__init__()
         self.region, self.chunks, self.split, self.rerun_skips = region, chunks, split, rerun_skips
         self.tail, self.tail_args = tail, tail_args
+        if rerun is not None and (rerun_skips or tail is not None):
+            raise ValueError("a MiniSequence that keeps outputs for backward (`rerun`) runs neither a tail nor skips")
+        self.rerun = rerun
         # The last dim and dtype of the region's output and of the tail's, once run.
         self.region_output: tuple[int, torch.dtype] | None = None
         self.output: tuple[int, torch.dtype] | None = None
@@ -99,16 +111,18 @@ class MiniSequence(torch.nn.Module):
         self.output = (outputs[0].shape[-1], outputs[0].dtype)
         return (_whole(outputs, x.shape[-2]),)
 
-    def pieces(self, args: tuple, chunks: int | None = None) -> list[tuple]:
-        """The region's arguments chunk by chunk. On fake tensors (the cost model) one chunk:
-        one chunk's tensors are what the real loop holds at a time."""
+    def pieces(self, args: tuple, chunks: int | None = None, kept: int = 0) -> list[tuple]:
+        """The region's arguments chunk by chunk (`kept`: so many kept outputs follow them, split
+        too). On fake tensors (the cost model) one chunk: one chunk's tensors are what the real
+        loop holds at a time."""
         tokens = args[self.split[0]].shape[-2]
-        split = {i: args[i].split(-(-tokens // (chunks or self.chunks)), dim=-2) for i in self.split}
+        at = (*self.split, *range(len(args) - kept, len(args)))
+        split = {i: args[i].split(-(-tokens // (chunks or self.chunks)), dim=-2) for i in at}
         count = 1 if is_fake(args[self.split[0]]) else len(split[self.split[0]])
         return [tuple(split[i][c] if i in split else a for i, a in enumerate(args)) for c in range(count)]
 
     def extra_repr(self) -> str:
-        return f"chunks={self.chunks}, rerun_skips={self.rerun_skips}"
+        return f"chunks={self.chunks}, rerun_skips={self.rerun_skips}, keeps={self.rerun is not None}"
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -138,33 +152,38 @@ class _Chunks(torch.autograd.Function):
         # Backward reruns the chunks under the forward's autocast (as torch's checkpoint does):
         # backward runs outside it, and a rerun in other dtypes would give other gradients.
         ctx.autocast = [_autocast_state(d) for d in dict.fromkeys(("cpu", args[mini.split[0]].device.type))]
-        ctx.save_for_backward(*args)
         x = args[mini.split[0]]
         if rerun and mini.region_output is not None:  # the forward's output row: width and dtype
+            ctx.save_for_backward(*args)
             width, dtype = mini.region_output
             return x.new_empty((*x.shape[:-1], width), dtype=dtype)
         # Detached: views taken without grad of tensors that need one confuse module hooks (MemTracker's).
         plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        outputs = [mini.region(*chunk)[0] for chunk in mini.pieces(plain, chunks)]
-        mini.region_output = (outputs[0].shape[-1], outputs[0].dtype)
-        return _whole(outputs, x.shape[-2])
+        outputs = [mini.region(*chunk) for chunk in mini.pieces(plain, chunks)]
+        output, *kept = (_whole(list(o), x.shape[-2]) for o in zip(*outputs))
+        ctx.save_for_backward(*args, *kept)  # what an offloading region's hooks see: they take the kept outputs too
+        ctx.kept = len(kept)
+        mini.region_output = (output.shape[-1], output.dtype)
+        return output
 
     @staticmethod
     def backward(ctx, grad):
-        mini, args = ctx.mini, ctx.saved_tensors
+        mini, saved = ctx.mini, ctx.saved_tensors
+        kept = getattr(ctx, "kept", 0)
         wanted = ctx.needs_input_grad[3:]
+        args = saved[:len(wanted)]
         grads: list = [None] * len(args)
         chunk_grads: dict[int, list] = {i: [] for i in mini.split if wanted[i]}
         start = 0
-        for chunk in mini.pieces(args, ctx.chunks):
+        for chunk in mini.pieces(saved, ctx.chunks, kept):
             inputs = [a.detach().requires_grad_(w) if isinstance(a, torch.Tensor) else a for a, w in zip(chunk, wanted)]
             with torch.enable_grad(), contextlib.ExitStack() as autocast:
                 for state in ctx.autocast:
                     autocast.enter_context(torch.autocast(**state))
                 # The region reads views of the leaves: module hooks that watch its inputs'
                 # gradients (FlopCounterMode's, MemTracker's) cannot watch a leaf's in autograd.grad.
-                out = mini.region(*(a.view_as(a) if isinstance(a, torch.Tensor) and w else a
-                                    for a, w in zip(inputs, wanted)))[0]
+                views = (a.view_as(a) if isinstance(a, torch.Tensor) and w else a for a, w in zip(inputs, wanted))
+                out = (mini.rerun(*views, *chunk[len(args):]) if kept else mini.region(*views))[0]
             rows = out.shape[-2]
             needed = [i for i, w in enumerate(wanted) if w]
             got = torch.autograd.grad(out, [inputs[i] for i in needed], grad.narrow(-2, start, rows))
@@ -180,6 +199,29 @@ class _Chunks(torch.autograd.Function):
                 whole = whole.new_zeros(args[i].shape)
             grads[i] = whole
         return None, None, None, *grads
+
+
+class _KnownLinear(torch.autograd.Function):
+    """A frozen linear (no bias, or a frozen one) whose output is known: forward returns it,
+    backward takes the input gradient autograd takes for ``F.linear`` (grad · weight, in the
+    gradient's dtype: under autocast the weight's cast, as autocast casts it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, output):
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype), None, None
+
+
+def known_linear(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``, whose value `output` was kept in forward: backward reruns a
+    `MiniSequence` region without this matmul, and its input gradient is still taken."""
+    return _KnownLinear.apply(x, weight, output)
 
 
 def region_target(block: str) -> str:

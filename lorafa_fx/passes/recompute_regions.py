@@ -22,9 +22,12 @@ b·s·intermediate tensors whole (with a tail, the chunks stop before it and eac
 it on its own tokens; the floor's decisions: an ``OFFLOAD_MINI_SEQUENCE`` block's
 input is not prefetched either, `Offload`'s ``prefetched``). ``Decision.OFFLOAD_SELECTIVE``
 offloads the block (`Offload`) with its MLP's selective span in `MiniSequence` chunks: that span
-keeps only its input (the norm's, offloaded with the rest), and backward recomputes gate and up
-a chunk at a time, so the link carries the block's bytes less that span's (a card whose link
-cannot hide a whole block's copies trades the gate/up matmuls for them). torch's own selective
+keeps only its input (the norm's) and the outputs of its frozen linears after the first
+(`graph.kept_linears`: SwiGLU's up matmul), offloaded with the rest, and backward recomputes the
+gate a chunk at a time (`_rerun`: a copy of the span reading the kept outputs), so the link
+carries the block's bytes less that span's but up's output (a card whose link cannot hide a
+whole block's copies trades the gate matmul for them: half the span's recomputation for about
+a forward's worth of copies). torch's own selective
 (op-level) policy is not used: it keeps every matmul output, more than autograd keeps around
 frozen linears (a frozen linear saves nothing), and raised the peak on the test Llama (3.7 vs
 2.7 MB).
@@ -38,6 +41,7 @@ Reads ``node.meta["nn_module_stack"]``. Writes ``meta.RECOMPUTE`` (the block's `
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 
@@ -48,10 +52,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import meta
 from ..choices import Decision
 from ..errors import ConfigError
-from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, mlp_spans, pass_result
+from ..graph import block_ranges, boundary, call_in_place_of, extract_graph, kept_linears, mlp_spans, pass_result
 from ..ops.attention import attention_call
 from ..ops.offload import Offload, OffloadedCheckpoint, Offloader, PrefetchPoint
-from ..ops.regions import MINI_SEQUENCE_CHUNKS, MiniSequence, Recompute, mlp_target, region_target
+from ..ops.regions import MINI_SEQUENCE_CHUNKS, MiniSequence, Recompute, known_linear, mlp_target, region_target
 
 
 class RecomputeRegions(PassBase):
@@ -76,6 +80,7 @@ class RecomputeRegions(PassBase):
             # a whole block's region leaves it out, a chunked MLP runs it a chunk at a time.
             tail = spans.tail if mode in _RECOMPUTED else None
             if mode in _IN_MLP:
+                kept = []
                 span = spans.whole if mode in _CHUNKED and not tail else spans.selective
                 if span is None or (mode is Decision.OFFLOAD_SELECTIVE and not spans.selective_split):
                     raise ConfigError(f"{block} has no MLP that {mode} applies to; decide {Decision.RECOMPUTE} for it.")
@@ -86,11 +91,12 @@ class RecomputeRegions(PassBase):
                     wrap, offloaded = functools.partial(Offload, offloader=offloader, position=offloaded), offloaded + 1
                 elif mode is Decision.OFFLOAD_SELECTIVE:
                     wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS, split=spans.selective_split)
+                    kept = kept_linears(span)
                 else:
                     wrap = functools.partial(MiniSequence, chunks=MINI_SEQUENCE_CHUNKS,
                                              split=spans.selective_split if rest else spans.split,
                                              rerun_skips=spans.output_unread)
-                _outline(gm, span, mlp_target(block), block, mode, wrap, rest)
+                _outline(gm, span, mlp_target(block), block, mode, wrap, rest, kept)
             if mode not in (Decision.SELECTIVE, Decision.OFFLOAD_MLP):
                 if mode in (Decision.RECOMPUTE, Decision.MINI_SEQUENCE):
                     wrap = Recompute
@@ -131,17 +137,22 @@ def _prefetch_point(gm: fx.GraphModule, block: str, offloader: Offloader, positi
 
 
 def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mode: Decision, wrap,
-             tail: list[fx.Node] = ()) -> None:
+             tail: list[fx.Node] = (), kept: list[fx.Node] = ()) -> None:
     """Outline `span` into a region called through `wrap`; with `tail` (the nodes after it, which
     read its one output), `wrap` gets the tail's own region and, for each of the tail's inputs,
-    its position among the call's (-1: the span's output)."""
+    its position among the call's (-1: the span's output); with `kept` (frozen linears of the
+    span), the region returns their outputs after its own and `wrap` gets the copy that
+    backward reruns (`_rerun`)."""
     # get_attr nodes (the adapters' lora_A/lora_B) move in front of the span: parameters stay
     # owned by the outer module and enter the region as inputs.
     for node in [n for n in (*span, *tail) if n.op == "get_attr"]:
         span[0].prepend(node)
     body, rest = ([n for n in nodes if n.op != "get_attr"] for nodes in (span, tail))
     inputs, outputs = boundary(body + rest)
-    region = _region(gm, body, *boundary(body))
+    body_inputs, body_outputs = boundary(body)
+    region = _region(gm, body, body_inputs, [*body_outputs, *kept])
+    if kept:
+        wrap = functools.partial(wrap, rerun=_rerun(region, len(kept)))
     if rest:
         tail_inputs, tail_outputs = boundary(rest)
         wrap = functools.partial(wrap, tail=_region(gm, rest, tail_inputs, tail_outputs),
@@ -149,6 +160,29 @@ def _outline(gm: fx.GraphModule, span: list[fx.Node], name: str, block: str, mod
     gm.add_submodule(name, wrap(region))
     call = call_in_place_of(gm.graph, body + rest, inputs, outputs, name, {})
     meta.annotate(call, recompute=mode, block=block)
+
+
+def _rerun(region: fx.GraphModule, kept: int) -> fx.GraphModule:
+    """`region`, whose last `kept` outputs are frozen linears' outputs, as backward reruns it:
+    each of those linears reads its output from an input after the region's own
+    (`ops.regions.known_linear`: no matmul, its input gradient still taken); it returns its
+    first output only."""
+    graph = copy.deepcopy(region.graph)
+    output = graph.output_node()
+    first, *linears = output.args[0]
+    last = graph.find_nodes(op="placeholder")[-1]
+    for linear in linears:
+        with graph.inserting_after(last):
+            last = graph.placeholder(linear.name + "_kept")
+        last.meta = dict(linear.meta)
+        with graph.inserting_before(linear):
+            known = graph.call_function(known_linear, (linear.args[0], linear.args[1], last))
+        known.meta = dict(linear.meta)
+        linear.replace_all_uses_with(known)
+        graph.erase_node(linear)
+    output.args = ((first,),)
+    graph.lint()
+    return fx.GraphModule(region, graph)
 
 
 def _region(gm: fx.GraphModule, body: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
