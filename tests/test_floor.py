@@ -205,6 +205,26 @@ def test_mini_sequence_chunks_shrink_a_recomputed_blocks_transient(monkeypatch):
     assert whole - predicted[2] >= 4 * 2 * 128 * 512 * 4 * (1 - 1 / 8)
 
 
+def test_a_chunked_forward_holds_its_whole_outputs_and_one_chunks_not_every_chunks():
+    """A `MiniSequence` region with two outputs the size of its input x (an offloaded-selective
+    MLP returns its output and the kept up output), in 8 chunks. Reference, worked by hand: its
+    forward holds x, the two whole outputs and about one chunk's two outputs (3 x + 2/8 x, a
+    chunk-sized temporary aside); concatenating the chunks at the end held every chunk's outputs
+    beside the whole ones (5 x, measured 5 x before)."""
+    from lorafa_fx.measure import measure_peak_bytes
+    from lorafa_fx.ops.regions import MiniSequence
+
+    def region(x):
+        return x * 2, x * 3
+
+    mini = MiniSequence(torch.fx.symbolic_trace(region), chunks=8, split=(0,))
+    x = torch.randn(1, 64, 256, requires_grad=True)
+    kept = []
+    peak = measure_peak_bytes(lambda: kept.append(mini(x)), x)
+    assert torch.equal(kept[0][0], x * 2)
+    assert 3 * x.nbytes + 2 * x.nbytes // 8 <= peak <= 3 * x.nbytes + 3 * x.nbytes // 8
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_chunked_backwards_are_the_whole_ones_bits_and_hold_less(dtype, monkeypatch):
     """The lean RMSNorm's and gated activation's backward a few rows at a time (`ops/rows.py`).

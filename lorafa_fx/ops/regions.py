@@ -142,6 +142,21 @@ def _whole(outputs: list[torch.Tensor], tokens: int) -> torch.Tensor:
     return torch.cat(outputs, dim=-2)
 
 
+def _written(region: fx.GraphModule, pieces: list[tuple], tokens: int) -> list[torch.Tensor]:
+    """`region`'s outputs over the chunks `pieces`, each chunk's written into the whole outputs
+    as it runs: one chunk's outputs exist beside the whole ones, where concatenating at the end
+    would hold every chunk's (fake: one chunk ran, the rest is left empty)."""
+    wholes, start = [], 0
+    for chunk in pieces:
+        outputs = region(*chunk)
+        wholes = wholes or [o.new_empty((*o.shape[:-2], tokens, o.shape[-1])) for o in outputs]
+        for whole, o in zip(wholes, outputs):
+            whole.narrow(-2, start, o.shape[-2]).copy_(o)
+        start += outputs[0].shape[-2]
+        del outputs  # before the next chunk runs
+    return wholes
+
+
 class _Chunks(torch.autograd.Function):
     """`MiniSequence`'s step: forward without grad (`rerun`: the block's recomputation, the
     output left unwritten), backward a chunk at a time."""
@@ -159,8 +174,7 @@ class _Chunks(torch.autograd.Function):
             return x.new_empty((*x.shape[:-1], width), dtype=dtype)
         # Detached: views taken without grad of tensors that need one confuse module hooks (MemTracker's).
         plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        outputs = [mini.region(*chunk) for chunk in mini.pieces(plain, chunks)]
-        output, *kept = (_whole(list(o), x.shape[-2]) for o in zip(*outputs))
+        output, *kept = _written(mini.region, mini.pieces(plain, chunks), x.shape[-2])
         ctx.save_for_backward(*args, *kept)  # what an offloading region's hooks see: they take the kept outputs too
         ctx.kept = len(kept)
         mini.region_output = (output.shape[-1], output.dtype)
