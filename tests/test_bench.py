@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import transform
 
 import lorafa_fx
 from bench import BENCHES, _report
@@ -25,6 +26,16 @@ from bench.__main__ import main
 from lorafa_fx import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _shared_captures():
+    """The benches' `lorafa_fx.transform` is the suite's (conftest's `transform`: the same
+    pipeline on a capture shared across tests): a bench transforms one model once per method
+    and budget, and these smoke runs check what the benches make of the plans, not capture."""
+    real, lorafa_fx.transform = lorafa_fx.transform, transform
+    yield
+    lorafa_fx.transform = real
 
 
 def smoke(name: str, out: Path, *extra: str) -> dict:
