@@ -21,8 +21,6 @@ hidden) state; `causal_lm_backbone` returns None for the others.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -30,6 +28,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .errors import LoraFAError
+from .graph import attribute
 
 #: Keywords a transformers backbone takes whose values here change nothing: no KV cache, no
 #: attentions or intermediate hidden states are returned, and the output is always an object.
@@ -85,7 +84,7 @@ class Backbone(nn.Module):
                 "states by its weight alone, so the adapter would be ignored and never trained. Remove the output "
                 "projection (e.g. 'lm_head') from target_modules, or list it in modules_to_save to train it in full."
             )
-        return OutputProjection(_fetch(self.root, self._weight), _fetch(self.root, self._bias) if self._bias else None)
+        return OutputProjection(attribute(self.root, self._weight), attribute(self.root, self._bias) if self._bias else None)
 
 
 def causal_lm_backbone(gm: fx.GraphModule, model: nn.Module) -> Backbone | None:
@@ -99,7 +98,7 @@ def causal_lm_backbone(gm: fx.GraphModule, model: nn.Module) -> Backbone | None:
     weight = _gm_output_weight(gm, head_path, head.weight)
     if weight is None:
         return None
-    projections = [user for node in gm.graph.find_nodes(op="get_attr") if _fetch(gm, node.target) is weight
+    projections = [user for node in gm.graph.find_nodes(op="get_attr") if attribute(gm, node.target) is weight
                    for user in node.users if len(user.args) > 1 and user.args[1] is node]
     hidden = {p.args[0] for p in projections}
     if len(hidden) != 1:
@@ -154,6 +153,3 @@ def _cut_at(gm: fx.GraphModule, h: fx.Node, main_input: str) -> fx.Graph | None:
     graph.lint()
     return graph
 
-
-def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
-    return functools.reduce(getattr, target.split("."), gm)

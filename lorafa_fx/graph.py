@@ -149,6 +149,12 @@ def free_target(module: torch.nn.Module, path: str, name: str) -> str:
     return target
 
 
+def attribute(module: torch.nn.Module, target: str) -> object:
+    """What `module` holds at dotted `target` (a ``get_attr`` node's: a parameter, buffer or
+    submodule)."""
+    return functools.reduce(getattr, target.split("."), module)
+
+
 def has_target(module: torch.nn.Module, target: str) -> bool:
     """Whether `module` has an attribute (submodule, parameter, buffer) at dotted `target`."""
     parent, _, leaf = target.rpartition(".")
@@ -349,7 +355,7 @@ def kept_linears(span: list[fx.Node]) -> list[fx.Node]:
 def _frozen(node: object) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return False
-    value = functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
+    value = attribute(node.graph.owning_module, node.target)
     return isinstance(value, torch.Tensor) and not value.requires_grad
 
 

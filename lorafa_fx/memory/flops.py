@@ -35,6 +35,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..graph import attribute
 from ..ops.attention import SDPAttention
 from ..ops.bnb import QUANTIZED_LINEAR_OPS
 from ..ops.cross_entropy import linear_cross_entropy
@@ -69,7 +70,7 @@ def needs_grad(gm: fx.GraphModule) -> frozenset[fx.Node]:
     found: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _attribute(gm, node.target)
+            value = attribute(gm, node.target)
             trained = isinstance(value, torch.Tensor) and value.requires_grad
         else:
             trained = node.op in ("call_function", "call_module") and any(a in found for a in node.all_input_nodes)
@@ -161,7 +162,3 @@ def _expert_flops(node: fx.Node, out, inputs: list[fx.Node], wanted: tuple[bool,
         return sum(flops for flops, _ in products)
     return sum(flops * sum(isinstance(a, fx.Node) and wanted[inputs.index(a)] for a in operands)
                for flops, operands in products)
-
-
-def _attribute(module: torch.nn.Module, target: str) -> object:
-    return functools.reduce(getattr, target.split("."), module)
